@@ -1,0 +1,175 @@
+"""Default configuration tree (yacs), mirroring Dassl's ``defaults.py`` for the keys this project uses.
+
+Only two values differ from upstream Dassl, both because the official CRoFT code ships them:
+``OPTIM.WEIGHT_DECAY = 0.1`` (Dassl: 5e-4; see ``OPTIM.WEIGHT_DECAY`` notes in the README) and the
+open-set loader transform (``DATALOADER.OOD_TEST.TRANSFORM = "train"``, the official behaviour).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1
+_C.OUTPUT_DIR = "./output"
+_C.RESUME = ""
+# -1: no seeding. 0 is a valid seed (upstream Dassl silently ignored it).
+_C.SEED = -1
+# "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N". CPU runs always use fp32.
+_C.DEVICE = "auto"
+_C.USE_CUDA = True  # kept for config compatibility; DEVICE decides
+_C.VERBOSE = True
+# Deterministic algorithms (slower on GPU); cudnn.benchmark is off when True.
+_C.DETERMINISTIC = False
+
+###########################
+# Input
+###########################
+_C.INPUT = CN()
+_C.INPUT.SIZE = (224, 224)
+_C.INPUT.INTERPOLATION = "bilinear"
+_C.INPUT.TRANSFORMS = ()
+_C.INPUT.NO_TRANSFORM = False
+_C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+_C.INPUT.CROP_PADDING = 4
+_C.INPUT.RRCROP_SCALE = (0.08, 1.0)
+
+###########################
+# Dataset
+###########################
+_C.DATASET = CN()
+_C.DATASET.ROOT = ""
+_C.DATASET.NAME = ""
+_C.DATASET.SOURCE_DOMAINS = ()
+_C.DATASET.TARGET_DOMAINS = ()
+# -1 = use all training images; K >= 1 = K-shot per class.
+_C.DATASET.NUM_SHOTS = -1
+_C.DATASET.VAL_PERCENT = 0.1
+_C.DATASET.SUBSAMPLE_CLASSES = "all"
+# Few-shot sampler for leave-one-domain-out datasets: "official" reproduces the class-agnostic PACS
+# "balanced" sampler of the official code; "per_class_domain" draws K/#domains images per class and domain.
+_C.DATASET.FEWSHOT_SAMPLER = "official"
+# Open-set evaluation datasets (<ID>_<OOD>, e.g. PACS_DTD): per-class caps of the official code.
+_C.DATASET.ID_PER_CLASS_CAP = 500
+_C.DATASET.OOD_PER_CLASS_CAP = 100
+
+###########################
+# Dataloader
+###########################
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 0
+_C.DATALOADER.K_TRANSFORMS = 1
+_C.DATALOADER.RETURN_IMG0 = False
+_C.DATALOADER.TRAIN_X = CN()
+_C.DATALOADER.TRAIN_X.SAMPLER = "RandomSampler"
+_C.DATALOADER.TRAIN_X.BATCH_SIZE = 32
+_C.DATALOADER.TEST = CN()
+_C.DATALOADER.TEST.SAMPLER = "SequentialSampler"
+_C.DATALOADER.TEST.BATCH_SIZE = 32
+_C.DATALOADER.OOD_TEST = CN()
+# Transform applied to open-set (ood_test) images: "train" reproduces the official code (random resized
+# crop + flip, bug 1.11/9); "test" is the deterministic fix.
+_C.DATALOADER.OOD_TEST.TRANSFORM = "train"
+
+###########################
+# Model
+###########################
+_C.MODEL = CN()
+_C.MODEL.INIT_WEIGHTS = ""
+_C.MODEL.BACKBONE = CN()
+_C.MODEL.BACKBONE.NAME = ""
+# Local CLIP weights: OpenAI TorchScript .pt, a plain state dict, or an open_clip checkpoint. Empty: look
+# in ~/.cache/clip/<name>.pt (where OpenAI's loader keeps them). Nothing is ever downloaded.
+_C.MODEL.BACKBONE.WEIGHTS = ""
+_C.MODEL.BACKBONE.PRETRAINED = True
+_C.MODEL.HEAD = CN()
+_C.MODEL.HEAD.NAME = ""
+
+###########################
+# Optimization
+###########################
+_C.OPTIM = CN()
+_C.OPTIM.NAME = "sgd"
+_C.OPTIM.LR = 0.0003
+# Official CRoFT code: 0.1 (upstream Dassl: 5e-4). Kept as the default for fidelity.
+_C.OPTIM.WEIGHT_DECAY = 0.1
+_C.OPTIM.MOMENTUM = 0.9
+_C.OPTIM.SGD_DAMPNING = 0.0
+_C.OPTIM.SGD_NESTEROV = False
+_C.OPTIM.ADAM_BETA1 = 0.9
+_C.OPTIM.ADAM_BETA2 = 0.999
+_C.OPTIM.LR_SCHEDULER = "single_step"
+_C.OPTIM.STEPSIZE = (-1,)
+_C.OPTIM.GAMMA = 0.1
+_C.OPTIM.MAX_EPOCH = 10
+_C.OPTIM.WARMUP_EPOCH = -1
+_C.OPTIM.WARMUP_TYPE = "linear"
+_C.OPTIM.WARMUP_CONS_LR = 1e-5
+_C.OPTIM.WARMUP_MIN_LR = 1e-5
+_C.OPTIM.WARMUP_RECOUNT = True
+
+###########################
+# Train
+###########################
+_C.TRAIN = CN()
+# 0: save only the last epoch (and best-val when TEST.FINAL_MODEL = best_val)
+_C.TRAIN.CHECKPOINT_FREQ = 0
+_C.TRAIN.PRINT_FREQ = 10
+_C.TRAIN.COUNT_ITER = "train_x"
+_C.TRAIN.TENSORBOARD = False
+
+###########################
+# Test
+###########################
+_C.TEST = CN()
+_C.TEST.EVALUATOR = "Classification"
+_C.TEST.PER_CLASS_RESULT = False
+_C.TEST.COMPUTE_CMAT = False
+_C.TEST.NO_TEST = False
+_C.TEST.SPLIT = "test"
+# "best_val" (official) or "last_step"
+_C.TEST.FINAL_MODEL = "best_val"
+# Open-set detection scores computed in evaluation runs.
+_C.TEST.OOD_SCORES = ("energy", "mcm", "msp", "knn")
+_C.TEST.KNN_K = 50
+# Save per-sample scores/features (.npz) and the energy-distribution PNG in evaluation runs.
+_C.TEST.SAVE_SCORES = True
+
+###########################
+# Trainer specifics
+###########################
+_C.TRAINER = CN()
+_C.TRAINER.NAME = ""
+
+# Setup-II: which test_on_<domain>.json to use for leave-one-domain-out datasets.
+_C.TEST_ENV = ""
+
+
+def get_cfg_default() -> CN:
+    """Return a fresh copy of the default config."""
+    return _C.clone()
+
+
+def clean_cfg(cfg: CN, trainer: str) -> None:
+    """Drop the TRAINER.<X> sub-nodes of other trainers (keeps dumped configs readable)."""
+    keys = list(cfg.TRAINER.keys())
+    for key in keys:
+        if key == "NAME" or key.upper() == trainer.upper():
+            continue
+        if isinstance(cfg.TRAINER[key], CN):
+            cfg.TRAINER.pop(key, None)
+
+
+def cfg_to_dict(cfg: CN) -> dict[str, Any]:
+    """Convert a (possibly nested) CfgNode into plain python containers for JSON records."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, CN):
+            out[k] = cfg_to_dict(v)
+        elif isinstance(v, tuple):
+            out[k] = list(v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,434 @@
+"""Trainer base classes with Dassl's hook structure.
+
+``TrainerBase`` keeps named (model, optimiser, scheduler) triples (``register_model``) so that saving, loading,
+resuming, LR updates and backward/step are generic. ``SimpleTrainer`` adds the config-driven pieces (device,
+data, evaluator, best-val selection, the final test). ``TrainerX`` runs epochs over labelled data.
+
+Every trainer in this project keeps CLIP's image encoder frozen, so image features come from one engine call,
+:meth:`SimpleTrainer.encode_images`; a feature cache plugs in there (``self.feature_provider``) without
+touching trainers.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..data import DataManager
+from ..evaluation import build_evaluator
+from ..utils.errors import ConfigError, UserError
+from ..utils.meters import AverageMeter, MetricMeter
+from ..utils.tools import mkdir_if_missing, resolve_device
+from ..utils.torchtools import load_checkpoint, save_checkpoint
+
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+
+
+class TrainerBase:
+    """Registry of named models with generic save / load / resume / update."""
+
+    def __init__(self) -> None:
+        self._models: "OrderedDict[str, nn.Module]" = OrderedDict()
+        self._optims: "OrderedDict[str, Any]" = OrderedDict()
+        self._scheds: "OrderedDict[str, Any]" = OrderedDict()
+        self._writer = None
+        self.epoch = 0
+        self.start_epoch = 0
+        self.max_epoch = 0
+        self.best_result = -np.inf
+
+    # ----------------------------------------------------------------- registration
+    def register_model(self, name: str = "model", model: Optional[nn.Module] = None, optim: Any = None,
+                       sched: Any = None) -> None:
+        if "_models" not in self.__dict__:
+            raise AttributeError("call super().__init__() before register_model()")
+        if name in self._models:
+            raise KeyError(f"model {name!r} is already registered")
+        self._models[name] = model
+        self._optims[name] = optim
+        self._scheds[name] = sched
+
+    def get_model_names(self, names: Any = None) -> list[str]:
+        if names is None:
+            return list(self._models.keys())
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self._models:
+                raise KeyError(f"unknown model name {n!r} (registered: {list(self._models)})")
+        return names
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_model(self, epoch: int, directory: str, is_best: bool = False, val_result: Any = None,
+                   model_name: str = "") -> None:
+        """Save every registered model (state, optimiser, scheduler, RNG states) atomically."""
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        for name in self.get_model_names():
+            optim = self._optims[name]
+            sched = self._scheds[name]
+            save_checkpoint({
+                "state_dict": self._models[name].state_dict(),
+                "epoch": epoch + 1,
+                "optimizer": optim.state_dict() if optim is not None else None,
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "val_result": val_result,
+                "best_result": self.best_result,
+                "rng_state": rng,
+            }, os.path.join(directory, name), is_best=is_best, model_name=model_name)
+
+    def resume_model_if_exist(self, directory: str) -> int:
+        """Resume all models from ``<directory>/<name>/checkpoint``; return the epoch to start from."""
+        names = self.get_model_names()
+        if not names or not all(os.path.isfile(os.path.join(directory, n, "checkpoint")) for n in names):
+            return 0
+        print("Found checkpoint at {} (will resume training)".format(directory))
+        start_epoch = 0
+        for name in names:
+            with open(os.path.join(directory, name, "checkpoint"), encoding="utf-8") as f:
+                fname = f.readline().strip()
+            ckpt = load_checkpoint(os.path.join(directory, name, fname))
+            self._models[name].load_state_dict(ckpt["state_dict"])
+            if self._optims[name] is not None and ckpt.get("optimizer") is not None:
+                self._optims[name].load_state_dict(ckpt["optimizer"])
+            if self._scheds[name] is not None and ckpt.get("scheduler") is not None:
+                self._scheds[name].load_state_dict(ckpt["scheduler"])
+            start_epoch = int(ckpt["epoch"])
+            if ckpt.get("best_result") is not None:
+                self.best_result = ckpt["best_result"]
+            rng = ckpt.get("rng_state")
+            print(f'Loaded "{os.path.join(directory, name, fname)}" (epoch = {start_epoch})')
+        if rng:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return start_epoch
+
+    def load_model(self, directory: str, epoch: Optional[int] = None) -> None:
+        """Load weights for evaluation: ``model-best.pth.tar`` or ``model.pth.tar-<epoch>`` of each model."""
+        if not directory:
+            print("Note that load_model() is skipped as no pretrained model is given")
+            return
+        fname = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
+        for name in self.get_model_names():
+            path = os.path.join(directory, name, fname)
+            if not os.path.isfile(path):
+                raise UserError(f"model file not found: {path} (check --model-dir / --load-epoch)")
+            ckpt = load_checkpoint(path)
+            sd = {k: v for k, v in ckpt["state_dict"].items() if k not in self.load_model_drop_keys()}
+            print(f'Loading weights to {name} from "{path}" (epoch = {ckpt["epoch"]})')
+            self._models[name].load_state_dict(sd, strict=False)
+
+    def load_model_drop_keys(self) -> set[str]:
+        """State-dict keys ignored by :meth:`load_model` (CoOp drops its token prefix/suffix buffers)."""
+        return {"token_prefix", "token_suffix"}
+
+    # ----------------------------------------------------------------- modes and updates
+    def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
+        for name in self.get_model_names(names):
+            self._models[name].train(mode == "train")
+
+    def update_lr(self, names: Any = None) -> None:
+        for name in self.get_model_names(names):
+            if self._scheds[name] is not None:
+                self._scheds[name].step()
+
+    def get_current_lr(self, names: Any = None) -> float:
+        name = self.get_model_names(names)[0]
+        return self._optims[name].param_groups[0]["lr"]
+
+    def detect_anomaly(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError("Loss is infinite or NaN!")
+
+    def model_zero_grad(self, names: Any = None) -> None:
+        for name in self.get_model_names(names):
+            if self._optims[name] is not None:
+                self._optims[name].zero_grad()
+
+    def model_backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        self.detect_anomaly(loss)
+        loss.backward(retain_graph=retain_graph)
+
+    def model_update(self, names: Any = None) -> None:
+        for name in self.get_model_names(names):
+            if self._optims[name] is not None:
+                self._optims[name].step()
+
+    def model_backward_and_update(self, loss: torch.Tensor, names: Any = None, retain_graph: bool = False) -> None:
+        """Zero-grad, backward and step the named models (all registered models by default)."""
+        self.model_zero_grad(names)
+        self.model_backward(loss, retain_graph=retain_graph)
+        self.model_update(names)
+
+    # ----------------------------------------------------------------- tensorboard
+    def init_writer(self, log_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("TRAIN.TENSORBOARD True needs the 'tensorboard' package (pip install tensorboard)")
+        self._writer = SummaryWriter(log_dir=log_dir)
+
+    def close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def write_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_scalar(tag, value, step)
+
+    # ----------------------------------------------------------------- loop
+    def train(self, start_epoch: int = 0, max_epoch: int = 0) -> None:
+        self.start_epoch = start_epoch
+        self.max_epoch = max_epoch
+        self.before_train()
+        for self.epoch in range(self.start_epoch, self.max_epoch):
+            self.before_epoch()
+            self.run_epoch()
+            self.after_epoch()
+        self.after_train()
+
+    def before_train(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+    def before_epoch(self) -> None:
+        pass
+
+    def after_epoch(self) -> None:
+        pass
+
+    def run_epoch(self) -> None:
+        raise NotImplementedError
+
+    def test(self, split: Optional[str] = None) -> Any:
+        raise NotImplementedError
+
+    def parse_batch_train(self, batch: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def parse_batch_test(self, batch: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def model_inference(self, input: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+
+class SimpleTrainer(TrainerBase):
+    """Config-driven trainer: device, data, evaluator, best-val selection and the final test."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.check_cfg(cfg)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.DEVICE)
+        self.start_epoch = self.epoch = 0
+        self.max_epoch = cfg.OPTIM.MAX_EPOCH
+        self.output_dir = cfg.OUTPUT_DIR
+        self.feature_provider: Optional[Callable[[torch.Tensor, Optional[dict]], torch.Tensor]] = None
+        self.image_encoder: Optional[nn.Module] = None
+        self.metrics: dict[str, dict[str, Any]] = {}
+        self.best_epoch: Optional[int] = None
+        self.build_data_loader()
+        self.build_model()
+        self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
+        self.best_result = -np.inf
+
+    def check_cfg(self, cfg: Any) -> None:
+        """Trainer-specific config checks (override); raise :class:`ConfigError` on bad values."""
+
+    # ----------------------------------------------------------------- precision
+    def resolve_precision(self, prec: str) -> str:
+        """The precision actually used: CPU always runs fp32."""
+        if prec not in PRECISIONS:
+            raise ConfigError(f"invalid PREC {prec!r} (choose from {', '.join(PRECISIONS)})")
+        if self.device.type == "cpu" and prec != "fp32":
+            print(f"Note: PREC {prec} requested on CPU -> using fp32")
+            return "fp32"
+        return prec
+
+    # ----------------------------------------------------------------- data and features
+    def build_data_loader(self) -> None:
+        dm = DataManager(self.cfg)
+        self.train_loader_x = dm.train_loader_x
+        self.train_loader_u = dm.train_loader_u
+        self.val_loader = dm.val_loader
+        self.test_loader = dm.test_loader
+        self.ood_test_loader = dm.ood_test_loader
+        self.num_classes = dm.num_classes
+        self.lab2cname = dm.lab2cname
+        self.dm = dm
+
+    def build_model(self) -> None:
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor, batch: Optional[dict[str, Any]] = None) -> torch.Tensor:
+        """Frozen CLIP image features of a batch: the one call through which all trainers get them.
+
+        A feature cache sets ``self.feature_provider`` (called with the images and the batch dict, which
+        carries ``impath``/``index``) and nothing else changes.
+        """
+        if self.feature_provider is not None:
+            return self.feature_provider(images, batch)
+        if self.image_encoder is None:
+            raise RuntimeError("trainer set no image_encoder in build_model()")
+        dtype = next(self.image_encoder.parameters()).dtype
+        with torch.no_grad():
+            return self.image_encoder(images.to(self.device, dtype=dtype))
+
+    # ----------------------------------------------------------------- loop hooks
+    def before_train(self) -> None:
+        directory = self.cfg.RESUME or self.output_dir
+        self.start_epoch = self.resume_model_if_exist(directory) if os.path.isdir(directory) else 0
+        if self.cfg.TRAIN.TENSORBOARD:
+            writer_dir = os.path.join(self.output_dir, "tensorboard")
+            mkdir_if_missing(writer_dir)
+            self.init_writer(writer_dir)
+        self.time_start = time.time()
+
+    def after_epoch(self) -> None:
+        last_epoch = (self.epoch + 1) == self.max_epoch
+        do_test = not self.cfg.TEST.NO_TEST
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        meet_freq = (self.epoch + 1) % freq == 0 if freq > 0 else False
+        if do_test and self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
+            print("Do evaluation on val set")
+            curr_result = self.test(split="val")["accuracy"]
+            if curr_result > self.best_result:
+                self.best_result = curr_result
+                self.best_epoch = self.epoch + 1
+                self.save_model(self.epoch, self.output_dir, is_best=True, val_result=curr_result)
+        if meet_freq or last_epoch:
+            self.save_model(self.epoch, self.output_dir)
+
+    def after_train(self) -> None:
+        print("Finished training")
+        if not self.cfg.TEST.NO_TEST:
+            if self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
+                print("Deploy the model with the best val performance")
+                self.load_model(self.output_dir)
+            else:
+                print("Deploy the model of the last epoch")
+            print("Do evaluation on test set")
+            self.metrics["test"] = dict(self.test(split="test"))
+            if self.best_result > -np.inf:
+                self.metrics["val"] = {"best_accuracy": float(self.best_result)}
+        elapsed = str(datetime.timedelta(seconds=round(time.time() - self.time_start)))
+        print(f"Elapsed: {elapsed}")
+        self.close_writer()
+
+    # ----------------------------------------------------------------- evaluation
+    def split_loader(self, split: str) -> Any:
+        loaders = {"val": self.val_loader, "test": self.test_loader, "ood_test": self.ood_test_loader}
+        if split not in loaders:
+            raise ConfigError(f"unknown split {split!r} (val, test, ood_test)")
+        if loaders[split] is None:
+            raise UserError(f"dataset {self.cfg.DATASET.NAME} has no {split!r} split")
+        return loaders[split]
+
+    @torch.no_grad()
+    def test(self, split: Optional[str] = None) -> "OrderedDict[str, float]":
+        """Closed-set accuracy on ``split`` (default ``TEST.SPLIT``); prints the familiar result block."""
+        self.set_model_mode("eval")
+        self.evaluator.reset()
+        split = split or self.cfg.TEST.SPLIT
+        loader = self.split_loader(split)
+        print(f"Evaluate on the *{split}* set")
+        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not self.cfg.VERBOSE):
+            input, label = self.parse_batch_test(batch)
+            output = self.model_inference(input)
+            self.evaluator.process(self.logits_of(output), label)
+        results = self.evaluator.evaluate()
+        for k, v in results.items():
+            self.write_scalar(f"{split}/{k}", v, self.epoch)
+        return results
+
+    @staticmethod
+    def logits_of(output: Any) -> torch.Tensor:
+        return output[0] if isinstance(output, (list, tuple)) else output
+
+    @torch.no_grad()
+    def collect_outputs(self, split: str) -> dict[str, np.ndarray]:
+        """Run inference on a split and keep logits, labels, energy score, features and image paths."""
+        self.set_model_mode("eval")
+        logits, labels, scores, feats, paths = [], [], [], [], []
+        for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
+                          disable=not self.cfg.VERBOSE):
+            input, label = self.parse_batch_test(batch)
+            out = self.model_inference(input)
+            lg = self.logits_of(out).float()
+            logits.append(lg.cpu())
+            labels.append(label.cpu())
+            if isinstance(out, (list, tuple)) and len(out) >= 2:
+                scores.append(out[-1].float().cpu())
+                if len(out) >= 3:
+                    feats.append(out[1].float().cpu())
+            else:
+                scores.append(torch.logsumexp(lg, dim=1).cpu())
+            paths.extend(batch["impath"])
+        out_dict = {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy(),
+                    "energy": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
+        if feats:
+            out_dict["features"] = torch.cat(feats).numpy()
+        return out_dict
+
+    def logit_scale_value(self) -> float:
+        """The logit scale s of the trained model (used to turn logits back into cosines for MCM)."""
+        return float(getattr(self, "logit_scale", 100.0))
+
+    # ----------------------------------------------------------------- batches
+    def parse_batch_train(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def parse_batch_test(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def model_inference(self, input: torch.Tensor) -> Any:
+        return self.model(self.encode_images(input))
+
+
+class TrainerX(SimpleTrainer):
+    """Epochs over the labelled loader ``train_loader_x``; prints Dassl's progress line."""
+
+    def run_epoch(self) -> None:
+        self.set_model_mode("train")
+        losses = MetricMeter()
+        batch_time, data_time = AverageMeter(), AverageMeter()
+        loader = self.train_loader_x
+        if loader is None or len(loader) == 0:
+            raise UserError(f"dataset {self.cfg.DATASET.NAME} has no training images (train_x is empty)")
+        self.num_batches = len(loader)
+        end = time.time()
+        for self.batch_idx, batch in enumerate(loader):
+            data_time.update(time.time() - end)
+            loss_summary = self.forward_backward(batch)
+            batch_time.update(time.time() - end)
+            losses.update(loss_summary)
+            freq = self.cfg.TRAIN.PRINT_FREQ
+            if (self.batch_idx + 1) % freq == 0 or self.num_batches < freq or self.batch_idx + 1 == self.num_batches:
+                rest = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
+                eta = str(datetime.timedelta(seconds=int(batch_time.avg * rest)))
+                print(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                      f"time {batch_time.val:.3f} ({batch_time.avg:.3f}) data {data_time.val:.3f} "
+                      f"({data_time.avg:.3f}) {losses} lr {self.get_current_lr():.4e} eta {eta}")
+            n_iter = self.epoch * self.num_batches + self.batch_idx
+            for name, meter in losses.meters.items():
+                self.write_scalar("train/" + name, meter.avg, n_iter)
+            self.write_scalar("train/lr", self.get_current_lr(), n_iter)
+            end = time.time()

@@ -1,0 +1,144 @@
+"""Leave-one-domain-out datasets in the PACS layout (PACS, VLCS, DigitsDG-mini, synthetic test trees).
+
+Layout under ``DATASET.ROOT``::
+
+    <dataset_dir>/images/<domain>/<class>/<image>
+    <dataset_dir>/test_on_<domain>.json     # {"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}
+
+``TEST_ENV`` selects the json (``sketch``, ``test_on_sketch`` or ``test_on_sketch.json``). ``test`` is the
+held-out domain, ``train``/``val`` come from the source domains. The domain of an image is the first folder of
+its relative path, matched case-insensitively (so upper-case VLCS folders work).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
+from dassl.utils.errors import ConfigError, DataError
+from dassl.utils.tools import listdir_nohidden, read_json
+
+FEWSHOT_SAMPLERS = ("official", "per_class_domain", "plain")
+
+
+def split_file_name(test_env: str) -> str:
+    """Normalise a ``TEST_ENV`` value to ``test_on_<domain>.json``."""
+    env = os.path.basename(str(test_env).strip())
+    if env.endswith(".json"):
+        env = env[:-5]
+    if not env.startswith("test_on_"):
+        env = "test_on_" + env
+    return env + ".json"
+
+
+class LODODataset(DatasetBase):
+    """Base class: reads ``test_on_<domain>.json`` and builds few-shot ``train_x``, ``val`` and ``test``.
+
+    Subclasses set ``dataset_dir`` (folder under the root), ``domains`` (empty: the sub-folders of
+    ``images/``) and ``official_sampler`` (``"balance"`` reproduces the PACS sampler of the official code,
+    ``"plain"`` the VLCS one).
+    """
+
+    dataset_dir = ""
+    domains: list[str] = []
+    official_sampler = "plain"
+
+    def __init__(self, cfg: Any) -> None:
+        train, val, test = self.read_lodo_splits(cfg)
+        num_shots = cfg.DATASET.NUM_SHOTS
+        train_x = self.sample_train(train, num_shots, cfg.DATASET.FEWSHOT_SAMPLER)
+        val = self.generate_fewshot_dataset(val, num_shots=num_shots)
+        super().__init__(train_x=train_x, val=val, test=test, ood_test=self.build_ood_test(cfg))
+
+    # ---------------------------------------------------------------- reading
+    def read_lodo_splits(self, cfg: Any) -> tuple[list[Datum], list[Datum], list[Datum]]:
+        root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
+        self.dataset_root = os.path.join(root, self.dataset_dir)
+        self.image_dir = os.path.join(self.dataset_root, "images")
+        if not os.path.isdir(self.image_dir):
+            raise DataError(f"{type(self).__name__}: image folder not found: {self.image_dir} (expected "
+                            f"<root>/{self.dataset_dir}/images/<domain>/<class>/*, see the README)")
+        if not cfg.TEST_ENV:
+            raise ConfigError(f"{type(self).__name__} needs TEST_ENV (one of: {', '.join(self.split_files())})")
+        self.split_path = os.path.join(self.dataset_root, split_file_name(cfg.TEST_ENV))
+        if not os.path.isfile(self.split_path):
+            raise DataError(f"split file not found: {self.split_path} (available: "
+                            f"{', '.join(self.split_files()) or 'none'}; build them with tools/build_lodo_splits.py)")
+        self.domain_list = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir))]
+        split = read_json(self.split_path)
+        for key in ("train", "val", "test"):
+            if key not in split:
+                raise DataError(f"split file {self.split_path} has no {key!r} list")
+        return tuple(self.read_items(split[key]) for key in ("train", "val", "test"))  # type: ignore[return-value]
+
+    def split_files(self) -> list[str]:
+        root = getattr(self, "dataset_root", "")
+        if not os.path.isdir(root):
+            return []
+        return [f for f in sorted(os.listdir(root)) if f.startswith("test_on_") and f.endswith(".json")]
+
+    def domain_of(self, relpath: str) -> tuple[int, str]:
+        """Domain index and name of an image path (first folder, case-insensitive; else substring)."""
+        parts = relpath.replace("\\", "/").lower().split("/")
+        if parts[0] in self.domain_list:
+            return self.domain_list.index(parts[0]), parts[0]
+        for i, d in enumerate(self.domain_list):
+            if d in relpath.lower():
+                return i, d
+        raise DataError(f"cannot infer the domain of {relpath!r} in {self.split_path} (domains: {self.domain_list})")
+
+    def read_items(self, entries: list[Any]) -> list[Datum]:
+        out = []
+        for entry in entries:
+            try:
+                relpath, label, classname = entry[0], int(entry[1]), str(entry[2])
+            except (IndexError, TypeError, ValueError):
+                raise DataError(f"malformed entry {entry!r} in {self.split_path} "
+                                f"(expected [relative_path, label, classname])") from None
+            domain, domainname = self.domain_of(relpath)
+            out.append(Datum(impath=os.path.join(self.image_dir, relpath), label=label, domain=domain,
+                             classname=classname, domainname=domainname))
+        return out
+
+    # ---------------------------------------------------------------- sampling
+    def sample_train(self, train: list[Datum], num_shots: int, sampler: str) -> list[Datum]:
+        if sampler not in FEWSHOT_SAMPLERS:
+            raise ConfigError(f"unknown DATASET.FEWSHOT_SAMPLER {sampler!r} ({', '.join(FEWSHOT_SAMPLERS)})")
+        if num_shots < 1:
+            return train
+        if sampler == "per_class_domain":
+            return self.generate_fewshot_per_class_domain(train, num_shots=num_shots)
+        if sampler == "official" and self.official_sampler == "balance" and num_shots > 4:
+            return self.generate_fewshot_dataset_balance(train, num_shots=num_shots)
+        return self.generate_fewshot_dataset(train, num_shots=num_shots)
+
+    def build_ood_test(self, cfg: Any) -> list[Datum]:
+        """Open-set OOD split; empty for training datasets (the ``<ID>_<OOD>`` evaluation classes override)."""
+        return []
+
+
+@DATASET_REGISTRY.register()
+class PACS(LODODataset):
+    """PACS (art_painting, cartoon, photo, sketch; 7 classes). Official sampler: the class-agnostic one."""
+
+    dataset_dir = "PACS"
+    domains = ["art_painting", "cartoon", "photo", "sketch"]
+    official_sampler = "balance"
+
+
+@DATASET_REGISTRY.register()
+class VLCS(LODODataset):
+    """VLCS (caltech, labelme, pascal, sun; 5 classes); folders may be upper-case."""
+
+    dataset_dir = "VLCS"
+    domains = ["caltech", "labelme", "pascal", "sun"]
+    official_sampler = "plain"
+
+
+@DATASET_REGISTRY.register()
+class DigitsDG(LODODataset):
+    """DigitsDG-mini (built by ``tools/build_digitsdg_mini.py``); domains are the folders of ``images/``."""
+
+    dataset_dir = "DigitsDG"
+    domains: list[str] = []
+    official_sampler = "balance"
