@@ -53,6 +53,8 @@ _C.DATASET.SUBSAMPLE_CLASSES = "all"
 _C.DATASET.FEWSHOT_SAMPLER = "official"
 # Open-set evaluation datasets (<ID>_<OOD>, e.g. PACS_DTD): per-class caps of the official code.
 _C.DATASET.ID_PER_CLASS_CAP = 500
+# Single prompt template used by single-template trainers ("" = the dataset's default, "a photo of a {}.").
+_C.DATASET.PROMPT_TEMPLATE = ""
 _C.DATASET.OOD_PER_CLASS_CAP = 100
 
 ###########################
@@ -134,6 +136,11 @@ _C.TEST.FINAL_MODEL = "best_val"
 # Open-set detection scores computed in evaluation runs.
 _C.TEST.OOD_SCORES = ("energy", "mcm", "msp", "knn")
 _C.TEST.KNN_K = 50
+_C.TEST.MCM_TEMPERATURE = 1.0
+# Which split is the in-distribution side of open-set detection: "test" (Setup-II official: the held-out
+# domain) or "val" (Setup-I official). Only correctly classified ID images count (official evaluator).
+_C.TEST.OOD_ID_SPLIT = "test"
+_C.TEST.OOD_ID_CORRECT_ONLY = True
 # Save per-sample scores/features (.npz) and the energy-distribution PNG in evaluation runs.
 _C.TEST.SAVE_SCORES = True
 

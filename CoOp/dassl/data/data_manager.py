@@ -1,9 +1,9 @@
 """Build the loaders ``train_loader_x``, ``val_loader``, ``test_loader`` and ``ood_test_loader``."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,6 +45,7 @@ def build_data_loader(data_source: list[Datum], batch_size: int, transform: Call
                       pin_memory: bool = False) -> DataLoader:
     """Random order + ``drop_last`` (when the set holds at least one batch) for training; sequential else."""
     dataset = DatasetWrapper(data_source, transform)
+    num_workers = max(0, min(num_workers, os.cpu_count() or 1))
     shuffle = is_train and sampler_type == "RandomSampler"
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=is_train and len(data_source) >= batch_size, pin_memory=pin_memory)

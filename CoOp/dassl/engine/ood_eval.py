@@ -1,0 +1,111 @@
+"""Evaluation entry point of ``train.py --eval-only`` (every trainer): closed-set accuracy + open-set detection.
+
+1. Closed-set accuracy on ``TEST.SPLIT`` (the held-out domain in Setup-II): the ``* accuracy:`` block.
+2. If the dataset has an ``ood_test`` split (``PACS_DTD`` and friends): every score in ``TEST.OOD_SCORES``
+   (``energy``, ``mcm``, ``msp``, ``knn``) on the ID side (``TEST.OOD_ID_SPLIT``, correctly classified images
+   only when ``TEST.OOD_ID_CORRECT_ONLY``) against the open-set images; all metrics of
+   :func:`dassl.evaluation.ood.ood_metrics`; the familiar ``OODD_FPR95:`` / ``AUROC:`` lines for the energy score.
+   KNN uses the source-domain ``val`` features as its bank (as the official KNN script).
+3. ``scores.npz`` (logits, labels, features, scores per split) and ``energy_hist.png`` in the output directory.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..evaluation import ood
+from ..evaluation.plots import plot_score_histograms
+from ..utils.tools import atomic_write_bytes
+
+
+def _scores(name: str, out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | None, k: int) -> np.ndarray:
+    logits = torch.from_numpy(out["logits"]).double()
+    if name == "energy":
+        return out["energy"].astype(np.float64)
+    if name == "msp":
+        return ood.msp_score(logits).numpy()
+    if name == "mcm":
+        cos = logits / trainer.logit_scale_value()
+        return ood.mcm_score(cos, temperature=trainer.cfg.TEST.MCM_TEMPERATURE).numpy()
+    if name == "knn":
+        return ood.knn_score(torch.from_numpy(out["features"]).double(), torch.from_numpy(bank).double(), k).numpy()
+    raise ValueError(f"unknown OOD score {name!r}")
+
+
+def run_evaluation(trainer: Any) -> dict[str, Any]:
+    """Evaluate a loaded trainer; return the metrics dict stored in the run record."""
+    cfg = trainer.cfg
+    metrics: dict[str, Any] = {"test": dict(trainer.test(split=cfg.TEST.SPLIT))}
+    if trainer.ood_test_loader is None:
+        return metrics
+    id_split = cfg.TEST.OOD_ID_SPLIT
+    outs = {id_split: trainer.collect_outputs(id_split), "ood_test": trainer.collect_outputs("ood_test")}
+    if trainer.val_loader is not None and "val" not in outs:
+        outs["val"] = trainer.collect_outputs("val")
+    id_out = outs[id_split]
+    keep = (id_out["logits"].argmax(1) == id_out["labels"]) if cfg.TEST.OOD_ID_CORRECT_ONLY \
+        else np.ones(len(id_out["labels"]), dtype=bool)
+    if not keep.any():
+        print("WARNING: no correctly classified ID image; using all ID images for detection")
+        keep[:] = True
+    names = list(cfg.TEST.OOD_SCORES)
+    has_feats = all("features" in o for o in outs.values()) and "val" in outs
+    if "knn" in names and not has_feats:
+        print("Note: knn score skipped (this trainer returns no image features or there is no val split)")
+        names.remove("knn")
+    bank = outs["val"]["features"] if has_feats else None
+    k = min(cfg.TEST.KNN_K, len(bank)) if bank is not None else 0
+    if bank is not None and k < cfg.TEST.KNN_K:
+        print(f"Note: KNN bank has {len(bank)} images < TEST.KNN_K={cfg.TEST.KNN_K}; using k={k}")
+    detection: dict[str, Any] = {}
+    all_scores: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        per_split = {split: _scores(name, o, trainer, bank, k) for split, o in outs.items()}
+        all_scores[name] = per_split
+        id_scores = per_split[id_split][keep]
+        threshold = ood.val_threshold_tpr95(id_scores)
+        res = ood.ood_metrics(id_scores, per_split["ood_test"], threshold=threshold)
+        res["num_id"] = int(keep.sum())
+        res["num_ood"] = int(len(per_split["ood_test"]))
+        if name == "knn":
+            res["k"] = k
+        detection[name] = res
+        print(f"=> ood detection result (score: {name}; ID: {'correct ' if cfg.TEST.OOD_ID_CORRECT_ONLY else ''}"
+              f"{id_split} images, n={res['num_id']}; open-set n={res['num_ood']})")
+        print(f"threshold @ TPR95 on ID: {threshold:.6f}")
+        if name == "energy":
+            print(f"OODD_FPR95: {res['fpr95_val_threshold']}")
+            print(f"AUROC: {res['auroc']}")
+        print(f"  {name}: FPR95(TPR-ID) {100 * res['fpr95_tpr_id']:.2f}  FPR95(val-thr) "
+              f"{100 * res['fpr95_val_threshold']:.2f}  FPR95(TPR-OOD) {100 * res['fpr95_tpr_ood']:.2f}  "
+              f"AUROC {100 * res['auroc']:.2f}  AUPR-In {100 * res['aupr_in']:.2f}  AUPR-Out {100 * res['aupr_out']:.2f}")
+    metrics["ood"] = detection
+    if cfg.TEST.SAVE_SCORES:
+        _save_artifacts(trainer, outs, all_scores, id_split)
+        metrics["artifacts"] = {"scores": "scores.npz", "energy_plot": "energy_hist.png"}
+    return metrics
+
+
+def _save_artifacts(trainer: Any, outs: dict[str, dict[str, np.ndarray]],
+                    all_scores: dict[str, dict[str, np.ndarray]], id_split: str) -> None:
+    out_dir = trainer.cfg.OUTPUT_DIR
+    arrays: dict[str, np.ndarray] = {}
+    for split, o in outs.items():
+        for key, val in o.items():
+            arrays[f"{split}__{key}"] = val
+    for name, per_split in all_scores.items():
+        for split, val in per_split.items():
+            arrays[f"{split}__score_{name}"] = val
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(os.path.join(out_dir, "scores.npz"), buf.getvalue())
+    if "energy" in all_scores:
+        labels = {"val": "ID (source-domain val)", "test": "closed-set OOD (held-out domain)" if id_split == "test"
+                  else "ID test", "ood_test": f"open-set OOD ({trainer.cfg.DATASET.NAME})"}
+        plot_score_histograms({labels[s]: v for s, v in all_scores["energy"].items()},
+                              os.path.join(out_dir, "energy_hist.png"),
+                              title=f"{trainer.cfg.TRAINER.NAME} on {trainer.cfg.DATASET.NAME}")

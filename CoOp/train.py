@@ -1,0 +1,224 @@
+"""Entry point with the Dassl/CoOp command line.
+
+    python train.py --root DATA --seed 1 --trainer CRoFT \
+        --dataset-config-file configs/datasets/PACS.yaml --config-file configs/trainers/CRoFT/rn50_ep30.yaml \
+        --output-dir output/... [KEY VALUE ...]
+
+Config precedence: defaults < trainer ``extend_cfg`` < dataset yaml < trainer yaml < flags < trailing
+``KEY VALUE`` overrides. Each run writes ``log.txt``, the resolved ``config.yaml``/``args.json``, checkpoints,
+then ``record.json`` and a ``done`` marker. User errors print one line and exit with code 2; nothing is written
+when a run fails before training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+import datasets  # noqa: F401  (registers the dataset classes)
+import trainers  # noqa: F401  (registers the trainer classes)
+from dassl.config import cfg_to_dict, get_cfg_default
+from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
+from dassl.engine.ood_eval import run_evaluation
+from dassl.utils import collect_env_info, set_random_seed
+from dassl.utils.errors import ConfigError, UserError
+from dassl.utils.logger import Logger, restore_stdout
+from dassl.utils.tools import atomic_write_json, atomic_write_text
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=str, default="", help="path to the datasets folder")
+    parser.add_argument("--output-dir", type=str, default="", help="output directory of this run")
+    parser.add_argument("--resume", type=str, default="", help="checkpoint directory to resume from "
+                        "(default: the output directory itself)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (0 is valid; <0 = no seeding)")
+    parser.add_argument("--source-domains", type=str, nargs="+", help="source domains (DA/DG)")
+    parser.add_argument("--target-domains", type=str, nargs="+", help="target domains (DA/DG)")
+    parser.add_argument("--transforms", type=str, nargs="+", help="training data augmentation")
+    parser.add_argument("--config-file", type=str, default="", help="trainer config file")
+    parser.add_argument("--dataset-config-file", type=str, default="", help="dataset config file")
+    parser.add_argument("--trainer", type=str, default="", help="trainer name (e.g. CRoFT, CoOp, ZeroshotCLIP)")
+    parser.add_argument("--backbone", type=str, default="", help="CLIP backbone name (e.g. RN50, ViT-B/16)")
+    parser.add_argument("--head", type=str, default="", help="name of head")
+    parser.add_argument("--device", type=str, default="", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--eval-only", action="store_true", help="evaluation only")
+    parser.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only")
+    parser.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
+    parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                        help="modify config options using the command line (KEY VALUE pairs)")
+    return parser
+
+
+def extend_cfg(cfg: Any) -> None:
+    """Add every registered trainer's config node (``TRAINER.<NAME>``) to the defaults."""
+    for name in TRAINER_REGISTRY.registered_names():
+        cls = TRAINER_REGISTRY.get(name)
+        hook = getattr(cls, "extend_cfg", None)
+        if hook is not None:
+            hook(cfg)
+
+
+def reset_cfg(cfg: Any, args: argparse.Namespace) -> None:
+    if args.root:
+        cfg.DATASET.ROOT = args.root
+    if args.output_dir:
+        cfg.OUTPUT_DIR = args.output_dir
+    if args.resume:
+        cfg.RESUME = args.resume
+    if args.seed is not None:
+        cfg.SEED = args.seed
+    if args.source_domains:
+        cfg.DATASET.SOURCE_DOMAINS = args.source_domains
+    if args.target_domains:
+        cfg.DATASET.TARGET_DOMAINS = args.target_domains
+    if args.transforms:
+        cfg.INPUT.TRANSFORMS = args.transforms
+    if args.trainer:
+        cfg.TRAINER.NAME = args.trainer
+    if args.backbone:
+        cfg.MODEL.BACKBONE.NAME = args.backbone
+    if args.head:
+        cfg.MODEL.HEAD.NAME = args.head
+    if args.device:
+        cfg.DEVICE = args.device
+
+
+def _merge(fn: Any, what: str) -> None:
+    try:
+        fn()
+    except KeyError as err:
+        msg = str(err).strip("'\"")
+        raise ConfigError(f"{what}: {msg}") from None
+    except (ValueError, TypeError, AssertionError) as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
+def setup_cfg(args: argparse.Namespace) -> Any:
+    cfg = get_cfg_default()
+    extend_cfg(cfg)
+    for path, what in ((args.dataset_config_file, "dataset config"), (args.config_file, "trainer config")):
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{what} file not found: {path}")
+            _merge(lambda p=path: cfg.merge_from_file(p), f"{what} {path}")
+    reset_cfg(cfg, args)
+    opts = list(args.opts or [])
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if len(opts) % 2:
+        raise ConfigError(f"trailing overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}")
+    _merge(lambda: cfg.merge_from_list(opts), "override")
+    if not cfg.TRAINER.NAME:
+        raise ConfigError("no trainer given: use --trainer NAME")
+    TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # fail early with suggestions
+    cfg.freeze()
+    return cfg
+
+
+class _StartupBuffer(io.StringIO):
+    """Holds stdout until the run directory may be created (nothing is written if start-up fails)."""
+
+    def __init__(self, console: Any) -> None:
+        super().__init__()
+        self.console = console
+
+    def write(self, msg: str) -> int:
+        self.console.write(msg)
+        return super().write(msg)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+
+def _open_log(output_dir: str, buffered: str) -> Logger:
+    os.makedirs(output_dir, exist_ok=True)
+    fpath = os.path.join(output_dir, "log.txt")
+    if os.path.exists(fpath):
+        fpath += time.strftime("-%Y-%m-%d-%H-%M-%S")
+    console = sys.stdout.console if hasattr(sys.stdout, "console") else sys.stdout
+    logger = Logger(fpath, console)
+    logger.file.write(buffered)
+    sys.stdout = logger
+    return logger
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run one job; return its record (also written to ``<output-dir>/record.json``)."""
+    args = get_parser().parse_args(argv)
+    cfg = setup_cfg(args)
+    console = sys.stdout
+    buffer = _StartupBuffer(console)
+    sys.stdout = buffer
+    try:
+        if cfg.SEED >= 0:
+            print(f"Setting fixed seed: {cfg.SEED}")
+            set_random_seed(cfg.SEED, cfg.DETERMINISTIC)
+        if cfg.DETERMINISTIC:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        print("***************")
+        print("** Arguments **")
+        print("***************")
+        for key in sorted(vars(args)):
+            print(f"{key}: {getattr(args, key)}")
+        print("************")
+        print("** Config **")
+        print("************")
+        print(cfg)
+        print("Collecting env info ...")
+        print("** System info **\n" + collect_env_info() + "\n")
+        trainer = build_trainer(cfg)
+    finally:
+        sys.stdout = console
+    logger = _open_log(cfg.OUTPUT_DIR, buffer.getvalue())
+    try:
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "args.json"), vars(args))
+        record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
+        t0 = time.time()
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            record.set("model_dir", args.model_dir)
+            metrics = run_evaluation(trainer)
+        elif not args.no_train:
+            trainer.train(trainer.start_epoch, trainer.max_epoch)
+            metrics = trainer.metrics
+            record.set("best_epoch", trainer.best_epoch)
+        else:
+            metrics = {}
+        record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
+        for section, values in metrics.items():
+            record.add_metrics(section, values)
+        if args.eval_only or not args.no_train:
+            path = record.write(cfg.OUTPUT_DIR)
+            print(f"Run record written to {path}")
+        return record.data
+    finally:
+        if sys.stdout is logger:
+            restore_stdout()
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        main(argv)
+    except UserError as err:
+        restore_stdout()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        restore_stdout()
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

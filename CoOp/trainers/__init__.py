@@ -1,0 +1,2 @@
+"""Trainer classes (registered in ``TRAINER_REGISTRY`` on import)."""
+from . import zsclip  # noqa: F401

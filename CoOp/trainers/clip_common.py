@@ -1,0 +1,70 @@
+"""What every CLIP trainer shares: backbone loading from the config, prompts and text features."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from clip_backbone import CLIPBundle, load_clip, tokenize
+from dassl.utils.errors import ConfigError
+
+from .imagenet_templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES_SELECT
+
+
+def load_clip_to_cpu(cfg: Any) -> CLIPBundle:
+    """Build the configured CLIP (``MODEL.BACKBONE.NAME``/``WEIGHTS``) on CPU in fp32."""
+    if not cfg.MODEL.BACKBONE.NAME:
+        raise ConfigError("MODEL.BACKBONE.NAME is empty (e.g. RN50, ViT-B/16)")
+    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def single_template(cfg: Any) -> str:
+    """The dataset's single prompt template (``DATASET.PROMPT_TEMPLATE`` overrides the built-in table)."""
+    tpl = cfg.DATASET.PROMPT_TEMPLATE or CUSTOM_TEMPLATES.get(cfg.DATASET.NAME, DEFAULT_TEMPLATE)
+    if "{}" not in tpl:
+        raise ConfigError(f"prompt template {tpl!r} has no '{{}}' placeholder for the class name")
+    return tpl
+
+
+def class_prompts(classnames: list[str], template: str) -> list[str]:
+    return [template.format(c.replace("_", " ")) for c in classnames]
+
+
+@torch.no_grad()
+def encode_prompts(bundle: CLIPBundle, prompts: list[str], device: torch.device, batch: int = 256) -> torch.Tensor:
+    """Raw (unnormalised) CLIP text features of ``prompts``."""
+    model = bundle.model
+    out = []
+    for i in range(0, len(prompts), batch):
+        tokens = tokenize(prompts[i:i + batch], bundle.context_length).to(device)
+        out.append(model.encode_text(tokens).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def text_features(bundle: CLIPBundle, classnames: list[str], mode: str, template: str,
+                  device: torch.device) -> torch.Tensor:
+    """Class text features.
+
+    ``single``: raw ``encode_text`` of one template (not normalised, as the official single-template path);
+    ``ensemble7``: the 7 templates, each L2-normalised, averaged and re-normalised (official ImageNet path);
+    ``ensemble7+custom``: the 7 templates plus the single template (``ZeroshotCLIP2``).
+    """
+    if mode == "single":
+        return encode_prompts(bundle, class_prompts(classnames, template), device)
+    if mode not in ("ensemble7", "ensemble7+custom"):
+        raise ConfigError(f"unknown text prompt mode {mode!r} (single, ensemble7, ensemble7+custom)")
+    templates = list(IMAGENET_TEMPLATES_SELECT) + ([template] if mode == "ensemble7+custom" else [])
+    feats = []
+    for tpl in templates:
+        f = encode_prompts(bundle, class_prompts(classnames, tpl), device)
+        feats.append(f / f.norm(dim=-1, keepdim=True))
+    mean = torch.stack(feats).mean(0)
+    return mean / mean.norm(dim=-1, keepdim=True)

@@ -1,0 +1,52 @@
+"""Zero-shot CLIP (no training): ``ZeroshotCLIP`` (one template) and ``ZeroshotCLIP2`` (7-template ensemble)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dassl.engine import TRAINER_REGISTRY, TrainerX
+
+from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
+
+
+@TRAINER_REGISTRY.register()
+class ZeroshotCLIP(TrainerX):
+    """logits = s * cos(image, class prompt); returns ``[logits, image_features, energy]``."""
+
+    text_mode = "single"
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        classnames = self.dm.dataset.classnames
+        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+        bundle = load_clip_to_cpu(cfg)
+        self.clip_model = freeze(bundle.model).to(self.device)
+        self.image_encoder = self.clip_model.visual
+        tpl = single_template(cfg)
+        print(f"Prompt template: {tpl!r} ({self.text_mode})")
+        tf = text_features(bundle, classnames, self.text_mode, tpl, self.device)
+        self.text_feats = tf / tf.norm(dim=-1, keepdim=True)
+        self.logit_scale = bundle.logit_scale
+
+    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.encode_images(input).float()
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        logits = self.logit_scale * feats @ self.text_feats.t()
+        return [logits, feats, torch.logsumexp(logits, dim=1)]
+
+    def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
+        self.clip_model.eval()
+
+    def train(self, start_epoch: int = 0, max_epoch: int = 0) -> None:
+        """Zero-shot: no training; evaluate on the test split like the official eval-only path."""
+        self.time_start = __import__("time").time()
+        print("ZeroshotCLIP has nothing to train: evaluating on the test set")
+        self.metrics["test"] = dict(self.test(split="test"))
+
+
+@TRAINER_REGISTRY.register()
+class ZeroshotCLIP2(ZeroshotCLIP):
+    """The 7 ImageNet templates plus the dataset's template, averaged (unused by the official scripts)."""
+
+    text_mode = "ensemble7+custom"

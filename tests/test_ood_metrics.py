@@ -1,0 +1,282 @@
+"""Tests for ``dassl.evaluation.ood`` (scores + metrics) and ``dassl.evaluation.plots``.
+
+Parity goldens: ``metrics__*`` arrays of ``croft_reference.npz`` (see the fixture README, section 5).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "CoOp") not in sys.path:
+    sys.path.insert(0, str(REPO / "CoOp"))
+
+from dassl.evaluation import ood  # noqa: E402
+from dassl.evaluation.plots import plot_score_histograms  # noqa: E402
+
+EXACT = dict(rel=0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixture goldens
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, np.ndarray]:
+    candidates = [
+        REPO / "tests" / "fixtures" / "croft_reference.npz",
+        REPO.parent / "shared" / "fixtures" / "croft_reference.npz",
+    ]
+    for path in candidates:
+        if path.is_file():
+            with np.load(path) as data:
+                return {k[len("metrics__") :]: data[k] for k in data.files if k.startswith("metrics__")}
+    raise FileNotFoundError(f"croft_reference.npz not found in any of {[str(p) for p in candidates]}")
+
+
+@pytest.mark.parametrize("suffix", ["", "_idcorrect"])
+def test_metric_utils_parity(ref, suffix):
+    id_s = ref["id_scores"] if not suffix else ref["id_scores"][ref["id_correct"]]
+    ood_s = ref["ood_scores"]
+    assert ood.fpr95_tpr_id(id_s, ood_s) == pytest.approx(float(ref["mu_fpr95" + suffix]), **EXACT)
+    assert ood.auroc(id_s, ood_s) == pytest.approx(float(ref["mu_auroc" + suffix]), **EXACT)
+    assert ood.aupr_in(id_s, ood_s) == pytest.approx(float(ref["mu_aupr" + suffix]), **EXACT)
+
+
+def test_metric_utils_swapped_parity(ref):
+    id_s, ood_s = ref["id_scores"], ref["ood_scores"]
+    assert ood.fpr95_tpr_ood(id_s, ood_s) == pytest.approx(float(ref["mu_swapped_fpr95"]), **EXACT)
+    assert ood.aupr_out(id_s, ood_s) == pytest.approx(float(ref["mu_swapped_aupr"]), **EXACT)
+    assert ood.auroc(id_s, ood_s) == pytest.approx(float(ref["mu_swapped_auroc"]), **EXACT)
+
+
+@pytest.mark.parametrize("suffix", ["", "_idcorrect"])
+def test_evaluator_parity(ref, suffix):
+    id_s = ref["id_scores"] if not suffix else ref["id_scores"][ref["id_correct"]]
+    ood_s = ref["ood_scores"]
+    thr = ood.val_threshold_tpr95(id_s)
+    assert thr == pytest.approx(float(ref["ev_threshold" + suffix]), **EXACT)
+    assert ood.fpr95_val_threshold(ood_s, thr) == pytest.approx(float(ref["ev_fpr95" + suffix]), **EXACT)
+    assert ood.auroc(id_s, ood_s) == pytest.approx(float(ref["ev_auroc" + suffix]), **EXACT)
+
+
+def test_strict_greater_not_ge(ref):
+    thr = ood.val_threshold_tpr95(ref["id_scores"])
+    ours = ood.fpr95_val_threshold(ref["ood_scores"], thr)
+    assert ours != pytest.approx(float(ref["ev_fpr95_if_ge"]), abs=1e-6)
+
+
+def test_ood_metrics_dict(ref):
+    id_s, ood_s = ref["id_scores"], ref["ood_scores"]
+    m = ood.ood_metrics(id_s, ood_s)
+    assert set(m) == {"auroc", "aupr_in", "aupr_out", "fpr95_tpr_id", "fpr95_tpr_ood"}
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in m.values())
+    thr = ood.val_threshold_tpr95(id_s)
+    m = ood.ood_metrics(id_s, ood_s, threshold=thr)
+    assert m["val_threshold"] == thr
+    assert m["fpr95_val_threshold"] == pytest.approx(float(ref["ev_fpr95"]), **EXACT)
+    assert m["fpr95_tpr_id"] == pytest.approx(float(ref["mu_fpr95"]), **EXACT)
+    assert m["fpr95_tpr_ood"] == pytest.approx(float(ref["mu_swapped_fpr95"]), **EXACT)
+    assert m["aupr_out"] == pytest.approx(float(ref["mu_swapped_aupr"]), **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sklearn cross-checks + independent brute-force FPR95
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _brute_fpr95_tpr_id(pos: np.ndarray, neg: np.ndarray, level: float = 0.95) -> float:
+    """Independent restatement of the Hendrycks rule with O(T * N) threshold sweeps."""
+    recalls, fps = [], []
+    for t in np.unique(np.concatenate([pos, neg]))[::-1]:
+        tp = int(np.sum(pos >= t))
+        recalls.append(tp / pos.size)
+        fps.append(int(np.sum(neg >= t)))
+        if tp == pos.size:
+            break
+    recalls, fps = recalls[::-1] + [1.0], fps[::-1] + [0]
+    best = min(range(len(recalls)), key=lambda i: (abs(recalls[i] - level), i))
+    return fps[best] / neg.size
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [False, True])
+def test_random_cross_check(seed, ties):
+    rng = np.random.default_rng(seed)
+    n_id, n_ood = rng.integers(5, 400, size=2)
+    id_s = rng.normal(1.0, 1.0, n_id)
+    ood_s = rng.normal(0.0, 1.2, n_ood)
+    if ties:
+        id_s, ood_s = np.round(id_s, 1), np.round(ood_s, 1)
+    labels = np.r_[np.ones(n_id), np.zeros(n_ood)]
+    scores = np.r_[id_s, ood_s]
+    assert ood.auroc(id_s, ood_s) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert ood.aupr_in(id_s, ood_s) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert ood.aupr_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - labels, -scores), abs=1e-12)
+    assert ood.fpr95_tpr_id(id_s, ood_s) == pytest.approx(_brute_fpr95_tpr_id(id_s, ood_s), abs=1e-15)
+    assert ood.fpr95_tpr_ood(id_s, ood_s) == pytest.approx(_brute_fpr95_tpr_id(-ood_s, -id_s), abs=1e-15)
+    assert ood.fpr95_tpr_ood(id_s, ood_s) == ood.fpr95_tpr_id(-ood_s, -id_s)
+    assert ood.val_threshold_tpr95(id_s) == np.percentile(id_s, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hand-computed cases
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_perfect_and_reversed():
+    id_s, ood_s = np.array([2.0, 3.0, 2.5]), np.array([0.0, 1.0])
+    m = ood.ood_metrics(id_s, ood_s)
+    assert m["auroc"] == 1.0 and m["aupr_in"] == 1.0 and m["aupr_out"] == 1.0
+    assert m["fpr95_tpr_id"] == 0.0 and m["fpr95_tpr_ood"] == 0.0
+    r = ood.ood_metrics(ood_s, id_s)
+    assert r["auroc"] == 0.0
+    assert r["fpr95_tpr_id"] == 1.0 and r["fpr95_tpr_ood"] == 1.0
+
+
+def test_all_tied_gives_half():
+    assert ood.auroc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
+
+
+def test_four_vs_four_by_hand():
+    # sorted desc: .9 I, .8 I, .7 O, .5 I, .5 O (tie), .3 I, .2 O, .1 O
+    id_s = np.array([0.9, 0.8, 0.5, 0.3])
+    ood_s = np.array([0.7, 0.5, 0.2, 0.1])
+    # pairs: 4 + 4 + (2 + 0.5 tie) + 2 = 12.5 of 16
+    assert ood.auroc(id_s, ood_s) == 12.5 / 16
+    # precision at recall .25,.5,.75,1 = 1, 1, 3/5, 4/6
+    assert ood.aupr_in(id_s, ood_s) == pytest.approx(0.25 * (1 + 1 + 0.6 + 4 / 6), abs=1e-15)
+    # first full recall at t=.3 with fp=2; recall 1 is the closest point to .95 -> 2/4
+    assert ood.fpr95_tpr_id(id_s, ood_s) == 0.5
+    # OOD positive: full OOD recall first at t=-.7 where 2 ID are >= -> 2/4
+    assert ood.fpr95_tpr_ood(id_s, ood_s) == 0.5
+    # percentile 5 of [.3,.5,.8,.9]: .3 + 0.15 * .2 = .33
+    thr = ood.val_threshold_tpr95(id_s)
+    assert thr == pytest.approx(0.33, abs=1e-15)
+    assert ood.fpr95_val_threshold(ood_s, thr) == 0.5
+    assert ood.fpr95_val_threshold(ood_s, 0.5) == 0.25  # strict '>': the tied 0.5 is not counted
+
+
+def test_fpr95_first_argmin_quirk():
+    # 19 high ID, 4 OOD, 1 very low ID: recall 19/20 = .95 holds at thresholds 11, 3, 2, 1, 0 (fp 0..4).
+    # The official code walks thresholds from low to high and takes the FIRST argmin, i.e. the lowest
+    # threshold with recall .95 -> fp = 4 of 4 (not the fp = 0 an "optimal" rule would give).
+    id_s = np.r_[np.arange(19, 0, -1.0) + 10, -5.0]
+    ood_s = np.array([0.0, 1.0, 2.0, 3.0])
+    assert ood.fpr95_tpr_id(id_s, ood_s) == 1.0
+    # recall 1 (fp 4) is farther from .95 than recall .95; with OOD moved below all ID the answer is 0
+    assert ood.fpr95_tpr_id(id_s, ood_s - 10.0) == 0.0
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="empty"):
+        ood.auroc([], [1.0])
+    with pytest.raises(ValueError, match="empty"):
+        ood.ood_metrics([1.0], np.array([]))
+    with pytest.raises(ValueError, match="NaN"):
+        ood.fpr95_tpr_id([1.0, float("nan")], [0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        ood.fpr95_val_threshold([0.0], float("nan"))
+    with pytest.raises(ValueError, match="1-D"):
+        ood.auroc(np.ones((2, 2)), [0.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scores
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_energy_msp_mcm_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])
+    e = ood.energy_score(logits)
+    assert e.shape == (2,) and e.dtype == torch.float32
+    assert e.tolist() == pytest.approx([math.log(4.0), 2.0 + math.log(2.0)], abs=1e-6)
+    e2 = ood.energy_score(logits, temperature=2.0)
+    assert e2[0].item() == pytest.approx(2.0 * math.log(1.0 + math.sqrt(3.0)), abs=1e-6)
+    assert ood.msp_score(logits).tolist() == pytest.approx([0.75, 0.5], abs=1e-6)
+    cos = torch.tensor([[0.3, 0.2, 0.1]])
+    expected = 1.0 / (1.0 + math.exp(-10.0) + math.exp(-20.0))
+    assert ood.mcm_score(cos, temperature=0.01).item() == pytest.approx(expected, abs=1e-6)
+    assert ood.mcm_score(cos).item() == pytest.approx(math.exp(0.3) / sum(math.exp(c) for c in (0.3, 0.2, 0.1)))
+    # half-precision CLIP-scale logits must not overflow
+    big = (torch.tensor([[100.0, 90.0]]).half())
+    assert torch.isfinite(ood.energy_score(big)).all()
+    with pytest.raises(ValueError):
+        ood.energy_score(torch.zeros(3))
+
+
+def _brute_knn(feats: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    f = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-10)
+    b = bank / (np.linalg.norm(bank, axis=1, keepdims=True) + 1e-10)
+    d2 = ((f[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    return -np.sort(d2, axis=1)[:, k - 1]
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("batch_size", [7, 4096])
+def test_knn_matches_brute_force(k, batch_size):
+    rng = np.random.default_rng(k)
+    feats, bank = rng.normal(size=(53, 16)), rng.normal(size=(40, 16))
+    ref = _brute_knn(feats, bank, k)
+    got = ood.knn_score(torch.from_numpy(feats), torch.from_numpy(bank), k, batch_size=batch_size)
+    assert got.shape == (53,)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-10)
+    got32 = ood.knn_score(torch.from_numpy(feats).float(), torch.from_numpy(bank).float(), k, batch_size=batch_size)
+    np.testing.assert_allclose(got32.numpy(), ref, atol=1e-5)
+    plain = ood.knn_score(torch.from_numpy(feats), torch.from_numpy(bank), k, squared=False)
+    np.testing.assert_allclose(plain.numpy(), -np.sqrt(-ref), atol=1e-7)
+
+
+def test_knn_k_too_large():
+    feats, bank = torch.randn(4, 8), torch.randn(5, 8)
+    ood.knn_score(feats, bank, 5)  # k == len(bank) is fine
+    with pytest.raises(ValueError, match="exceeds"):
+        ood.knn_score(feats, bank, 6)
+    with pytest.raises(ValueError):
+        ood.knn_score(feats, torch.randn(5, 7), 1)
+
+
+def test_compute_scores():
+    torch.manual_seed(0)
+    logits, cos = torch.randn(6, 3) * 10, torch.rand(6, 3)
+    feats, bank = torch.randn(6, 4), torch.randn(9, 4)
+    out = ood.compute_scores(
+        logits, feats, bank, names=("energy", "msp", "mcm", "knn"), cosine_logits=cos, k=3, batch_size=2
+    )
+    assert list(out) == ["energy", "msp", "mcm", "knn"]
+    assert all(isinstance(v, np.ndarray) and v.shape == (6,) for v in out.values())
+    np.testing.assert_allclose(out["energy"], torch.logsumexp(logits, 1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["knn"], ood.knn_score(feats, bank, 3).numpy(), rtol=1e-6)
+    assert set(ood.SCORE_FUNCTIONS) == {"energy", "msp", "mcm", "knn"}
+    with pytest.raises(ValueError, match="cosine_logits"):
+        ood.compute_scores(logits, names=("mcm",))
+    with pytest.raises(ValueError, match="unknown"):
+        ood.compute_scores(logits, names=("bogus",))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plot
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_plot_score_histograms(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = {
+        "ID (source val)": rng.normal(1.0, 1.0, 200),
+        "closed-set OOD (held-out domain)": rng.normal(0.5, 1.0, 150),
+        "open-set OOD: DTD": rng.normal(0.0, 1.0, 300),
+    }
+    path = tmp_path / "sub" / "hist.png"
+    out = plot_score_histograms(scores, path, title="toy")
+    assert Path(out) == path and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["hist.png"]  # no temp file left behind
+    with pytest.raises(ValueError):
+        plot_score_histograms({}, tmp_path / "empty.png")
