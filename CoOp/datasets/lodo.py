@@ -49,6 +49,12 @@ class LODODataset(DatasetBase):
         train_x = self.sample_train(train, num_shots, cfg.DATASET.FEWSHOT_SAMPLER)
         val = self.generate_fewshot_dataset(val, num_shots=num_shots)
         super().__init__(train_x=train_x, val=val, test=test, ood_test=self.build_ood_test(cfg))
+        self.set_label_space(list(train) + list(test))
+
+    def set_label_space(self, id_items: list[Datum]) -> None:
+        """Classes from the full ID lists: a (class-agnostic official) few-shot train_x could miss one."""
+        self._num_classes = self.get_num_classes(id_items)
+        self._lab2cname, self._classnames = self.get_lab2cname(id_items)
 
     # ---------------------------------------------------------------- reading
     def read_lodo_splits(self, cfg: Any) -> tuple[list[Datum], list[Datum], list[Datum]]:

@@ -161,9 +161,7 @@ class LODOOpenSet(LODODataset):
         ood_s = cap_per_class(ood_all, cfg.DATASET.OOD_PER_CLASS_CAP)
         DatasetBase.__init__(self, train_x=train_x, val=val_s, test=test_s, ood_test=ood_s)
         # ID label space from the full ID lists (a few-shot train_x could miss a class).
-        id_items = list(train) + list(test)
-        self._num_classes = self.get_num_classes(id_items)
-        self._lab2cname, self._classnames = self.get_lab2cname(id_items)
+        self.set_label_space(list(train) + list(test))
 
     def read_ood(self, cfg: Any) -> list[Datum]:
         root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))

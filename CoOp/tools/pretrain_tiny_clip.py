@@ -300,6 +300,27 @@ def clip_multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch
     return 0.5 * (loss_i + loss_t)
 
 
+def _colourise(alpha: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """Grey strokes alpha (N, 1, H, W) in [0, 1] -> RGB in [0, 1]: white on black, or with probability p
+    a random flat foreground colour on a random flat background colour (either may be the lighter)."""
+    n = alpha.shape[0]
+    fg = torch.ones(n, 3, 1, 1)
+    bg = torch.zeros(n, 3, 1, 1)
+    if p > 0:
+        pick = torch.rand(n, generator=g) < p
+        k = int(pick.sum())
+        if k:
+            fg[pick] = torch.rand(k, 3, 1, 1, generator=g)
+            bg[pick] = torch.rand(k, 3, 1, 1, generator=g)
+    return bg * (1.0 - alpha) + fg * alpha
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def _random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int) -> torch.Tensor:
     if max_shift <= 0:
         return x
@@ -367,7 +388,7 @@ def load_pretrained(cache_dir=DEFAULT_CACHE_DIR, config_path=CONFIG_PATH):
 def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=DEFAULT_DATA_ROOT,
              npm_dir=DEFAULT_NPM_DIR, max_seconds: float = DEFAULT_MAX_SECONDS, steps: int = DEFAULT_STEPS,
              batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, weight_decay: float = 0.1,
-             warmup: int = 10, max_shift: int = 2, seed: int = 0, threads: int | None = 2,
+             warmup: int = 10, max_shift: int = 2, colour_aug: float = 0.5, seed: int = 0, threads: int | None = 2,
              force: bool = False, evaluate: bool = True, images: np.ndarray | None = None,
              labels: np.ndarray | None = None, verbose: bool = True, log_every: int = 20) -> dict:
     """Train (or reuse) the tiny CLIP; returns the summary that is also written as tinyclip-rn32.json.
@@ -400,7 +421,8 @@ def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=
         if data_root is not None else {"checked": False}
     if disjoint.get("pixel_identical_overlap"):
         raise RuntimeError(f"pretraining images overlap DigitsDG-mini: {disjoint}")
-    x_all = to_model_input(images)
+    grey = images if images.ndim == 3 else images.mean(axis=-1).round().astype(np.uint8)
+    x_all = torch.from_numpy(np.ascontiguousarray(grey)).float().div_(255.0).unsqueeze(1)  # stroke alpha
     y_all = torch.from_numpy(labels)
 
     model = build_model(cfg)
@@ -437,7 +459,7 @@ def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=
             perm, pos = torch.randperm(len(x_all), generator=g), 0
         idx = perm[pos:pos + batch_size]
         pos += batch_size
-        xb = _random_shift(x_all[idx], g, max_shift)
+        xb = _normalise(_colourise(_random_shift(x_all[idx], g, max_shift), g, colour_aug))
         yb = y_all[idx]
         cap = yb * n_t + torch.randint(0, n_t, (len(idx),), generator=g)
         uniq, inv = torch.unique(cap, return_inverse=True)
@@ -473,7 +495,8 @@ def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=
             "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
             "max_seconds": max_seconds, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "warmup_steps": warmup, "schedule": "linear warmup, cosine on max(step/steps, time/max_seconds)",
-            "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-6)", "augmentation": f"random +-{max_shift} px shift",
+            "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-6)", "augmentation": (f"random +-{max_shift} px shift; with p={colour_aug} random flat stroke and "
+                             "background colours (else white on black)"),
             "loss": "symmetric InfoNCE, same-class pairs positive (uniform target over them)",
             "first_loss": round(losses[0], 4) if losses else None,
             "final_loss": round(float(np.mean(tail)), 4) if tail else None,

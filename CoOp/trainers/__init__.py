@@ -1,2 +1,2 @@
 """Trainer classes (registered in ``TRAINER_REGISTRY`` on import)."""
-from . import zsclip  # noqa: F401
+from . import croft, zsclip  # noqa: F401

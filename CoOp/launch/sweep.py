@@ -1,0 +1,166 @@
+"""Restartable sweeps: a list of ``train.py`` jobs, skipped when their ``done`` marker exists.
+
+Launchers (DomainBed style): ``subprocess`` (one ``python train.py`` per job, the default), ``inprocess``
+(jobs run inside this process, which saves the ~5 s of imports per job that tiny CPU runs would otherwise pay)
+and ``--jobs N`` worker processes (each runs jobs in-process; ``--devices 0,1`` pins each worker to one GPU
+through ``CUDA_VISIBLE_DEVICES``). A failing job never stops the sweep; failures are listed at the end and the
+exit code is non-zero. Every sweep writes a manifest (``<output_root>/sweeps/<name>.json``) naming all
+planned run directories, so collectors can report missing runs by name.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+COOP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if COOP_DIR not in sys.path:
+    sys.path.insert(0, COOP_DIR)
+
+from dassl.utils.tools import atomic_write_json, read_json  # noqa: E402
+
+
+@dataclass
+class Job:
+    """One ``train.py`` invocation and how collectors should label it."""
+
+    name: str
+    output_dir: str
+    argv: list[str]
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    def done(self) -> bool:
+        return os.path.isfile(os.path.join(self.output_dir, "done"))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "train.py", *self.argv]
+
+
+def quote(argv: Sequence[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def write_manifest(output_root: str, sweep_name: str, jobs: list[Job]) -> str:
+    path = os.path.join(output_root, "sweeps", f"{sweep_name}.json")
+    existing = read_json(path)["jobs"] if os.path.isfile(path) else []
+    seen = {j["output_dir"] for j in existing}
+    merged = existing + [asdict(j) for j in jobs if j.output_dir not in seen]
+    atomic_write_json(path, {"sweep": sweep_name, "jobs": merged})
+    return path
+
+
+def read_manifests(output_root: str) -> list[dict[str, Any]]:
+    folder = os.path.join(output_root, "sweeps")
+    if not os.path.isdir(folder):
+        return []
+    jobs = []
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".json"):
+            jobs.extend(read_json(os.path.join(folder, f))["jobs"])
+    return jobs
+
+
+def _run_inprocess(job: Job, quiet: bool) -> tuple[bool, str]:
+    import contextlib
+    import io
+
+    import train
+    from dassl.utils.errors import UserError
+    from dassl.utils.logger import restore_stdout
+
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+            train.main(job.argv)
+        return True, ""
+    except UserError as err:
+        return False, f"error: {err}"
+    except Exception as err:  # a failing job must not stop the sweep
+        return False, f"{type(err).__name__}: {err}"
+    finally:
+        restore_stdout()
+
+
+def _run_subprocess(job: Job, quiet: bool, env: Optional[dict[str, str]] = None) -> tuple[bool, str]:
+    os.makedirs(os.path.dirname(os.path.abspath(job.output_dir)), exist_ok=True)
+    res = subprocess.run(job.command(), cwd=COOP_DIR, env=env, text=True,
+                         stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE)
+    if not quiet and res.stderr:
+        sys.stderr.write(res.stderr)
+    if res.returncode == 0:
+        return True, ""
+    tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-1:] if res.stderr else []
+    return False, f"exit code {res.returncode}" + (f": {tail[0]}" if tail else "")
+
+
+def _worker(args: tuple[Job, bool, Optional[str], int]) -> tuple[str, bool, str, float]:
+    job, quiet, device, threads = args
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    t0 = time.time()
+    ok, msg = _run_inprocess(job, quiet)
+    return job.name, ok, msg, time.time() - t0
+
+
+def run_jobs(jobs: list[Job], launcher: str = "subprocess", num_workers: int = 1,
+             devices: Optional[Sequence[str]] = None, dry_run: bool = False, quiet: bool = True) -> int:
+    """Run the unfinished jobs; return the number of failures."""
+    todo = [j for j in jobs if not j.done()]
+    print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    if dry_run:
+        for j in jobs:
+            print(("[done] " if j.done() else "[todo] ") + j.name)
+            print("    python train.py " + quote(j.argv))
+        return 0
+    if not todo:
+        return 0
+    failures: list[tuple[str, str]] = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(todo), desc="runs", unit="run", file=sys.stderr) if tqdm else None
+
+    def report(name: str, ok: bool, msg: str) -> None:
+        if not ok:
+            failures.append((name, msg))
+            print(f"FAILED {name}: {msg}", file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
+
+    if num_workers > 1:
+        devs = list(devices) if devices else [None]
+        threads = max(1, (os.cpu_count() or 1) // num_workers)
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        tasks = [(j, quiet, devs[i % len(devs)], threads) for i, j in enumerate(todo)]
+        with ctx.Pool(num_workers, maxtasksperchild=None) as pool:
+            for name, ok, msg, _ in pool.imap_unordered(_worker, tasks):
+                report(name, ok, msg)
+    else:
+        for j in todo:
+            if launcher == "inprocess":
+                ok, msg = _run_inprocess(j, quiet)
+            else:
+                env = dict(os.environ)
+                if devices:
+                    env["CUDA_VISIBLE_DEVICES"] = devices[0]
+                ok, msg = _run_subprocess(j, quiet, env)
+            report(j.name, ok, msg)
+    if bar is not None:
+        bar.close()
+    if failures:
+        print(f"{len(failures)} of {len(todo)} runs failed:")
+        for name, msg in failures:
+            print(f"  {name}: {msg}")
+    else:
+        print(f"all {len(todo)} runs finished")
+    return len(failures)
