@@ -102,6 +102,28 @@ def _merge(fn: Any, what: str) -> None:
         raise ConfigError(f"{what}: {err}") from None
 
 
+def coerce_numbers(cfg: Any, opts: list[str]) -> list[str]:
+    """Let ``KEY 15`` set a float key (yacs would reject the int); everything else is left to yacs."""
+    from ast import literal_eval
+
+    out = list(opts)
+    for i in range(0, len(out) - 1, 2):
+        node, parts = cfg, out[i].split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        current = node.get(parts[-1]) if isinstance(node, dict) else None
+        if isinstance(current, float) and not isinstance(current, bool):
+            try:
+                value = literal_eval(out[i + 1])
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[i + 1] = repr(float(value))
+    return out
+
+
 def setup_cfg(args: argparse.Namespace) -> Any:
     cfg = get_cfg_default()
     extend_cfg(cfg)
@@ -116,7 +138,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
         opts = opts[1:]
     if len(opts) % 2:
         raise ConfigError(f"trailing overrides must be KEY VALUE pairs, got {len(opts)} items: {opts}")
-    _merge(lambda: cfg.merge_from_list(opts), "override")
+    _merge(lambda: cfg.merge_from_list(coerce_numbers(cfg, opts)), "override")
     if not cfg.TRAINER.NAME:
         raise ConfigError("no trainer given: use --trainer NAME")
     TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # fail early with suggestions

