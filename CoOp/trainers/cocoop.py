@@ -21,7 +21,8 @@ from yacs.config import CfgNode as CN
 
 from dassl.engine import TRAINER_REGISTRY
 
-from .coop import PromptCLIPTrainer, PromptTokens, assemble_prompts, encode_prompt_embeddings, init_context
+from .coop import (PromptCLIPTrainer, PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings,
+                   init_context)
 
 # at inference, at most this many prompts go through the text encoder at once (memory bound, same results)
 INFERENCE_PROMPTS_PER_CALL = 4096
@@ -36,8 +37,7 @@ class CoCoOpPromptLearner(nn.Module):
         vectors, prefix_text, n_ctx = init_context(clip_model, context_length, n_ctx, ctx_init)
         print(f'Initial context: "{prefix_text}"  ({n_ctx} tokens)')
         self.ctx = nn.Parameter(vectors)
-        vis_dim = int(clip_model.text_projection.shape[1] if not isinstance(clip_model.text_projection, nn.Linear)
-                      else clip_model.text_projection.out_features)
+        vis_dim = clip_embed_dim(clip_model)
         width = vectors.shape[-1]
         hidden = max(1, vis_dim // 16)
         self.meta_net = nn.Sequential(OrderedDict([
@@ -86,7 +86,7 @@ class CoCoOp(PromptCLIPTrainer):
         tf = encode_prompt_embeddings(self.text_encoder, pl(feats), pl.tokenized_prompts)
         return tf / tf.norm(dim=-1, keepdim=True)
 
-    def forward_logits(self, feats: torch.Tensor, batch: Optional[dict] = None,
+    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.is_grad_enabled():
             chunks = [feats]

@@ -39,6 +39,12 @@ PROMPT_PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------- prompt pieces
+def clip_embed_dim(clip_model: nn.Module) -> int:
+    """Dimension D of CLIP's joint image/text embedding."""
+    proj = clip_model.text_projection
+    return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+
 def count_tokens(text: str, context_length: int) -> int:
     """Number of BPE tokens of ``text`` (without [SOS]/[EOS])."""
     ids = tokenize([text], context_length)[0]
@@ -220,14 +226,15 @@ class PromptCLIPTrainer(TrainerX):
             return torch.autocast(device_type=self.device.type)
         return contextlib.nullcontext()
 
-    def image_features(self, images: torch.Tensor, batch: Optional[dict] = None) -> torch.Tensor:
-        """L2-normalised fp32 frozen image features."""
-        feats = self.encode_images(images, batch).float()
-        return feats / feats.norm(dim=-1, keepdim=True)
+    def image_features(self, images: torch.Tensor, batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen image features in fp32: ``(L2-normalised, raw)``."""
+        raw = self.encode_images(images, batch).float()
+        return raw / raw.norm(dim=-1, keepdim=True), raw
 
-    def forward_logits(self, feats: torch.Tensor, batch: Optional[dict] = None,
+    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[N, C]`` from normalised image features (subclasses)."""
+        """Logits ``[N, C]`` from normalised (``feats``) and raw (``raw``) fp32 image features; ``domains`` [N]
+        are the batch's domain labels where known (subclasses)."""
         raise NotImplementedError
 
     def optimisation_step(self, loss: torch.Tensor) -> None:
@@ -245,8 +252,8 @@ class PromptCLIPTrainer(TrainerX):
         image, label = self.parse_batch_train(batch)
         domains = batch["domain"].to(self.device) if "domain" in batch else None
         with self.autocast():
-            feats = self.image_features(image, batch)
-            logits = self.forward_logits(feats, batch, domains).float()
+            feats, raw = self.image_features(image, batch)
+            logits = self.forward_logits(feats, raw, domains).float()
             loss = F.cross_entropy(logits, label)
         self.optimisation_step(loss)
         if (self.batch_idx + 1) == self.num_batches:
@@ -254,9 +261,13 @@ class PromptCLIPTrainer(TrainerX):
         return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
 
     def model_inference(self, input: Any) -> list[torch.Tensor]:
+        """``[logits, normalised image features, energy]``; ``input`` is the image batch, or ``(images,
+        domains)`` for trainers whose :meth:`parse_batch_test` passes the domain labels on."""
+        images, domains = input if isinstance(input, (tuple, list)) else (input, None)
         with self.autocast():
-            feats = self.image_features(input)
-            logits = self.forward_logits(feats).float()
+            feats, raw = self.image_features(images)
+            logits = self.forward_logits(feats, raw, domains).float()
+        feats = feats.float()
         return [logits, feats, torch.logsumexp(logits, dim=1)]
 
 
@@ -295,6 +306,7 @@ class CoOp(PromptCLIPTrainer):
         tf = encode_prompt_embeddings(self.text_encoder, pl(), pl.tokenized_prompts)
         return tf / tf.norm(dim=-1, keepdim=True)
 
-    def forward_logits(self, feats: torch.Tensor, batch: Optional[dict] = None,
+    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.logit_scale * feats @ self.text_features().t()
+        tf = self.text_features()
+        return self.logit_scale * feats.to(tf.dtype) @ tf.t()

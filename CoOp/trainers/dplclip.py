@@ -1,0 +1,169 @@
+"""``DPLCLIP`` trainer: Domain Prompt Learning (Zhang et al., 2021) as used as a baseline by the official CRoFT code.
+
+An MLP ``F`` (``MLP_DEPTH`` linear layers of width ``MLP_WIDTH``, each hidden layer followed by dropout
+``MLP_DROPOUT`` and ReLU; Xavier-uniform weights, biases 0.01) turns the images of one domain into ``N_CTX``
+domain tokens that replace the context of the prompt ``"X X ... X {classname}."``; CLIP stays frozen and only the
+MLP trains (checkpoint model name ``DPL``). The images of a batch are grouped by their ``domain`` label and each
+group gets its own domain tokens, hence its own C class text features:
+
+* ``DOMAIN_POOL mean_of_mlp`` (default; the official code and the DPL paper): tokens of group g =
+  mean over the group's images of ``F(raw image feature)``.
+* ``DOMAIN_POOL mlp_of_mean``: tokens = ``F(mean of the group's L2-normalised image features)``.
+
+**Deviation from the official code (deliberate; listed in the README).** The official ``CustomCLIP.forward``
+scores every image against the *concatenation* of all groups' class features (logits ``N x (G*C)``) while the
+cross-entropy labels stay in ``0..C-1``, so with more than one domain in a batch (every PACS training batch: three
+source domains) an image of the second or third domain is trained to match the *first* domain's prompts and the
+other groups' columns act as extra negatives. Here each image is scored against **its own domain group's** C class
+features (logits ``N x C``), which is what the DPL paper describes; with a single group both are identical.
+
+At inference the domain tokens come from the test batch itself (transductive, as in the official code): the
+images of the batch are grouped by ``domain`` label (``TEST_GROUP_BY_DOMAIN True``, as the official
+``sort_images`` at test time; a held-out-domain test batch is one group) or the whole batch forms one group
+(``False``). Predictions therefore depend on the test batch size and composition (``DATALOADER.TEST.BATCH_SIZE``).
+Outputs are returned in the loader's order (the official code reorders images by domain).
+
+Inference returns ``[logits, normalised image features, energy]``. Precision as in :mod:`trainers.coop` (the MLP
+stays fp32; the official code casts it to fp16 for ``PREC fp16``). The official output width ``512 * N_CTX`` is the
+text width of RN50 / ViT-B/16; here it is the loaded model's token-embedding width.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode as CN
+
+from dassl.engine import TRAINER_REGISTRY
+from dassl.utils.errors import ConfigError
+
+from .coop import PromptCLIPTrainer, PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings
+
+DOMAIN_POOLS = ("mean_of_mlp", "mlp_of_mean")
+
+
+class DomainPromptMLP(nn.Module):
+    """``Linear(n_in, width) -> Dropout -> ReLU -> [Linear(width, width) -> Dropout -> ReLU] * (depth - 2)
+    -> Linear(width, n_out)``."""
+
+    def __init__(self, n_in: int, n_out: int, depth: int = 3, width: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.input = nn.Linear(n_in, width)
+        self.dropout = nn.Dropout(dropout)
+        self.hiddens = nn.ModuleList([nn.Linear(width, width) for _ in range(depth - 2)])
+        self.output = nn.Linear(width, n_out)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.constant_(m.bias, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.dropout(self.input(x)))
+        for layer in self.hiddens:
+            x = F.relu(self.dropout(layer(x)))
+        return self.output(x)
+
+
+class DomainPromptTokens(nn.Module):
+    """Fixed pieces of ``"[SOS] X ... X {classname} . [EOS]"`` (buffers; not trained, not checkpointed)."""
+
+    def __init__(self, clip_model: nn.Module, context_length: int, classnames: Sequence[str], n_ctx: int) -> None:
+        super().__init__()
+        pieces = PromptTokens(clip_model, context_length, classnames, " ".join(["X"] * n_ctx), n_ctx)
+        self.register_buffer("token_prefix", pieces.prefix, persistent=False)
+        self.register_buffer("token_suffix", pieces.suffix, persistent=False)
+        self.register_buffer("tokenized_prompts", pieces.tokenized, persistent=False)
+        self.name_lens = pieces.name_lens
+        self.n_cls = len(classnames)
+        self.n_ctx = n_ctx
+
+    def forward(self, domain_tokens: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings ``[G, C, L, w]`` for domain tokens ``[G, M, w]``."""
+        ctx = domain_tokens.unsqueeze(1).expand(-1, self.n_cls, -1, -1)
+        return assemble_prompts(self.token_prefix, ctx, self.token_suffix, self.name_lens, "end")
+
+
+def group_means(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Row means of ``values`` [N, K] per group index (``groups`` [N] in ``0..n_groups-1``) -> [n_groups, K]."""
+    weights = F.one_hot(groups, n_groups).t().to(values.dtype)
+    return (weights @ values) / weights.sum(dim=1, keepdim=True)
+
+
+@TRAINER_REGISTRY.register()
+class DPLCLIP(PromptCLIPTrainer):
+    """Domain prompt learning: an MLP generates per-domain prompt tokens from the batch's image features."""
+
+    cfg_node = "DPLCLIP"
+    model_name = "DPL"
+
+    @staticmethod
+    def extend_cfg(cfg: Any) -> None:
+        c = cfg.TRAINER.DPLCLIP = CN()
+        c.N_CTX = 16                     # number of domain tokens
+        c.PREC = "fp16"                  # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.MLP_DEPTH = 3                  # official mlp_depth
+        c.MLP_WIDTH = 512                # official mlp_width
+        c.MLP_DROPOUT = 0.1              # official mlp_dropout
+        c.DOMAIN_POOL = "mean_of_mlp"    # mean_of_mlp (official, paper) | mlp_of_mean
+        c.TEST_GROUP_BY_DOMAIN = True    # inference: one group per domain label in the batch (official)
+
+    def check_cfg(self, cfg: Any) -> None:
+        super().check_cfg(cfg)
+        c = cfg.TRAINER.DPLCLIP
+        if int(c.MLP_DEPTH) < 2:
+            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DEPTH must be >= 2 (input and output layer), got {c.MLP_DEPTH}")
+        if int(c.MLP_WIDTH) < 1:
+            raise ConfigError(f"TRAINER.DPLCLIP.MLP_WIDTH must be >= 1, got {c.MLP_WIDTH}")
+        if not 0.0 <= float(c.MLP_DROPOUT) < 1.0:
+            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DROPOUT must be in [0, 1), got {c.MLP_DROPOUT}")
+        if c.DOMAIN_POOL not in DOMAIN_POOLS:
+            raise ConfigError(f"TRAINER.DPLCLIP.DOMAIN_POOL must be one of {DOMAIN_POOLS}, got {c.DOMAIN_POOL!r}")
+
+    def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
+        c = self.cfg.TRAINER.DPLCLIP
+        n_ctx = int(c.N_CTX)
+        self.width = clip_model.token_embedding.weight.shape[1]
+        self.prompt_tokens = DomainPromptTokens(clip_model, self.context_length, classnames, n_ctx).to(self.device)
+        print(f"DPLCLIP: {n_ctx} domain tokens, MLP depth {int(c.MLP_DEPTH)} width {int(c.MLP_WIDTH)} dropout "
+              f"{float(c.MLP_DROPOUT)}, pooling {c.DOMAIN_POOL}, per-group logits (see the module docstring)")
+        self.mlp = DomainPromptMLP(clip_embed_dim(clip_model), n_ctx * self.width, int(c.MLP_DEPTH),
+                                   int(c.MLP_WIDTH), float(c.MLP_DROPOUT))
+        return self.mlp
+
+    # ------------------------------------------------------------------ batches
+    def parse_batch_test(self, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        """Pass the domain labels on to :meth:`model_inference` (grouping at test time)."""
+        img, label = batch["img"].to(self.device), batch["label"].to(self.device)
+        if self.cfg.TRAINER.DPLCLIP.TEST_GROUP_BY_DOMAIN and "domain" in batch:
+            return (img, batch["domain"].to(self.device)), label
+        return img, label
+
+    # ------------------------------------------------------------------ forward
+    def domain_tokens(self, feats: torch.Tensor, raw: torch.Tensor, groups: torch.Tensor,
+                      n_groups: int) -> torch.Tensor:
+        """Domain tokens ``[G, M, w]`` of each group."""
+        if self.cfg.TRAINER.DPLCLIP.DOMAIN_POOL == "mean_of_mlp":
+            tokens = group_means(self.mlp(raw.float()), groups, n_groups)
+        else:
+            tokens = self.mlp(group_means(feats.float(), groups, n_groups))
+        return tokens.reshape(n_groups, self.prompt_tokens.n_ctx, self.width)
+
+    def group_text_features(self, domain_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised class text features ``[G, C, D]`` for each group's domain tokens."""
+        pt = self.prompt_tokens
+        tf = encode_prompt_embeddings(self.text_encoder, pt(domain_tokens), pt.tokenized_prompts)
+        return tf / tf.norm(dim=-1, keepdim=True)
+
+    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
+                       domains: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``logits[n, c] = s * cos(x_n, t_c(group of n))`` -- each image against its own group's C classes."""
+        if domains is None:
+            groups = torch.zeros(feats.shape[0], dtype=torch.long, device=feats.device)
+            n_groups = 1
+        else:
+            _, groups = torch.unique(domains, return_inverse=True)
+            n_groups = int(groups.max().item()) + 1
+        tf = self.group_text_features(self.domain_tokens(feats, raw, groups, n_groups))   # [G, C, D]
+        return self.logit_scale * torch.einsum("nd,ncd->nc", feats.to(tf.dtype), tf[groups])

