@@ -42,7 +42,7 @@ def trained(tmp_path_factory, tiny_digits):
     cache = tmp_path_factory.mktemp("tinyclip")
     images, labels = tiny_digits
     summary = ptc.pretrain(cache, images=images, labels=labels, steps=8, batch_size=30, lr=2e-3, warmup=1,
-                           max_seconds=120, data_root=None, evaluate=False, verbose=False)
+                           max_seconds=120, threads=1, data_root=None, evaluate=False, verbose=False)
     return cache, summary
 
 

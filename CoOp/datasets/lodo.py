@@ -67,6 +67,10 @@ class LODODataset(DatasetBase):
         if not cfg.TEST_ENV:
             raise ConfigError(f"{type(self).__name__} needs TEST_ENV (one of: {', '.join(self.split_files())})")
         self.split_path = os.path.join(self.dataset_root, split_file_name(cfg.TEST_ENV))
+        if not os.path.isfile(self.split_path):  # accept another case (test_on_SUN.json vs TEST_ENV sun)
+            match = [f for f in self.split_files() if f.lower() == os.path.basename(self.split_path).lower()]
+            if len(match) == 1:
+                self.split_path = os.path.join(self.dataset_root, match[0])
         if not os.path.isfile(self.split_path):
             raise DataError(f"split file not found: {self.split_path} (available: "
                             f"{', '.join(self.split_files()) or 'none'}; build them with tools/build_lodo_splits.py)")

@@ -389,7 +389,8 @@ def load_pretrained(cache_dir=DEFAULT_CACHE_DIR, config_path=CONFIG_PATH):
 def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=DEFAULT_DATA_ROOT,
              npm_dir=DEFAULT_NPM_DIR, max_seconds: float = DEFAULT_MAX_SECONDS, steps: int = DEFAULT_STEPS,
              batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR, weight_decay: float = 0.1,
-             warmup: int = 10, max_shift: int = 2, colour_aug: float = DEFAULT_COLOUR_AUG, seed: int = 0, threads: int | None = 2,
+             warmup: int = 10, max_shift: int = 2, colour_aug: float = DEFAULT_COLOUR_AUG,
+             seed: int = 0, threads: int | None = 2,
              force: bool = False, evaluate: bool = True, images: np.ndarray | None = None,
              labels: np.ndarray | None = None, verbose: bool = True, log_every: int = 20) -> dict:
     """Train (or reuse) the tiny CLIP; returns the summary that is also written as tinyclip-rn32.json.
@@ -406,6 +407,11 @@ def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=
         cached = cached_summary(cache_dir, cfg)
         if cached is not None:
             log(f"[reuse] {cache_dir / CKPT_NAME} (sha256 {cached['sha256'][:12]}... matches); --force retrains")
+            tr = cached.get("training", {})
+            asked = {"planned_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+            differ = {k: (tr.get(k), v) for k, v in asked.items() if tr.get(k) != v}
+            if differ:
+                log(f"  note: the cached model was trained with other settings (cached, asked): {differ}")
             cached["reused"] = True
             return cached
 

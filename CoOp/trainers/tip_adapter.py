@@ -19,7 +19,8 @@ Cache file (``TRAINER.TIP_ADAPTER.CACHE_DIR``, default ``<OUTPUT_DIR>/tip_cache`
 
 ``hash8`` = the first 8 hex digits of the SHA-256 of everything the keys depend on: the ordered train list
 (image paths relative to ``DATASET.ROOT`` and labels), ``AUGMENT_EPOCH``, backbone name and weights, the
-encoder precision, the input pipeline and the augmentation seed. The file is written atomically and reused
+encoder precision, the feature source (the encoder, or a ``feature_provider``'s ``cache_tag``/name), the input
+pipeline and the augmentation seed. The file is written atomically and reused
 when its stored description matches (otherwise it is rebuilt and replaced). The cache is prepared when first
 needed (start of training, or the first forward when no checkpoint was loaded), not at build time.
 
@@ -197,6 +198,9 @@ class TIP_ADAPTER(TrainerX):
             return os.path.relpath(ap, root) if root and ap.startswith(root + os.sep) else path
 
         inp = cfg.INPUT
+        fp = self.feature_provider
+        source = "encoder" if fp is None else getattr(fp, "cache_tag", getattr(fp, "__qualname__",
+                                                                               type(fp).__qualname__))
         return {
             "format": CACHE_FORMAT,
             "dataset": cfg.DATASET.NAME,
@@ -208,6 +212,7 @@ class TIP_ADAPTER(TrainerX):
             "backbone": cfg.MODEL.BACKBONE.NAME,
             "weights": cfg.MODEL.BACKBONE.WEIGHTS,
             "precision": self.prec,
+            "feature_source": source,
             "input": {"size": list(inp.SIZE), "interpolation": inp.INTERPOLATION, "transforms": list(inp.TRANSFORMS),
                       "no_transform": bool(inp.NO_TRANSFORM), "mean": list(inp.PIXEL_MEAN),
                       "std": list(inp.PIXEL_STD), "crop_padding": inp.CROP_PADDING,
