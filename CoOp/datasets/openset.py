@@ -58,7 +58,7 @@ from dassl.data.datasets.base_dataset import subsample_per_class
 from dassl.utils.errors import DataError
 from dassl.utils.tools import read_json
 
-from .lodo import PACS, VLCS, LODODataset
+from .lodo import PACS, VLCS, DigitsDG, LODODataset
 
 COOP_SPLIT_KEYS = ("train", "val", "test")
 
@@ -227,3 +227,24 @@ class VLCS_Caltech101(LODOOpenSet):
 @DATASET_REGISTRY.register()
 class VLCS_food101(VLCS_Food101):
     """Spelling used by the official scripts/configs."""
+
+
+# ----------------------------------------------------------------------------- DigitsDG-mini (the demo)
+@DATASET_REGISTRY.register()
+class DigitsDG_FashionMNIST(LODOOpenSet):
+    """DigitsDG-mini as ID, Fashion-MNIST (built by ``tools/build_digitsdg_mini.py``) as open-set."""
+
+    id_dataset = DigitsDG
+    ood_folder = "fashion-mnist"
+    ood_image_subdir = "images"
+    ood_split_file = "split_FashionMNIST.json"
+
+
+@DATASET_REGISTRY.register()
+class DigitsDG_Textures(LODOOpenSet):
+    """DigitsDG-mini as ID, texture/photo patches cut from packaged scikit-image images as open-set."""
+
+    id_dataset = DigitsDG
+    ood_folder = "textures-mini"
+    ood_image_subdir = "images"
+    ood_split_file = "split_TexturesMini.json"

@@ -530,11 +530,9 @@ def pretrain(cache_dir=DEFAULT_CACHE_DIR, *, config_path=CONFIG_PATH, data_root=
 
 @torch.no_grad()
 def _text_features(model, tokenizer, templates: list[str]) -> torch.Tensor:
-    feats = []
-    for c in CLASSNAMES:
-        f = model.encode_text(tokenizer([t.format(c) for t in templates]), normalize=True).mean(0)
-        feats.append(F.normalize(f, dim=-1))
-    return torch.stack(feats)
+    """(n_classes, D) L2-normalised text features, averaged over templates (one encoder call)."""
+    f = model.encode_text(tokenizer([t.format(c) for c in CLASSNAMES for t in templates]), normalize=True)
+    return F.normalize(f.view(len(CLASSNAMES), len(templates), -1).mean(1), dim=-1)
 
 
 @torch.no_grad()

@@ -66,6 +66,7 @@ class CoCoOp(PromptCLIPTrainer):
     """Conditional Context Optimization: image-conditioned prompt context."""
 
     cfg_node = "COCOOP"
+    unsupported_keys = {"CSC": False, "CLASS_TOKEN_POSITION": "end"}
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
@@ -73,6 +74,8 @@ class CoCoOp(PromptCLIPTrainer):
         c.N_CTX = 16          # number of context tokens (ignored when CTX_INIT is set)
         c.CTX_INIT = ""       # e.g. "a photo of a" (the original CoCoOp setting; the CRoFT scripts use 16 random)
         c.PREC = "fp16"       # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.CSC = False                   # official key, passed by the official scripts; only False is supported
+        c.CLASS_TOKEN_POSITION = "end"  # official key, passed by the official scripts; only "end" is supported
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.COCOOP

@@ -184,12 +184,20 @@ class PromptCLIPTrainer(TrainerX):
     def node(self, cfg: Any = None) -> Any:
         return (cfg or self.cfg).TRAINER[self.cfg_node]
 
+    # keys the official extend_cfg declares for this trainer (so the official scripts' overrides merge) but the
+    # trainer does not implement: only the default value is accepted (the official code ignores them silently)
+    unsupported_keys: dict[str, Any] = {}
+
     def check_cfg(self, cfg: Any) -> None:
         c = self.node(cfg)
         if c.PREC not in PROMPT_PRECISIONS:
             raise ConfigError(f"TRAINER.{self.cfg_node}.PREC must be one of {PROMPT_PRECISIONS}, got {c.PREC!r}")
-        if not c.get("CTX_INIT", "") and int(c.N_CTX) < 1:
+        if not c.CTX_INIT and int(c.N_CTX) < 1:
             raise ConfigError(f"TRAINER.{self.cfg_node}.N_CTX must be >= 1, got {c.N_CTX}")
+        for key, default in self.unsupported_keys.items():
+            if c[key] != default:
+                raise ConfigError(f"TRAINER.{self.cfg_node}.{key}={c[key]!r} is not supported by {type(self).__name__} "
+                                  f"(only {default!r}; the official code ignores this key)")
 
     # ------------------------------------------------------------------ build
     def build_model(self) -> None:
@@ -226,7 +234,8 @@ class PromptCLIPTrainer(TrainerX):
             return torch.autocast(device_type=self.device.type)
         return contextlib.nullcontext()
 
-    def image_features(self, images: torch.Tensor, batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_features(self, images: torch.Tensor,
+                       batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen image features in fp32: ``(L2-normalised, raw)``."""
         raw = self.encode_images(images, batch).float()
         return raw / raw.norm(dim=-1, keepdim=True), raw

@@ -28,9 +28,10 @@ Named fixes (all False = the official code's behaviour, which the parity fixture
   ``W_i``, ``W_t`` (a min-max split by parameter sets).
 * ``fix_fresh_activations``: after every generator update the forward pass is recomputed with the current
   weights, so later generator steps, Cg, EDR and the main CE use fresh X_hat, T_hat, logits.
-* ``fix_edr_temperature``: the EDR gradient is taken of the detection score itself,
-  ``-E_i = logsumexp_c(s * <z'_i, t'_c>)`` (reduced over rows like P), instead of ``sum_c exp(<z'_i, t'_c>)``
-  at temperature 1. (A literal ``exp(s cos)`` overflows: with s = 100 it reaches ~1e80 and NaN in float32.)
+* ``fix_edr_temperature``: the EDR gradient is taken of the free energy at the detection score's temperature
+  T = 1/s, ``-E_i = T * logsumexp_c(<z'_i, t'_c> / T)`` (a monotone rescaling of the score
+  ``logsumexp(s cos)``; reduced over rows like P), instead of ``sum_c exp(<z'_i, t'_c>)`` at temperature 1.
+  (A literal ``exp(s cos)`` overflows: with s = 100 it reaches ~1e80 and NaN in float32.)
 
 How a Dassl trainer uses this module
 ------------------------------------
@@ -263,8 +264,10 @@ def edr_loss(adapter: Adapter, Cg: torch.Tensor, img_feat: torch.Tensor, txt_fea
     sim = z_p @ t_p.t()
     p_red, g_red = EDR_REDUCTIONS[opts.edr_reduction]
     if opts.fix_edr_temperature:
-        # regularise the detection score itself: -E_i = logsumexp_c(s * cos), reduced over the rows
-        neg_energy = torch.logsumexp(_scale(s, opts, sim) * sim, dim=1)
+        # the energy at the detection score's temperature T = 1/s: -E_i = T * logsumexp_c(cos / T)
+        # (same ranking as the score logsumexp(s * cos); the factor T keeps its gradient on the scale of cos)
+        scale = _scale(s, opts, sim)
+        neg_energy = torch.logsumexp(scale * sim, dim=1) / scale
         target = neg_energy.sum() if p_red == "sum" else neg_energy.mean()
     else:
         P = torch.exp(sim)

@@ -97,6 +97,7 @@ class DPLCLIP(PromptCLIPTrainer):
 
     cfg_node = "DPLCLIP"
     model_name = "DPL"
+    unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
@@ -108,6 +109,10 @@ class DPLCLIP(PromptCLIPTrainer):
         c.MLP_DROPOUT = 0.1              # official mlp_dropout
         c.DOMAIN_POOL = "mean_of_mlp"    # mean_of_mlp (official, paper) | mlp_of_mean
         c.TEST_GROUP_BY_DOMAIN = True    # inference: one group per domain label in the batch (official)
+        # official keys passed by the official scripts; only the defaults are supported (the MLP makes the context)
+        c.CTX_INIT = ""
+        c.CSC = False
+        c.CLASS_TOKEN_POSITION = "end"
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)

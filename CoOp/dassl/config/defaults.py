@@ -76,6 +76,14 @@ _C.DATALOADER.OOD_TEST = CN()
 _C.DATALOADER.OOD_TEST.TRANSFORM = "train"
 
 ###########################
+# Frozen-encoder feature cache (off = official behaviour: fresh augmentation every epoch)
+###########################
+_C.FEATURE_CACHE = CN()
+_C.FEATURE_CACHE.ENABLED = False
+_C.FEATURE_CACHE.DIR = ""          # "" = ~/.cache/croft/features
+_C.FEATURE_CACHE.TRAIN_VIEWS = 10  # pre-computed augmented views per training image
+
+###########################
 # Model
 ###########################
 _C.MODEL = CN()

@@ -247,6 +247,12 @@ class SimpleTrainer(TrainerBase):
         self.best_epoch: Optional[int] = None
         self.build_data_loader()
         self.build_model()
+        if cfg.FEATURE_CACHE.ENABLED:
+            if self.image_encoder is None:
+                raise ConfigError(f"FEATURE_CACHE needs a frozen image encoder; {type(self).__name__} sets none")
+            from .feature_cache import FeatureCache
+
+            FeatureCache(self).install()
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
         self.best_result = -np.inf
 

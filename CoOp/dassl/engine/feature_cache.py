@@ -1,0 +1,141 @@
+"""Frozen-encoder feature cache: every image is encoded once per augmented view and reused by every run.
+
+All trainers of this project keep CLIP's image encoder frozen, so a run only needs image *features*. With
+``FEATURE_CACHE.ENABLED True`` the trainer's loaders are replaced by loaders over cached features:
+
+* deterministic splits (val, test, and ood_test with the test transform) use one feature per image;
+* training images (and ood_test under the official train transform) get ``FEATURE_CACHE.TRAIN_VIEWS``
+  pre-computed augmented views; each time an image is drawn, one view is picked at random (torch RNG, so
+  seeding and resume behave as usual). View ``v`` is always drawn with the same seeded augmentation, so all
+  methods and seeds share the same views.
+
+The store lives under ``FEATURE_CACHE.DIR/<key>/`` where the key hashes the backbone, the weights file (path,
+size, mtime) and the INPUT config; files are written atomically, so parallel runs can share it. This is a
+deliberate deviation from the official code (fresh augmentation every epoch): it is off by default.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.data_manager import DatasetWrapper
+from ..data.datasets import Datum
+from ..utils.tools import atomic_write_bytes
+
+
+def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
+    weights = cfg.MODEL.BACKBONE.WEIGHTS
+    stat = ""
+    if weights and os.path.isfile(weights):
+        st = os.stat(weights)
+        stat = f"{os.path.abspath(weights)}:{st.st_size}:{int(st.st_mtime)}"
+    desc = {"backbone": cfg.MODEL.BACKBONE.NAME, "weights": stat or weights, "size": list(cfg.INPUT.SIZE),
+            "interp": cfg.INPUT.INTERPOLATION, "mean": list(cfg.INPUT.PIXEL_MEAN), "std": list(cfg.INPUT.PIXEL_STD),
+            "tfms": list(cfg.INPUT.TRANSFORMS), "rrcrop": list(cfg.INPUT.RRCROP_SCALE), "dtype": str(encoder_dtype)}
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Store:
+    """impath -> feature for one (transform, view); loaded lazily, extended and saved atomically."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.data: dict[str, torch.Tensor] = {}
+        if os.path.isfile(path):
+            try:
+                self.data = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # a corrupt store is rebuilt
+                self.data = {}
+
+    def save(self) -> None:
+        buf = io.BytesIO()
+        torch.save(self.data, buf)
+        atomic_write_bytes(self.path, buf.getvalue())
+
+
+class FeatureDataset(Dataset):
+    """Items like :class:`DatasetWrapper`'s, with ``img`` replaced by a cached feature (a random view)."""
+
+    def __init__(self, data_source: list[Datum], views: list[dict[str, torch.Tensor]]) -> None:
+        self.data_source = data_source
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        item = self.data_source[idx]
+        v = int(torch.randint(len(self.views), (1,)).item()) if len(self.views) > 1 else 0
+        return {"img": self.views[v][item.impath], "label": item.label, "domain": item.domain,
+                "impath": item.impath, "index": idx}
+
+
+class FeatureCache:
+    """Pre-computes the features a trainer needs and swaps its loaders for feature loaders."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.views = max(1, int(cfg.FEATURE_CACHE.TRAIN_VIEWS))
+        base = cfg.FEATURE_CACHE.DIR or os.path.join(os.path.expanduser("~"), ".cache", "croft", "features")
+        dtype = next(trainer.image_encoder.parameters()).dtype
+        self.dir = os.path.join(base, cache_key(cfg, dtype))
+
+    @torch.no_grad()
+    def _fill(self, items: list[Datum], transform: Any, store: _Store, seed: Optional[int], desc: str) -> None:
+        todo = sorted({d.impath for d in items} - set(store.data))
+        if not todo:
+            return
+        tr = self.trainer
+        data = [Datum(impath=p) for p in todo]
+        loader = DataLoader(DatasetWrapper(data, transform), batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE,
+                            shuffle=False, num_workers=0)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for batch in tqdm(loader, desc=desc, leave=False, disable=not tr.cfg.VERBOSE):
+                dtype = next(tr.image_encoder.parameters()).dtype
+                feats = tr.image_encoder(batch["img"].to(tr.device, dtype=dtype)).float().cpu()
+                for p, f in zip(batch["impath"], feats):
+                    store.data[p] = f.clone()
+        store.save()
+
+    def _views(self, items: list[Datum], augmented: bool, name: str) -> list[dict[str, torch.Tensor]]:
+        dm = self.trainer.dm
+        out = []
+        for v in range(self.views if augmented else 1):
+            kind = f"train_v{v}" if augmented else "test"
+            store = _Store(os.path.join(self.dir, f"{kind}.pt"))
+            self._fill(items, dm.tfm_train if augmented else dm.tfm_test, store, 1000 + v if augmented else None,
+                       f"cache {name} {kind}")
+            out.append(store.data)
+        return out
+
+    def install(self) -> None:
+        """Build feature loaders for every split; afterwards ``encode_images`` passes features through."""
+        tr = self.trainer
+        cfg = tr.cfg
+        ds = tr.dm.dataset
+        os.makedirs(self.dir, exist_ok=True)
+        print(f"Feature cache: {self.dir} ({self.views} training views)")
+        bs_train, bs_test = cfg.DATALOADER.TRAIN_X.BATCH_SIZE, cfg.DATALOADER.TEST.BATCH_SIZE
+        if ds.train_x:
+            tr.train_loader_x = DataLoader(FeatureDataset(ds.train_x, self._views(ds.train_x, True, "train_x")),
+                                           batch_size=bs_train, shuffle=True, drop_last=len(ds.train_x) >= bs_train)
+        for split in ("val", "test"):
+            items = getattr(ds, split)
+            if items:
+                setattr(tr, f"{split}_loader", DataLoader(FeatureDataset(items, self._views(items, False, split)),
+                                                          batch_size=bs_test, shuffle=False))
+        if ds.ood_test:
+            aug = cfg.DATALOADER.OOD_TEST.TRANSFORM == "train"
+            views = self._views(ds.ood_test, aug, "ood_test")[:1]  # one fixed view: evaluation is repeatable
+            tr.ood_test_loader = DataLoader(FeatureDataset(ds.ood_test, views), batch_size=bs_test, shuffle=False)
+        tr.feature_provider = lambda images, batch: images.to(tr.device).float()
