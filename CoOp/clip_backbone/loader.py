@@ -82,14 +82,16 @@ def default_weights_path(name: str) -> str:
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
-        jit_model = torch.jit.load(path, map_location="cpu")
-        return {k: v for k, v in jit_model.state_dict().items()}
-    except Exception:
-        pass
-    try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise WeightsError(f"cannot read CLIP weights {path}: {err}") from None
+    except Exception as err:  # OpenAI's files are TorchScript archives
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        except Exception:
+            raise WeightsError(f"cannot read CLIP weights {path}: {err}") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

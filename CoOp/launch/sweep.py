@@ -75,6 +75,8 @@ def _run_inprocess(job: Job, quiet: bool) -> tuple[bool, str]:
     from dassl.utils.logger import restore_stdout
 
     sink = io.StringIO()
+    if quiet:
+        os.environ["CROFT_NO_PROGRESS"] = "1"
     try:
         with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
             train.main(job.argv)
@@ -89,6 +91,9 @@ def _run_inprocess(job: Job, quiet: bool) -> tuple[bool, str]:
 
 def _run_subprocess(job: Job, quiet: bool, env: Optional[dict[str, str]] = None) -> tuple[bool, str]:
     os.makedirs(os.path.dirname(os.path.abspath(job.output_dir)), exist_ok=True)
+    env = dict(env if env is not None else os.environ)
+    if quiet:
+        env["CROFT_NO_PROGRESS"] = "1"
     res = subprocess.run(job.command(), cwd=COOP_DIR, env=env, text=True,
                          stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE)
     if not quiet and res.stderr:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..data.data_manager import DatasetWrapper
 from ..data.datasets import Datum
-from ..utils.tools import atomic_write_bytes
+from ..utils.tools import progress_enabled, atomic_write_bytes
 
 
 def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
@@ -100,7 +100,7 @@ class FeatureCache:
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            for batch in tqdm(loader, desc=desc, leave=False, disable=not tr.cfg.VERBOSE):
+            for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
                 dtype = next(tr.image_encoder.parameters()).dtype
                 feats = tr.image_encoder(batch["img"].to(tr.device, dtype=dtype)).float().cpu()
                 for p, f in zip(batch["impath"], feats):
@@ -138,4 +138,14 @@ class FeatureCache:
             aug = cfg.DATALOADER.OOD_TEST.TRANSFORM == "train"
             views = self._views(ds.ood_test, aug, "ood_test")[:1]  # one fixed view: evaluation is repeatable
             tr.ood_test_loader = DataLoader(FeatureDataset(ds.ood_test, views), batch_size=bs_test, shuffle=False)
-        tr.feature_provider = lambda images, batch: images.to(tr.device).float()
+        tr.feature_provider = _pass_features(tr.device)
+
+
+def _pass_features(device: torch.device) -> Any:
+    """Batches of the feature loaders (N x D) pass through; image batches (e.g. Tip-Adapter's own cache
+    loader) fall back to the encoder."""
+
+    def provider(images: torch.Tensor, batch: Optional[dict]) -> Optional[torch.Tensor]:
+        return images.to(device).float() if images.dim() == 2 else None
+
+    return provider

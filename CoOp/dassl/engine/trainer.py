@@ -26,7 +26,7 @@ from ..data import DataManager
 from ..evaluation import build_evaluator
 from ..utils.errors import ConfigError, UserError
 from ..utils.meters import AverageMeter, MetricMeter
-from ..utils.tools import mkdir_if_missing, resolve_device
+from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
@@ -288,10 +288,12 @@ class SimpleTrainer(TrainerBase):
         """Frozen CLIP image features of a batch: the one call through which all trainers get them.
 
         A feature cache sets ``self.feature_provider`` (called with the images and the batch dict, which
-        carries ``impath``/``index``) and nothing else changes.
+        carries ``impath``/``index``; returning None falls back to the encoder) and nothing else changes.
         """
         if self.feature_provider is not None:
-            return self.feature_provider(images, batch)
+            feats = self.feature_provider(images, batch)
+            if feats is not None:
+                return feats
         if self.image_encoder is None:
             raise RuntimeError("trainer set no image_encoder in build_model()")
         dtype = next(self.image_encoder.parameters()).dtype
@@ -356,7 +358,7 @@ class SimpleTrainer(TrainerBase):
         split = split or self.cfg.TEST.SPLIT
         loader = self.split_loader(split)
         print(f"Evaluate on the *{split}* set")
-        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not self.cfg.VERBOSE):
+        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress_enabled(self.cfg.VERBOSE)):
             input, label = self.parse_batch_test(batch)
             output = self.model_inference(input)
             self.evaluator.process(self.logits_of(output), label)
@@ -375,7 +377,7 @@ class SimpleTrainer(TrainerBase):
         self.set_model_mode("eval")
         logits, labels, scores, feats, paths = [], [], [], [], []
         for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
-                          disable=not self.cfg.VERBOSE):
+                          disable=not progress_enabled(self.cfg.VERBOSE)):
             input, label = self.parse_batch_test(batch)
             out = self.model_inference(input)
             lg = self.logits_of(out).float()

@@ -147,3 +147,8 @@ def versions() -> dict[str, str]:
     except Exception:  # pragma: no cover - optional at import time
         pass
     return out
+
+
+def progress_enabled(verbose: bool = True) -> bool:
+    """Progress bars are shown unless the run is quiet or ``CROFT_NO_PROGRESS`` is set (sweeps set it)."""
+    return bool(verbose) and not os.environ.get("CROFT_NO_PROGRESS")
