@@ -139,8 +139,9 @@ def test_cocoop_zero_bias_is_the_plain_prompt(tiny_clip):
     torch.testing.assert_close(got, ref.expand(5, -1, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_dplclip_scores_each_image_against_its_own_domain_group(data_root, tmp_path):
-    tr = build(data_root, tmp_path / "o", "DPLCLIP")
+@pytest.mark.parametrize("pool", ["mean_of_mlp", "mlp_of_mean"])
+def test_dplclip_scores_each_image_against_its_own_domain_group(pool, data_root, tmp_path):
+    tr = build(data_root, tmp_path / "o", "DPLCLIP", extra=["TRAINER.DPLCLIP.DOMAIN_POOL", pool])
     tr.set_model_mode("eval")
     feats = F.normalize(torch.randn(7, 32), dim=-1)
     raw = 3 * feats

@@ -85,6 +85,7 @@ def plan_all(args: argparse.Namespace, data_root: str, weights: str, out_root: s
             argv += ["--domains", *args.domains]
         if args.epochs:
             argv += ["--epochs", str(args.epochs)]
+        argv += ["--", "FEATURE_CACHE.DIR", os.path.join(args.cache, "features")]
         _, planned = setup2.plan(argv, evaluate=evaluate)
         jobs.extend(planned)
     return jobs

@@ -180,13 +180,12 @@ class PromptCLIPTrainer(TrainerX):
 
     cfg_node = ""         # name of the TRAINER.<node> config node
     model_name = "prompt_learner"
-
-    def node(self, cfg: Any = None) -> Any:
-        return (cfg or self.cfg).TRAINER[self.cfg_node]
-
     # keys the official extend_cfg declares for this trainer (so the official scripts' overrides merge) but the
     # trainer does not implement: only the default value is accepted (the official code ignores them silently)
     unsupported_keys: dict[str, Any] = {}
+
+    def node(self, cfg: Any = None) -> Any:
+        return (cfg or self.cfg).TRAINER[self.cfg_node]
 
     def check_cfg(self, cfg: Any) -> None:
         c = self.node(cfg)

@@ -43,21 +43,38 @@ def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
 
 
 class _Store:
-    """impath -> feature for one (transform, view); loaded lazily, extended and saved atomically."""
+    """impath -> feature for one (transform, view), saved as ``{"paths": [...], "feats": N x D}``.
+
+    Updates are merged under an exclusive file lock (read the latest store, add the new rows, replace it
+    atomically), so parallel runs extending the same store never drop each other's features.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.data: dict[str, torch.Tensor] = {}
-        if os.path.isfile(path):
-            try:
-                self.data = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # a corrupt store is rebuilt
-                self.data = {}
+        self.data: dict[str, torch.Tensor] = self._read()
 
-    def save(self) -> None:
-        buf = io.BytesIO()
-        torch.save(self.data, buf)
-        atomic_write_bytes(self.path, buf.getvalue())
+    def _read(self) -> dict[str, torch.Tensor]:
+        if not os.path.isfile(self.path):
+            return {}
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True)
+            return dict(zip(obj["paths"], obj["feats"]))
+        except Exception:  # a corrupt or foreign store is rebuilt
+            return {}
+
+    def add(self, new: dict[str, torch.Tensor]) -> None:
+        import fcntl
+
+        with open(self.path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = self._read()
+            merged.update(new)
+            paths = sorted(merged)
+            buf = io.BytesIO()
+            torch.save({"paths": paths, "feats": torch.stack([merged[p] for p in paths])}, buf)
+            atomic_write_bytes(self.path, buf.getvalue())
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        self.data = merged
 
 
 class FeatureDataset(Dataset):
@@ -97,20 +114,22 @@ class FeatureCache:
         data = [Datum(impath=p) for p in todo]
         loader = DataLoader(DatasetWrapper(data, transform), batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE,
                             shuffle=False, num_workers=0)
+        new: dict[str, torch.Tensor] = {}
+        dtype = next(tr.image_encoder.parameters()).dtype
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
-                dtype = next(tr.image_encoder.parameters()).dtype
                 feats = tr.image_encoder(batch["img"].to(tr.device, dtype=dtype)).float().cpu()
-                for p, f in zip(batch["impath"], feats):
-                    store.data[p] = f.clone()
-        store.save()
+                new.update(zip(batch["impath"], feats))
+        store.add(new)
 
-    def _views(self, items: list[Datum], augmented: bool, name: str) -> list[dict[str, torch.Tensor]]:
+    def _views(self, items: list[Datum], n_aug: int, name: str) -> list[dict[str, torch.Tensor]]:
+        """``n_aug`` augmented views (train transform), or the test-transform features when ``n_aug == 0``."""
         dm = self.trainer.dm
+        augmented = n_aug > 0
         out = []
-        for v in range(self.views if augmented else 1):
+        for v in range(n_aug if augmented else 1):
             kind = f"train_v{v}" if augmented else "test"
             store = _Store(os.path.join(self.dir, f"{kind}.pt"))
             self._fill(items, dm.tfm_train if augmented else dm.tfm_test, store, 1000 + v if augmented else None,
@@ -127,18 +146,38 @@ class FeatureCache:
         print(f"Feature cache: {self.dir} ({self.views} training views)")
         bs_train, bs_test = cfg.DATALOADER.TRAIN_X.BATCH_SIZE, cfg.DATALOADER.TEST.BATCH_SIZE
         if ds.train_x:
-            tr.train_loader_x = DataLoader(FeatureDataset(ds.train_x, self._views(ds.train_x, True, "train_x")),
-                                           batch_size=bs_train, shuffle=True, drop_last=len(ds.train_x) >= bs_train)
+            tr.train_loader_x = _LazyLoader(lambda: DataLoader(
+                FeatureDataset(ds.train_x, self._views(ds.train_x, self.views, "train_x")), batch_size=bs_train,
+                shuffle=True, drop_last=len(ds.train_x) >= bs_train), len(ds.train_x), bs_train, True)
         for split in ("val", "test"):
             items = getattr(ds, split)
             if items:
-                setattr(tr, f"{split}_loader", DataLoader(FeatureDataset(items, self._views(items, False, split)),
-                                                          batch_size=bs_test, shuffle=False))
+                setattr(tr, f"{split}_loader", _LazyLoader(lambda it=items, sp=split: DataLoader(
+                    FeatureDataset(it, self._views(it, 0, sp)), batch_size=bs_test, shuffle=False),
+                    len(items), bs_test, False))
         if ds.ood_test:
-            aug = cfg.DATALOADER.OOD_TEST.TRANSFORM == "train"
-            views = self._views(ds.ood_test, aug, "ood_test")[:1]  # one fixed view: evaluation is repeatable
-            tr.ood_test_loader = DataLoader(FeatureDataset(ds.ood_test, views), batch_size=bs_test, shuffle=False)
+            n_aug = 1 if cfg.DATALOADER.OOD_TEST.TRANSFORM == "train" else 0  # one fixed view: repeatable eval
+            tr.ood_test_loader = _LazyLoader(lambda: DataLoader(
+                FeatureDataset(ds.ood_test, self._views(ds.ood_test, n_aug, "ood_test")), batch_size=bs_test,
+                shuffle=False), len(ds.ood_test), bs_test, False)
         tr.feature_provider = _pass_features(tr.device)
+
+
+class _LazyLoader:
+    """A loader built on first use, so features of splits a run never touches are never computed."""
+
+    def __init__(self, factory: Any, n: int, batch_size: int, drop_last: bool) -> None:
+        self._factory = factory
+        self._loader: Optional[DataLoader] = None
+        self._len = n // batch_size if (drop_last and n >= batch_size) else -(-n // batch_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Any:
+        if self._loader is None:
+            self._loader = self._factory()
+        return iter(self._loader)
 
 
 def _pass_features(device: torch.device) -> Any:
