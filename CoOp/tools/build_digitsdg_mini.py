@@ -439,6 +439,8 @@ def _build_digits(root: Path, per_class: int, seed: int, log) -> dict:
                     items[dom].append((rel, label, cname, part[j]))
                 counts[dom][cname] = len(rels)
 
+        if capped:
+            log(f"note: fewer than {per_class} source images for some domain/class; took all there are")
         split_files = {}
         for held in DOMAINS:
             split = {"train": [], "val": [], "test": []}
@@ -651,8 +653,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="data root (DATASET.ROOT); folders are created below it")
     p.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS,
-                   help="images per domain and class (capped by the source: about 166 for the MNIST "
-                        "domains, about 175 for digits8x8; default %(default)s)")
+                   help="images per domain and class (capped by the source: 166-167 for the MNIST-based "
+                        "domains, 174-183 for digits8x8; default %(default)s)")
     p.add_argument("--ood-per-class", type=int, default=DEFAULT_OOD_PER_CLASS,
                    help="images per class of each open-set folder (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -63,7 +63,8 @@ def ensure_backbone(cache_dir: str, data_root: str, seconds: float) -> str:
     import pretrain_tiny_clip as ptc
 
     print("== 2/4 tiny CLIP (tinyclip-rn32)")
-    summary = ptc.pretrain(cache_dir, data_root=data_root, max_seconds=seconds)
+    npm_dir = os.path.join(os.path.dirname(cache_dir), "npm")
+    summary = ptc.pretrain(cache_dir, data_root=data_root, max_seconds=seconds, npm_dir=npm_dir)
     zs = summary.get("zero_shot", {}).get("accuracy")
     if zs:
         print("zero-shot accuracy per domain (%): " + ", ".join(f"{d} {v:.1f}" for d, v in zs.items()))

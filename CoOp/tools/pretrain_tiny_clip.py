@@ -13,6 +13,9 @@ No registry ships real CLIP weights, so the project trains a small CLIP here, on
   image comes from those 5000, so pretraining and evaluation are disjoint (checked
   on pixel hashes; the check is recorded in the summary);
 * captions: several templates over the class names "zero" .. "nine";
+* augmentation: +-2 px shifts; half of the images get random flat stroke and
+  background colours (so colour itself is not unseen, while photo backgrounds,
+  thick rotated ink on noisy paper and 8x8 scans remain real shifts);
 * loss: CLIP's symmetric InfoNCE over image-caption pairs of a batch; pairs whose
   captions name the same digit count as positives (a batch of 256 over 10
   classes holds many such pairs), i.e. the target of each row is uniform over
@@ -24,6 +27,9 @@ Outputs (``--cache-dir``, default ``<repo>/.cache/tinyclip``)::
     tinyclip-rn32.json   model config, training summary, data sources, zero-shot table, sha256 of the .pt
 
 An existing checkpoint is reused when its sha256 and config match (``--force`` retrains).
+Training stops after ``--steps`` (320) steps or ``--max-seconds`` (150, cap 300) of training
+time, whichever comes first.  Torch threads default to 2 on an idle 2-core machine and to 1
+when the load average says other jobs keep the cores busy (much faster there).
 
 Images are fed as 32x32 RGB, scaled to [0, 1] and normalised with OpenAI CLIP's
 mean/std (``PIXEL_MEAN``/``PIXEL_STD`` below); the demo's transforms must match.
@@ -352,6 +358,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -364,6 +371,7 @@ def _atomic_write_json(obj, path: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
