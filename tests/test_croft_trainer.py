@@ -60,6 +60,7 @@ def test_dataset_configs_select_official_semantics(data_root):
     assert fixed.cfg.OPTIM.WEIGHT_DECAY == 5e-4 and fixed.cfg.DATALOADER.OOD_TEST.TRANSFORM == "test"
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
 @pytest.mark.parametrize("case", ["pacs_g0", "pacs_vit_g1", "vlcs_g5", "in46_g1"])
 def test_trainer_reproduces_golden_updates(data_root, case):
     """The real trainer (config-built optimisers, schedulers, forward_backward) replays the fixture in float32."""
