@@ -156,3 +156,30 @@ def test_knn_script(sweep, capsys):
     assert mod.main(["--eval-root", str(base / "eval"), "--k", "1", "5"]) == 0
     out = capsys.readouterr().out
     assert "| runs | K | FPR95↓ | AUROC↑ |" in out and os.path.isfile(base / "eval" / "setup2_knn.csv")
+
+
+def test_shell_driver_matches_python_driver(sweep, tmp_path):
+    """croft_pacs.sh trains the 4 official PACS domains into the directories run_setup2.py uses, then skips."""
+    import subprocess
+
+    from launch import setup2
+
+    base, _ = sweep
+    out = tmp_path / "shell_out"
+    import sys
+
+    env = dict(os.environ, DATA=str(base / "data"), OUTPUT_ROOT=str(out), HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    cmd = ["bash", "scripts/CRoFT/croft_pacs.sh", "PACS", "rn50_ep30", "1", "2", "10", *TINY_OPTS[1:],
+           "OPTIM.MAX_EPOCH", "1"]
+    res = subprocess.run(cmd, cwd=COOP, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cwd = os.getcwd()
+    try:
+        _, jobs = setup2.plan(["--root", str(base / "data"), "--datasets", "PACS", "--cfgs", "rn50_ep30",
+                               "--seeds", "1", "--shots", "2", "--lambda2", "10", "--output-root", str(out)],
+                              trainer="CRoFT")
+    finally:
+        os.chdir(cwd)
+    assert len(jobs) == 4 and all(j.done() for j in jobs)
+    again = subprocess.run(cmd, cwd=COOP, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("(skip)") == 4

@@ -21,7 +21,7 @@ import argparse
 import itertools
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from launch.sweep import COOP_DIR, Job, run_jobs, write_manifest
 

@@ -30,7 +30,7 @@ from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
 
-from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
+from .clip_common import setup_frozen_clip, single_template, text_features
 
 
 class BottleneckAdapter(nn.Module):
@@ -77,15 +77,7 @@ class CLIP_Adapter(TrainerX):
     def build_model(self) -> None:
         cfg = self.cfg
         c = cfg.TRAINER.CLIP_ADAPTER
-        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-        bundle = load_clip_to_cpu(cfg)
-        clip_model = freeze(bundle.model).to(self.device)
-        prec = self.resolve_precision(c.PREC)
-        if prec in ("fp16", "bf16"):
-            clip_model.visual.to(torch.float16 if prec == "fp16" else torch.bfloat16)
-        self.clip_model = clip_model
-        self.image_encoder = clip_model.visual
-        self.logit_scale = bundle.logit_scale
+        bundle, prec = setup_frozen_clip(self, c.PREC)
         tpl = single_template(cfg)
         print(f"Prompt template: {tpl!r}")
         tf = text_features(bundle, self.dm.dataset.classnames, "single", tpl, self.device).float()

@@ -19,6 +19,22 @@ def load_clip_to_cpu(cfg: Any) -> CLIPBundle:
     return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS)
 
 
+def setup_frozen_clip(trainer: Any, prec: str) -> tuple[CLIPBundle, str]:
+    """Load the configured CLIP, freeze it and put it on the trainer's device (image tower in fp16/bf16 when
+    asked for; CPU forces fp32). Sets ``trainer.clip_model``, ``image_encoder`` and ``logit_scale``."""
+    cfg = trainer.cfg
+    print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+    bundle = load_clip_to_cpu(cfg)
+    clip_model = freeze(bundle.model).to(trainer.device)
+    prec = trainer.resolve_precision(prec)
+    if prec in ("fp16", "bf16"):
+        clip_model.visual.to(torch.float16 if prec == "fp16" else torch.bfloat16)
+    trainer.clip_model = clip_model
+    trainer.image_encoder = clip_model.visual
+    trainer.logit_scale = bundle.logit_scale
+    return bundle, prec
+
+
 def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)

@@ -20,7 +20,7 @@ from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
 
-from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
+from .clip_common import setup_frozen_clip, single_template, text_features
 from .croft_core import EDR_REDUCTIONS, Adapter, CRoFTOptions, OODImgGen, croft_train_step, forward
 
 TEXT_MODES = ("single", "ensemble7")
@@ -73,15 +73,7 @@ class CRoFT(TrainerX):
     def build_model(self) -> None:
         cfg = self.cfg
         c = cfg.TRAINER.CRoFT
-        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-        bundle = load_clip_to_cpu(cfg)
-        clip_model = freeze(bundle.model).to(self.device)
-        prec = self.resolve_precision(c.PREC)
-        if prec in ("fp16", "bf16"):
-            clip_model.visual.to(torch.float16 if prec == "fp16" else torch.bfloat16)
-        self.clip_model = clip_model
-        self.image_encoder = clip_model.visual
-        self.logit_scale = bundle.logit_scale
+        bundle, _ = setup_frozen_clip(self, c.PREC)
         classnames = self.dm.dataset.classnames
         tpl = single_template(cfg)
         print(f"Text features: {c.TEXT_PROMPTS} ({'7 templates' if c.TEXT_PROMPTS == 'ensemble7' else repr(tpl)})")

@@ -65,7 +65,7 @@ from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.tools import atomic_write_bytes
 from dassl.utils.torchtools import load_checkpoint
 
-from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
+from .clip_common import setup_frozen_clip, single_template, text_features
 
 CACHE_FORMAT = 1
 
@@ -146,15 +146,7 @@ class TIP_ADAPTER(TrainerX):
     def build_model(self) -> None:
         cfg = self.cfg
         c = cfg.TRAINER.TIP_ADAPTER
-        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-        bundle = load_clip_to_cpu(cfg)
-        clip_model = freeze(bundle.model).to(self.device)
-        self.prec = self.resolve_precision(c.PREC)
-        if self.prec in ("fp16", "bf16"):
-            clip_model.visual.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)
-        self.clip_model = clip_model
-        self.image_encoder = clip_model.visual
-        self.logit_scale = bundle.logit_scale
+        bundle, self.prec = setup_frozen_clip(self, c.PREC)
         classnames = self.dm.dataset.classnames
         print("Text features: 7-template ensemble")
         self.clip_weights = text_features(bundle, classnames, "ensemble7", single_template(cfg),
