@@ -323,3 +323,22 @@ def test_unreadable_image_is_reported(tmp_path):
 def test_help():
     res = _cli(["--help"])
     assert res.returncode == 0 and "--dataset-config-file" in res.stdout and "--eval-only" in res.stdout
+
+
+def test_tensorboard_flag(pacs_root, tmp_path):
+    """TensorBoard scalars when the package is there; one clear config error (and no run dir) when it is not."""
+    import importlib.util
+
+    from dassl.utils.errors import ConfigError
+
+    args = cli_args(pacs_root, str(tmp_path / "tb"), "ZeroshotCLIP", flags=["--eval-only"],
+                    extra=["TRAIN.TENSORBOARD", "True"])
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="tensorboard"):
+            run_cli(args)
+        assert not (tmp_path / "tb").exists()
+    else:  # pragma: no cover - depends on the environment
+        register_probe_trainer()
+        run_cli(cli_args(pacs_root, str(tmp_path / "tb2"), "TestProbe", extra=["TRAIN.TENSORBOARD", "True",
+                                                                             "OPTIM.MAX_EPOCH", "1"]))
+        assert os.listdir(tmp_path / "tb2" / "tensorboard")

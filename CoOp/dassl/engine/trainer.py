@@ -245,6 +245,12 @@ class SimpleTrainer(TrainerBase):
         self.image_encoder: Optional[nn.Module] = None
         self.metrics: dict[str, dict[str, Any]] = {}
         self.best_epoch: Optional[int] = None
+        if cfg.TRAIN.TENSORBOARD:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("TRAIN.TENSORBOARD True needs the 'tensorboard' package "
+                                  "(pip install tensorboard)") from None
         self.build_data_loader()
         self.build_model()
         if cfg.FEATURE_CACHE.ENABLED:
