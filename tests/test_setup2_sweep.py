@@ -183,3 +183,23 @@ def test_shell_driver_matches_python_driver(sweep, tmp_path):
     assert len(jobs) == 4 and all(j.done() for j in jobs)
     again = subprocess.run(cmd, cwd=COOP, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("(skip)") == 4
+
+
+def test_failing_run_does_not_stop_the_sweep(tmp_path):
+    from launch.sweep import Job, run_jobs
+
+    data = tmp_path / "d"
+    write_lodo_tree(str(data), per_class=3)
+    base = ["--root", str(data), "--trainer", "ZeroshotCLIP", "--dataset-config-file", "configs/datasets/PACS.yaml",
+            "--config-file", "configs/trainers/ZeroshotCLIP/rn50_ep30.yaml"]
+    opts = ["MODEL.BACKBONE.NAME", "tiny-rn-test", "MODEL.BACKBONE.WEIGHTS", "random", "INPUT.SIZE", "(32, 32)",
+            "DATALOADER.NUM_WORKERS", "0"]
+    jobs = [Job(name, str(tmp_path / name), [*base, "--output-dir", str(tmp_path / name), *opts, "TEST_ENV", env])
+            for name, env in (("bad", "mars"), ("good", "sketch"))]
+    cwd = os.getcwd()
+    os.chdir(COOP)
+    try:
+        assert run_jobs(jobs, launcher="inprocess") == 1
+    finally:
+        os.chdir(cwd)
+    assert jobs[1].done() and not jobs[0].done() and not os.path.exists(tmp_path / "bad")
