@@ -1,2 +1,2 @@
 """Dataset classes (registered in ``DATASET_REGISTRY`` on import)."""
-from . import lodo, openset  # noqa: F401
+from . import imagenet46, lodo, openset  # noqa: F401

@@ -101,8 +101,10 @@ def write_csv(path: str, header: list[str], rows: Iterable[list[Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def collect_oodg(root: str, csv_path: str) -> str:
-    runs, missing = gather(root, "train")
+def collect_oodg(root: str, csv_path: str, kind: str = "train", avg_exclude: Sequence[str] = (),
+                 title: str = "held-out-domain accuracy") -> str:
+    """Accuracy per domain / test set (columns) and its average over the columns not in ``avg_exclude``."""
+    runs, missing = gather(root, kind)
     by_ds: dict[str, dict[tuple, dict[str, dict[int, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for lab, rec in runs:
         acc = rec.get("metrics", {}).get("test", {}).get("accuracy")
@@ -115,8 +117,9 @@ def collect_oodg(root: str, csv_path: str) -> str:
         for (method, setting), per_dom in sorted(by_ds[ds].items()):
             seeds = sorted({s for d in per_dom.values() for s in d})
             cells = [cell(list(per_dom.get(d, {}).values())) for d in domains]
-            complete = [s for s in seeds if all(s in per_dom.get(d, {}) for d in domains)]
-            avg = [float(np.mean([per_dom[d][s] for d in domains])) for s in complete]
+            avg_doms = [d for d in domains if d not in avg_exclude]
+            complete = [s for s in seeds if all(s in per_dom.get(d, {}) for d in avg_doms)]
+            avg = [float(np.mean([per_dom[d][s] for d in avg_doms])) for s in complete] if avg_doms else []
             rows.append([method, setting or "-", *cells, cell(avg), str(len(complete))])
             for d in domains:
                 vals = list(per_dom.get(d, {}).values())
@@ -126,14 +129,17 @@ def collect_oodg(root: str, csv_path: str) -> str:
             if avg:
                 m, s = mean_std(avg)
                 csv_rows.append([ds, method, setting, "Avg", f"{m:.4f}", f"{s:.4f}", len(avg)])
-        out.append(f"### {ds}: held-out-domain accuracy (%), mean ± std over seeds\n")
+        out.append(f"### {ds}: {title} (%), mean ± std over seeds\n")
         out.append(markdown(["method", "setting", *domains, "Avg", "seeds"], rows) + "\n")
     write_csv(csv_path, ["dataset", "method", "setting", "domain", "accuracy_mean", "accuracy_std", "n"], csv_rows)
     return _finish(out, missing, csv_path)
 
 
-def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str) -> str:
+def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str,
+                 only_domains: Optional[Sequence[str]] = None) -> str:
     runs, missing = gather(root, "eval")
+    if only_domains is not None:
+        runs = [(lab, rec) for lab, rec in runs if lab["domain"] in only_domains]
     # (dataset) -> (method, setting, score) -> ood -> seed -> domain -> (fpr, auroc)
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(dict))))
     for lab, rec in runs:
@@ -186,22 +192,26 @@ def _finish(out: list[str], missing: list[str], csv_path: str) -> str:
     return "\n".join(out)
 
 
-def main(kind: str, argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=f"Collect Setup-II {'OOD detection' if kind == 'oodd' else 'OOD generalisation'} results")
-    p.add_argument("--root", default="eval_open_ood" if kind == "oodd" else "output",
-                   help="sweep output root (relative to CoOp/)")
-    p.add_argument("--csv", default="", help="CSV path (default: <root>/setup2_<kind>.csv)")
+def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int:
+    what = "OOD detection" if kind == "oodd" else "OOD generalisation"
+    p = argparse.ArgumentParser(description=f"Collect Setup-{'I' * setup} {what} results")
+    default_root = ("eval_open_ood" if kind == "oodd" else "output") if setup == 2 else "eval_setup1"
+    p.add_argument("--root", default=default_root, help="sweep output root (relative to CoOp/)")
+    p.add_argument("--csv", default="", help=f"CSV path (default: <root>/setup{setup}_<kind>.csv)")
     if kind == "oodd":
         p.add_argument("--scores", nargs="+", default=["energy", "knn"])
         p.add_argument("--fpr", choices=FPR_KEYS, default="fpr95_tpr_id",
                        help="FPR95 convention (default: ID positive, Hendrycks)")
     args = p.parse_args(argv)
     root = args.root if os.path.isabs(args.root) else os.path.join(COOP_DIR, args.root)
-    csv_path = args.csv or os.path.join(root, f"setup2_{kind}.csv")
-    if kind == "oodg":
+    csv_path = args.csv or os.path.join(root, f"setup{setup}_{kind}.csv")
+    if kind == "oodg" and setup == 2:
         text = collect_oodg(root, csv_path)
+    elif kind == "oodg":
+        text = collect_oodg(root, csv_path, kind="eval", avg_exclude=("test_id",),
+                            title="accuracy on ImageNet (test_id) and its variants (Avg = variants)")
     else:
-        text = collect_oodd(root, csv_path, args.scores, args.fpr)
+        text = collect_oodd(root, csv_path, args.scores, args.fpr, only_domains=None if setup == 2 else ("test_id",))
     print(text)
     return 0
 

@@ -53,6 +53,8 @@ _C.DATASET.SUBSAMPLE_CLASSES = "all"
 _C.DATASET.FEWSHOT_SAMPLER = "official"
 # Open-set evaluation datasets (<ID>_<OOD>, e.g. PACS_DTD): per-class caps of the official code.
 _C.DATASET.ID_PER_CLASS_CAP = 500
+# Setup-I: size of the open-set sample of the 600 held-out ImageNet classes (< 1 = all their val images)
+_C.DATASET.SETUP1_OOD_SIZE = 1000
 # Single prompt template used by single-template trainers ("" = the dataset's default, "a photo of a {}.").
 _C.DATASET.PROMPT_TEMPLATE = ""
 _C.DATASET.OOD_PER_CLASS_CAP = 100
@@ -160,6 +162,9 @@ _C.TRAINER.NAME = ""
 
 # Setup-II: which test_on_<domain>.json to use for leave-one-domain-out datasets.
 _C.TEST_ENV = ""
+# Setup-I evaluation (ImageNetOOD46): which test set is the closed-set split: test_id (ImageNet val of the
+# 400 ID classes), imagenet_v2, imagenet_s, imagenet_a or imagenet_r.
+_C.TEST_OOD = "test_id"
 
 
 def get_cfg_default() -> CN:

@@ -1,0 +1,134 @@
+"""Setup-I sweeps: ImageNet with 40 % of the classes in-distribution (``imagenet46``), ViT-B/16.
+
+Training runs:   output/<TRAINER>/imagenet46_<CFG>[_<swept values>]/seed<S>/shots<K>/
+Evaluation runs: eval_setup1/<TRAINER>/imagenetood46_<CFG>[_<swept values>]/shots<K>/<TEST_OOD>/seed<S>/
+
+The official grid: seeds 1-3; shots 1 (CRoFT gen_step 10), 16 and 32 (gen_step 1); CRoFT lambda1 and lambda2 in
+{1, 5, 10, 15, 20} with ratio 0.2 / ratio_text 0.5. Evaluation: closed-set accuracy on ImageNet (``test_id``),
+-V2, -Sketch, -A, -R (400-way) and open-set detection against the held-out 600 classes (ID side: correctly
+classified validation images, as the official evaluator).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from typing import Optional, Sequence
+
+from launch.setup2 import common_overrides, config_path, dataset_config, fmt
+from launch.sweep import COOP_DIR, Job, run_jobs, write_manifest
+
+OUTPUT_ROOT = {"CoOp": "COOP", "CoCoOp": "COCOOP"}
+TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
+CROFT_L = [1.0, 5.0, 10.0, 15.0, 20.0]
+
+
+def settings(trainer: str, shots: int, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    if trainer != "CRoFT":
+        return [("", [])]
+    gen = args.gen_step if args.gen_step is not None else (10 if shots == 1 else 1)
+    out = []
+    for l1, l2 in itertools.product(args.lambda1 or CROFT_L, args.lambda2 or CROFT_L):
+        tag = f"_l1-{fmt(l1)}_l2-{fmt(l2)}_r0.2_rt0.5_g{gen}"
+        out.append((tag, ["TRAINER.CRoFT.WCCF", "True", "TRAINER.CRoFT.gen_step", str(gen), "TRAINER.CRoFT.ratio",
+                          "0.2", "TRAINER.CRoFT.ratio_text", "0.5", "TRAINER.CRoFT.lambda1", fmt(l1),
+                          "TRAINER.CRoFT.lambda2", fmt(l2)]))
+    return out
+
+
+def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
+    jobs = []
+    out_root = os.path.join(args.output_root, OUTPUT_ROOT.get(trainer, trainer))
+    for cfg, shots in itertools.product(args.cfgs, args.shots):
+        for (tag, overrides), seed in itertools.product(settings(trainer, shots, args), args.seeds):
+            group = f"imagenet46_{cfg}{tag}"
+            out = os.path.join(out_root, group, f"seed{seed}", f"shots{shots}")
+            argv = ["--root", args.root, "--seed", str(seed), "--trainer", trainer,
+                    "--dataset-config-file", dataset_config("imagenet46"), "--config-file", config_path(trainer, cfg),
+                    "--output-dir", out, "DATASET.NUM_SHOTS", str(shots), *overrides, *common_overrides(args)]
+            labels = {"kind": "train", "trainer": trainer, "method": args.method or trainer, "dataset": "ImageNet46",
+                      "cfg": cfg, "setting": f"{tag.lstrip('_')}_shots{shots}".lstrip("_"), "group": group,
+                      "domain": "test_id", "seed": seed, "shots": shots}
+            jobs.append(Job(f"{trainer}/{group}/seed{seed}/shots{shots}", out, argv, labels))
+    return jobs
+
+
+def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
+    jobs = []
+    eval_root = os.path.join(args.eval_root, OUTPUT_ROOT.get(trainer, trainer))
+    for tj in train_jobs(args, trainer):
+        lab = tj.labels
+        for test_set in args.test_sets:
+            group = "imagenetood46" + lab["group"][len("imagenet46"):]
+            out = os.path.join(eval_root, group, f"shots{lab['shots']}", test_set, f"seed{lab['seed']}")
+            tail = tj.argv[tj.argv.index("--output-dir") + 2:]
+            tail = [a for i, a in enumerate(tail) if not (a == "DATASET.NUM_SHOTS" or
+                                                          (i > 0 and tail[i - 1] == "DATASET.NUM_SHOTS"))]
+            argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
+                    "--dataset-config-file", dataset_config("imagenetood46"),
+                    "--config-file", config_path(trainer, lab["cfg"]), "--output-dir", out, "--eval-only",
+                    "--model-dir", tj.output_dir, *tail, "TEST_OOD", test_set]
+            labels = dict(lab, kind="eval", domain=test_set, ood="ImageNet-600", train_dir=tj.output_dir)
+            jobs.append(Job(f"{trainer}/{group}/shots{lab['shots']}/{test_set}/seed{lab['seed']}", out, argv,
+                            labels))
+    return jobs
+
+
+def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=("Setup-I evaluation sweep (ImageNet variants + open-set)" if evaluate
+                                             else "Setup-I training sweep (imagenet46)"))
+    p.add_argument("--root", default=os.environ.get("DATA", ""), help="datasets folder (default: $DATA)")
+    p.add_argument("--trainer", nargs="+", default=[trainer] if trainer else ["CRoFT"])
+    p.add_argument("--method", default="")
+    p.add_argument("--cfgs", nargs="+", default=["ViT_ep30"])
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 16, 32])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--lambda1", nargs="+", type=float)
+    p.add_argument("--lambda2", nargs="+", type=float)
+    p.add_argument("--gen-step", type=int, help="CRoFT gen_step (default: 10 for 1 shot, else 1)")
+    p.add_argument("--test-sets", nargs="+", default=TEST_SETS, choices=TEST_SETS)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--backbone", default="")
+    p.add_argument("--weights", default="")
+    p.add_argument("--device", default="")
+    p.add_argument("--output-root", default="output")
+    p.add_argument("--eval-root", default="eval_setup1")
+    p.add_argument("--launcher", choices=["subprocess", "inprocess"], default="subprocess")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--devices", nargs="+")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p.epilog = "Extra yacs overrides for every run go after '--'."
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = get_parser(trainer, evaluate).parse_args(argv)
+    args.opts = opts
+    if not args.root:
+        print("error: no data root: pass --root DIR or set DATA=DIR", file=sys.stderr)
+        return 2
+    try:
+        os.chdir(COOP_DIR)
+        args.root = os.path.abspath(os.path.expanduser(args.root))
+        jobs = [j for t in args.trainer for j in (eval_jobs(args, t) if evaluate else train_jobs(args, t))]
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            return 2
+        raise
+    if not args.dry_run:
+        write_manifest(args.eval_root if evaluate else args.output_root,
+                       "setup1_eval" if evaluate else "setup1_train", jobs)
+    if evaluate:
+        ready = [j for j in jobs if os.path.isfile(os.path.join(j.labels["train_dir"], "done"))]
+        if len(ready) < len(jobs):
+            print(f"{len(jobs) - len(ready)} evaluation runs have no finished training run yet (skipped)")
+        jobs = ready
+    failures = run_jobs(jobs, launcher=args.launcher, num_workers=args.jobs, devices=args.devices,
+                        dry_run=args.dry_run, quiet=not args.verbose)
+    return 1 if failures else 0
