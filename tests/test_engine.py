@@ -342,3 +342,16 @@ def test_tensorboard_flag(pacs_root, tmp_path):
         run_cli(cli_args(pacs_root, str(tmp_path / "tb2"), "TestProbe", extra=["TRAIN.TENSORBOARD", "True",
                                                                              "OPTIM.MAX_EPOCH", "1"]))
         assert os.listdir(tmp_path / "tb2" / "tensorboard")
+
+
+def test_gpu_check_script_smoke(capsys):
+    """The accelerator check runs end to end (here CPU vs CPU: fp32 must match exactly)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(COOP, "tools", "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--backbone", "tiny-vit-test", "--size", "32", "--batch", "4",
+                     "--steps", "1", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert '"fc_i": 0.0' in out and '"bf16"' in out
