@@ -16,10 +16,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from launch.setup2 import common_overrides, config_path, dataset_config, fmt
-from launch.sweep import COOP_DIR, Job, run_jobs, write_manifest
+from launch.setup2 import OUTPUT_ROOT, common_overrides, config_path, dataset_config, fmt
+from launch.sweep import COOP_DIR, Job, drive, split_opts
 
-OUTPUT_ROOT = {"CoOp": "COOP", "CoCoOp": "COCOOP"}
 TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
 CROFT_L = [1.0, 5.0, 10.0, 15.0, 20.0]
 
@@ -103,32 +102,26 @@ def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParse
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+def plan(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None,
+         evaluate: bool = False) -> tuple[argparse.Namespace, list[Job]]:
+    """Parse a driver command line and return (args, planned jobs); raises SystemExit on bad input."""
+    argv, opts = split_opts(argv)
     args = get_parser(trainer, evaluate).parse_args(argv)
     args.opts = opts
     if not args.root:
-        print("error: no data root: pass --root DIR or set DATA=DIR", file=sys.stderr)
-        return 2
+        raise SystemExit("error: no data root: pass --root DIR or set DATA=DIR")
+    os.chdir(COOP_DIR)
+    args.root = os.path.abspath(os.path.expanduser(args.root))
+    jobs = [j for t in args.trainer for j in (eval_jobs(args, t) if evaluate else train_jobs(args, t))]
+    return args, jobs
+
+
+def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
     try:
-        os.chdir(COOP_DIR)
-        args.root = os.path.abspath(os.path.expanduser(args.root))
-        jobs = [j for t in args.trainer for j in (eval_jobs(args, t) if evaluate else train_jobs(args, t))]
+        args, jobs = plan(argv, trainer, evaluate)
     except SystemExit as err:
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
             return 2
         raise
-    if not args.dry_run:
-        write_manifest(args.eval_root if evaluate else args.output_root,
-                       "setup1_eval" if evaluate else "setup1_train", jobs)
-    if evaluate:
-        ready = [j for j in jobs if os.path.isfile(os.path.join(j.labels["train_dir"], "done"))]
-        if len(ready) < len(jobs):
-            print(f"{len(jobs) - len(ready)} evaluation runs have no finished training run yet (skipped)")
-        jobs = ready
-    failures = run_jobs(jobs, launcher=args.launcher, num_workers=args.jobs, devices=args.devices,
-                        dry_run=args.dry_run, quiet=not args.verbose)
-    return 1 if failures else 0
+    return drive(args, jobs, evaluate, "setup1_eval" if evaluate else "setup1_train")

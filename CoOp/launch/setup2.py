@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from launch.sweep import COOP_DIR, Job, run_jobs, write_manifest
+from launch.sweep import COOP_DIR, Job, drive, split_opts
 
 OFFICIAL_DOMAINS = {
     "PACS": ["sketch", "photo", "cartoon", "art_painting"],
@@ -191,30 +191,15 @@ def get_parser(trainer: Optional[str] = None, evaluate: bool = False) -> argpars
 def plan(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None,
          evaluate: bool = False) -> tuple[argparse.Namespace, list[Job]]:
     """Parse a driver command line and return (args, planned jobs); raises SystemExit on bad input."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, opts = split_opts(argv)
     args = get_parser(trainer, evaluate).parse_args(argv)
     args.opts = opts
     if not args.root:
         raise SystemExit("error: no data root: pass --root DIR or set DATA=DIR")
     os.chdir(COOP_DIR)
     args.root = os.path.abspath(os.path.expanduser(args.root))
-    jobs: list[Job] = []
-    for t in args.trainer:
-        jobs.extend(eval_jobs(args, t) if evaluate else train_jobs(args, t))
+    jobs = [j for t in args.trainer for j in (eval_jobs(args, t) if evaluate else train_jobs(args, t))]
     return args, jobs
-
-
-def runnable(jobs: list[Job], evaluate: bool) -> list[Job]:
-    """Evaluation jobs whose training run has not finished are left out (and reported)."""
-    if not evaluate:
-        return jobs
-    missing = [j for j in jobs if not os.path.isfile(os.path.join(j.labels["train_dir"], "done"))]
-    if missing:
-        print(f"{len(missing)} evaluation runs have no finished training run yet (skipped), e.g. "
-              f"{missing[0].labels['train_dir']}")
-    return [j for j in jobs if j not in missing]
 
 
 def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
@@ -225,9 +210,4 @@ def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, ev
             print(err.code, file=sys.stderr)
             return 2
         raise
-    if not args.dry_run:
-        root = args.eval_root if evaluate else args.output_root
-        write_manifest(root, "setup2_eval" if evaluate else "setup2_train", jobs)
-    failures = run_jobs(runnable(jobs, evaluate), launcher=args.launcher, num_workers=args.jobs,
-                        devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose)
-    return 1 if failures else 0
+    return drive(args, jobs, evaluate, "setup2_eval" if evaluate else "setup2_train")

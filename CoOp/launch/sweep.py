@@ -169,3 +169,32 @@ def run_jobs(jobs: list[Job], launcher: str = "subprocess", num_workers: int = 1
     else:
         print(f"all {len(todo)} runs finished")
     return len(failures)
+
+
+def split_opts(argv: Optional[Sequence[str]]) -> tuple[list[str], list[str]]:
+    """Split a driver command line at ``--``: (driver flags, yacs ``KEY VALUE`` overrides for every run)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def runnable(jobs: list[Job], evaluate: bool) -> list[Job]:
+    """Evaluation jobs whose training run has not finished are left out (and reported)."""
+    if not evaluate:
+        return jobs
+    missing = [j for j in jobs if not os.path.isfile(os.path.join(j.labels["train_dir"], "done"))]
+    if missing:
+        print(f"{len(missing)} evaluation runs have no finished training run yet (skipped), e.g. "
+              f"{missing[0].labels['train_dir']}")
+    return [j for j in jobs if j not in missing]
+
+
+def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> int:
+    """Record the planned jobs in the manifest, run the runnable ones; exit code 1 if any failed."""
+    if not args.dry_run:
+        write_manifest(args.eval_root if evaluate else args.output_root, manifest_name, jobs)
+    failures = run_jobs(runnable(jobs, evaluate), launcher=args.launcher, num_workers=args.jobs,
+                        devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose)
+    return 1 if failures else 0

@@ -111,8 +111,8 @@ def copy_energy_plots(eval_root: str, dest: str) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from launch import collect, setup2
-    from launch.sweep import run_jobs, write_manifest
+    from launch import collect
+    from launch.sweep import run_jobs, runnable, write_manifest
 
     args = get_parser().parse_args(argv)
     if args.quick:
@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("== 4/4 open-set evaluation")
         evals = plan_all(args, data_root, weights, out_root, eval_root, evaluate=True)
         write_manifest(eval_root, "demo_eval", evals)
-        failures += run_jobs(setup2.runnable(evals, True), num_workers=args.jobs)
+        failures += run_jobs(runnable(evals, True), num_workers=args.jobs)
     finally:
         os.chdir(cwd)
     print("\n## DigitsDG-mini, Setup-II protocol (tiny CLIP; leave-one-domain-out, 16 shots)\n")
