@@ -114,7 +114,7 @@ def collect_oodg(root: str, csv_path: str, kind: str = "train", avg_exclude: Seq
     for ds in sorted(by_ds):
         domains = sorted({d for r in by_ds[ds].values() for d in r})
         rows = []
-        for (method, setting), per_dom in sorted(by_ds[ds].items()):
+        for (method, setting), per_dom in by_ds[ds].items():  # planned (manifest) order
             seeds = sorted({s for d in per_dom.values() for s in d})
             cells = [cell(list(per_dom.get(d, {}).values())) for d in domains]
             avg_doms = [d for d in domains if d not in avg_exclude]
@@ -153,7 +153,7 @@ def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str,
     for ds in sorted(table):
         oods = sorted({o for r in table[ds].values() for o in r})
         rows = []
-        for (method, setting, score), per_ood in sorted(table[ds].items()):
+        for (method, setting, score), per_ood in table[ds].items():  # planned (manifest) order
             cells, avg_f, avg_a = [], defaultdict(list), defaultdict(list)
             for ood in oods:
                 per_seed = per_ood.get(ood, {})
