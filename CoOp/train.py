@@ -203,6 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     try:
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
         atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "args.json"), vars(args))
+        split_record = getattr(trainer.dm.dataset, "split_record", None)
+        if callable(split_record):  # e.g. the ImageNet46 class split of this seed
+            atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
         record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
         t0 = time.time()
         if args.eval_only:

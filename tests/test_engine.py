@@ -238,6 +238,7 @@ def test_cli_zeroshot_eval_only(pacs_root, tmp_path):
         on_disk = json.load(f)
     assert on_disk["metrics"]["test"]["accuracy"] == rec["metrics"]["test"]["accuracy"]
     assert on_disk["seed"] == 1 and on_disk["trainer"] == "ZeroshotCLIP" and "torch" in on_disk["versions"]
+    assert len(on_disk["versions"].get("git", "x" * 40)) >= 40  # the commit, when run from a checkout
     log = open(os.path.join(out, "log.txt")).read()
     assert "* accuracy:" in log and "** Config **" in log
 

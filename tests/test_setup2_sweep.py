@@ -203,3 +203,33 @@ def test_failing_run_does_not_stop_the_sweep(tmp_path):
     finally:
         os.chdir(cwd)
     assert jobs[1].done() and not jobs[0].done() and not os.path.exists(tmp_path / "bad")
+
+
+ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "CRoFT"]
+
+
+def test_every_method_in_one_table(tmp_path, capsys):
+    """The Setup-II mini sweep for every trainer: one collector table with one row per method."""
+    from launch import collect, setup2
+
+    data = str(tmp_path / "data")
+    write_lodo_tree(data, per_class=4)
+    write_all_openset(data)
+    common = ["--root", data, "--trainer", *ALL_TRAINERS, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds",
+              "1", "--domains", "sketch", "--lambda2", "1", "--epochs", "1", "--shots", "2", "--output-root",
+              str(tmp_path / "output"), "--eval-root", str(tmp_path / "eval"), "--launcher", "inprocess", "--ood",
+              "DTD"]
+    cwd = os.getcwd()
+    try:
+        assert setup2.main(common + TINY_OPTS) == 0
+        assert setup2.main(common + TINY_OPTS, evaluate=True) == 0
+    finally:
+        os.chdir(cwd)
+    capsys.readouterr()
+    collect.main("oodg", ["--root", str(tmp_path / "output")])
+    oodg = capsys.readouterr().out
+    collect.main("oodd", ["--root", str(tmp_path / "eval"), "--scores", "energy"])
+    oodd = capsys.readouterr().out
+    for table in (oodg, oodd):
+        rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+        assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(ALL_TRAINERS), table

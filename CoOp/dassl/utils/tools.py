@@ -146,7 +146,26 @@ def versions() -> dict[str, str]:
         out["open_clip"] = open_clip.__version__
     except Exception:  # pragma: no cover - optional at import time
         pass
+    rev = git_revision()
+    if rev:
+        out["git"] = rev
     return out
+
+
+def git_revision() -> str:
+    """The project's git commit (``+dirty`` with local changes), or "" outside a checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def progress_enabled(verbose: bool = True) -> bool:
