@@ -232,3 +232,25 @@ def test_datamanager_iterates(root):
     assert tuple(batch["img"].shape) == (4, 3, 32, 32)
     batch = next(iter(dm.test_loader))
     assert tuple(batch["img"].shape[1:]) == (3, 32, 32)
+
+
+def test_check_data_command(tmp_path, capsys):
+    """tools/check_data.py builds every dataset like train.py and names what is missing."""
+    import importlib.util
+    import os
+
+    from helpers import COOP
+    from synthetic import write_lodo_tree
+    from synthetic_openset import write_all_openset
+
+    write_lodo_tree(str(tmp_path), per_class=3)
+    write_all_openset(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("check_data", os.path.join(COOP, "tools", "check_data.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--root", str(tmp_path), "--datasets", "PACS", "PACS_DTD", "--check-images"]) == 0
+    out = capsys.readouterr().out
+    assert "[ ok ] PACS [test_on_sketch]: 3 classes" in out and "ood_test" in out
+    assert mod.main(["--root", str(tmp_path), "--datasets", "VLCS", "ImageNet46"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("[FAIL] VLCS") == 1 and "VLCS/images" in out and "imagenet" in out
