@@ -70,3 +70,47 @@ def test_cache_key_changes_with_weights_and_input(root, tmp_path):
     cfg.MODEL.BACKBONE.NAME = "RN50"
     k3 = cache_key(cfg, torch.float32)
     assert len({k1, k2, k3, cache_key(cfg, torch.float16)}) == 4
+
+
+def _extract_cmd(root, cache, dataset_cfg):
+    return ["--root", root, "--seed", "1", "--trainer", "ZeroshotCLIP", "--dataset-config-file", dataset_cfg,
+            "--config-file", "configs/trainers/ZeroshotCLIP/rn50_ep30.yaml", "MODEL.BACKBONE.NAME", "tiny-rn-test",
+            "MODEL.BACKBONE.WEIGHTS", "random", "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0",
+            "DEVICE", "cpu", "TEST_ENV", "sketch", "DATASET.NUM_SHOTS", "2", "FEATURE_CACHE.TRAIN_VIEWS", "2",
+            "FEATURE_CACHE.DIR", cache]
+
+
+def test_torchrun_extraction_equals_single_process(root, tmp_path):
+    """2 ranks under torchrun fill the same stores as 1 process; runs then find everything cached."""
+    import subprocess
+    import sys
+
+    from helpers import COOP
+
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "tools/extract_features.py",
+                          *_extract_cmd(root, single, "configs/datasets/PACS_DTD.yaml")],
+                         cwd=COOP, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "tools/extract_features.py",
+                          *_extract_cmd(root, multi, "configs/datasets/PACS_DTD.yaml")],
+                         cwd=COOP, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rank 0 of 2" in res.stdout
+    (key,) = os.listdir(single)
+    assert os.listdir(multi) == [key]
+    names = sorted(f for f in os.listdir(os.path.join(single, key)) if f.endswith(".pt"))
+    assert names == ["test.pt", "train_v0.pt", "train_v1.pt"]
+    for name in names:
+        a = torch.load(os.path.join(single, key, name), weights_only=True)
+        b = torch.load(os.path.join(multi, key, name), weights_only=True)
+        assert a["paths"] == b["paths"], name
+        # same images and views; only the batch composition differs (float rounding of batched convolutions)
+        torch.testing.assert_close(a["feats"], b["feats"], rtol=1e-4, atol=1e-5)
+    stamps = {n: os.path.getmtime(os.path.join(multi, key, n)) for n in names}
+    run_cli(cli_args(root, str(tmp_path / "ev"), "ZeroshotCLIP", dataset_cfg="configs/datasets/PACS_DTD.yaml",
+                     flags=["--eval-only"], extra=["FEATURE_CACHE.ENABLED", "True", "FEATURE_CACHE.DIR", multi,
+                                                   "FEATURE_CACHE.TRAIN_VIEWS", "2", "DATASET.NUM_SHOTS", "2"]))
+    assert stamps == {n: os.path.getmtime(os.path.join(multi, key, n)) for n in names}

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data.data_manager import DatasetWrapper
+from ..data.data_manager import read_image
 from ..data.datasets import Datum
 from ..utils.tools import progress_enabled, atomic_write_bytes
 
@@ -77,6 +77,29 @@ class _Store:
         self.data = merged
 
 
+class _SeededViews(Dataset):
+    """Images under a transform; augmented view ``v`` of an image is drawn with a seed of (v, path), so it is
+    the same whatever else is encoded with it, in which order, or on which rank."""
+
+    def __init__(self, paths: list[str], transform: Any, view: Optional[int]) -> None:
+        self.paths = paths
+        self.transform = transform
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, str]:
+        path = self.paths[idx]
+        img = read_image(path)
+        if self.view is None:
+            return self.transform(img), path
+        seed = int.from_bytes(hashlib.sha1(f"{self.view}:{path}".encode()).digest()[:8], "little") % (2 ** 63)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), path
+
+
 class FeatureDataset(Dataset):
     """Items like :class:`DatasetWrapper`'s, with ``img`` replaced by a cached feature (a random view)."""
 
@@ -106,25 +129,28 @@ class FeatureCache:
         self.dir = os.path.join(base, cache_key(cfg, dtype))
 
     @torch.no_grad()
-    def _fill(self, items: list[Datum], transform: Any, store: _Store, seed: Optional[int], desc: str) -> None:
-        todo = sorted({d.impath for d in items} - set(store.data))
+    def _fill(self, items: list[Datum], transform: Any, store: _Store, view: Optional[int], desc: str,
+              rank: int = 0, world_size: int = 1) -> None:
+        """Encode the images of ``items`` missing from ``store`` (this rank's share of them) and merge them in."""
+        shard = sorted({d.impath for d in items})[rank::world_size]  # shard the full list: ranks never overlap
+        todo = [p for p in shard if p not in store.data]
         if not todo:
             return
         tr = self.trainer
-        data = [Datum(impath=p) for p in todo]
-        loader = DataLoader(DatasetWrapper(data, transform), batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE,
+        loader = DataLoader(_SeededViews(todo, transform, view), batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE,
                             shuffle=False, num_workers=0)
         new: dict[str, torch.Tensor] = {}
         dtype = next(tr.image_encoder.parameters()).dtype
+        # iterating a DataLoader draws a base seed from the global RNG: keep the run's random stream untouched,
+        # so a run that builds the cache and one that re-uses it train identically
         with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
-                feats = tr.image_encoder(batch["img"].to(tr.device, dtype=dtype)).float().cpu()
-                new.update(zip(batch["impath"], feats))
+            for images, paths in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
+                feats = tr.image_encoder(images.to(tr.device, dtype=dtype)).float().cpu()
+                new.update(zip(paths, feats))
         store.add(new)
 
-    def _views(self, items: list[Datum], n_aug: int, name: str) -> list[dict[str, torch.Tensor]]:
+    def _views(self, items: list[Datum], n_aug: int, name: str, rank: int = 0,
+               world_size: int = 1) -> list[dict[str, torch.Tensor]]:
         """``n_aug`` augmented views (train transform), or the test-transform features when ``n_aug == 0``."""
         dm = self.trainer.dm
         augmented = n_aug > 0
@@ -132,10 +158,27 @@ class FeatureCache:
         for v in range(n_aug if augmented else 1):
             kind = f"train_v{v}" if augmented else "test"
             store = _Store(os.path.join(self.dir, f"{kind}.pt"))
-            self._fill(items, dm.tfm_train if augmented else dm.tfm_test, store, 1000 + v if augmented else None,
-                       f"cache {name} {kind}")
+            self._fill(items, dm.tfm_train if augmented else dm.tfm_test, store, v if augmented else None,
+                       f"cache {name} {kind}", rank, world_size)
             out.append(store.data)
         return out
+
+    def extract(self, rank: int = 0, world_size: int = 1) -> dict[str, int]:
+        """Fill the stores for every split of the dataset (this rank's share), as ``install`` would need them.
+
+        Used by ``tools/extract_features.py`` under ``torchrun``: ranks encode disjoint shards and merge them into
+        the same locked stores; per-image seeded views make the result independent of the sharding.
+        """
+        ds = self.trainer.dm.dataset
+        aug_ood = self.trainer.cfg.DATALOADER.OOD_TEST.TRANSFORM == "train"
+        plan = [("train_x", ds.train_x, self.views), ("val", ds.val, 0), ("test", ds.test, 0),
+                ("ood_test", ds.ood_test, 1 if aug_ood else 0)]
+        counts = {}
+        for name, items, n_aug in plan:
+            if items:
+                self._views(items, n_aug, name, rank, world_size)
+                counts[name] = len(items)
+        return counts
 
     def install(self) -> None:
         """Build feature loaders for every split; afterwards ``encode_images`` passes features through."""
