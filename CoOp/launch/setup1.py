@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from launch.setup2 import OUTPUT_ROOT, common_overrides, config_path, dataset_config, fmt
-from launch.sweep import COOP_DIR, Job, drive, split_opts
+from launch.sweep import Job, plan_sweep, sweep_main
 
 TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
 CROFT_L = [1.0, 5.0, 10.0, 15.0, 20.0]
@@ -105,23 +105,8 @@ def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParse
 def plan(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None,
          evaluate: bool = False) -> tuple[argparse.Namespace, list[Job]]:
     """Parse a driver command line and return (args, planned jobs); raises SystemExit on bad input."""
-    argv, opts = split_opts(argv)
-    args = get_parser(trainer, evaluate).parse_args(argv)
-    args.opts = opts
-    if not args.root:
-        raise SystemExit("error: no data root: pass --root DIR or set DATA=DIR")
-    os.chdir(COOP_DIR)
-    args.root = os.path.abspath(os.path.expanduser(args.root))
-    jobs = [j for t in args.trainer for j in (eval_jobs(args, t) if evaluate else train_jobs(args, t))]
-    return args, jobs
+    return plan_sweep(sys.modules[__name__], argv, trainer, evaluate)
 
 
 def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
-    try:
-        args, jobs = plan(argv, trainer, evaluate)
-    except SystemExit as err:
-        if isinstance(err.code, str):
-            print(err.code, file=sys.stderr)
-            return 2
-        raise
-    return drive(args, jobs, evaluate, "setup1_eval" if evaluate else "setup1_train")
+    return sweep_main(sys.modules[__name__], "setup1", argv, trainer, evaluate)

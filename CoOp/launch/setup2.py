@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from launch.sweep import COOP_DIR, Job, drive, split_opts
+from launch.sweep import COOP_DIR, Job, plan_sweep, sweep_main
 
 OFFICIAL_DOMAINS = {
     "PACS": ["sketch", "photo", "cartoon", "art_painting"],
@@ -48,7 +48,7 @@ def discover_domains(root: str, dataset: str) -> list[str]:
     """Held-out domains: the official list, else the ``test_on_<domain>.json`` files found in the data."""
     if dataset in OFFICIAL_DOMAINS:
         return OFFICIAL_DOMAINS[dataset]
-    import datasets  # noqa: F401
+    import datasets  # noqa: F401  (registers the dataset classes)
     from dassl.data.datasets import DATASET_REGISTRY
 
     folder = os.path.join(root, DATASET_REGISTRY.get(dataset).dataset_dir)
@@ -191,23 +191,8 @@ def get_parser(trainer: Optional[str] = None, evaluate: bool = False) -> argpars
 def plan(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None,
          evaluate: bool = False) -> tuple[argparse.Namespace, list[Job]]:
     """Parse a driver command line and return (args, planned jobs); raises SystemExit on bad input."""
-    argv, opts = split_opts(argv)
-    args = get_parser(trainer, evaluate).parse_args(argv)
-    args.opts = opts
-    if not args.root:
-        raise SystemExit("error: no data root: pass --root DIR or set DATA=DIR")
-    os.chdir(COOP_DIR)
-    args.root = os.path.abspath(os.path.expanduser(args.root))
-    jobs = [j for t in args.trainer for j in (eval_jobs(args, t) if evaluate else train_jobs(args, t))]
-    return args, jobs
+    return plan_sweep(sys.modules[__name__], argv, trainer, evaluate)
 
 
 def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
-    try:
-        args, jobs = plan(argv, trainer, evaluate)
-    except SystemExit as err:
-        if isinstance(err.code, str):
-            print(err.code, file=sys.stderr)
-            return 2
-        raise
-    return drive(args, jobs, evaluate, "setup2_eval" if evaluate else "setup2_train")
+    return sweep_main(sys.modules[__name__], "setup2", argv, trainer, evaluate)

@@ -198,3 +198,33 @@ def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> int
     failures = run_jobs(runnable(jobs, evaluate), launcher=args.launcher, num_workers=args.jobs,
                         devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose)
     return 1 if failures else 0
+
+
+def plan_sweep(module: Any, argv: Optional[Sequence[str]], trainer: Optional[str],
+               evaluate: bool) -> tuple[Any, list[Job]]:
+    """Parse a driver command line with ``module.get_parser`` and plan ``module.train_jobs``/``eval_jobs``.
+
+    Raises SystemExit (with the message) on bad input, such as a missing data root.
+    """
+    argv, opts = split_opts(argv)
+    args = module.get_parser(trainer, evaluate).parse_args(argv)
+    args.opts = opts
+    if not args.root:
+        raise SystemExit("error: no data root: pass --root DIR or set DATA=DIR")
+    os.chdir(COOP_DIR)
+    args.root = os.path.abspath(os.path.expanduser(args.root))
+    make = module.eval_jobs if evaluate else module.train_jobs
+    return args, [j for t in args.trainer for j in make(args, t)]
+
+
+def sweep_main(module: Any, name: str, argv: Optional[Sequence[str]], trainer: Optional[str],
+               evaluate: bool) -> int:
+    """A driver's ``main``: plan, record the manifest ``<name>_{train,eval}``, run; 2 on bad input."""
+    try:
+        args, jobs = plan_sweep(module, argv, trainer, evaluate)
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            return 2
+        raise
+    return drive(args, jobs, evaluate, f"{name}_eval" if evaluate else f"{name}_train")
