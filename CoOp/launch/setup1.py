@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from launch.setup2 import OUTPUT_ROOT, common_overrides, config_path, dataset_config, fmt
-from launch.sweep import Job, plan_sweep, sweep_main
+from launch.sweep import Job, add_launcher_args, plan_sweep, sweep_main
 
 TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
 CROFT_L = [1.0, 5.0, 10.0, 15.0, 20.0]
@@ -93,12 +93,7 @@ def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParse
     p.add_argument("--device", default="")
     p.add_argument("--output-root", default="output")
     p.add_argument("--eval-root", default="eval_setup1")
-    p.add_argument("--launcher", choices=["subprocess", "inprocess"], default="subprocess")
-    p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--devices", nargs="+")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--verbose", action="store_true")
-    p.epilog = "Extra yacs overrides for every run go after '--'."
+    add_launcher_args(p)
     return p
 
 

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from launch.sweep import COOP_DIR, Job, plan_sweep, sweep_main
+from launch.sweep import COOP_DIR, Job, add_launcher_args, plan_sweep, sweep_main
 
 OFFICIAL_DOMAINS = {
     "PACS": ["sketch", "photo", "cartoon", "art_painting"],
@@ -179,12 +179,7 @@ def get_parser(trainer: Optional[str] = None, evaluate: bool = False) -> argpars
     p.add_argument("--ood", nargs="+", default=OFFICIAL_OOD, help="open-set datasets (evaluation)")
     p.add_argument("--eval-ratio", type=float, default=0.5, help="CRoFT ratio at evaluation (official 0.5)")
     p.add_argument("--eval-ratio-text", type=float, default=0.0, help="CRoFT ratio_text at evaluation (official 0)")
-    p.add_argument("--launcher", choices=["subprocess", "inprocess"], default="subprocess")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (each runs jobs in-process)")
-    p.add_argument("--devices", nargs="+", help="GPU ids assigned round-robin to workers")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    p.add_argument("--verbose", action="store_true", help="show each run's log on the console")
-    p.epilog = "Extra yacs overrides for every run go after '--', e.g. -- OPTIM.MAX_EPOCH 5 DEVICE cuda"
+    add_launcher_args(p)
     return p
 
 

@@ -228,3 +228,13 @@ def sweep_main(module: Any, name: str, argv: Optional[Sequence[str]], trainer: O
             return 2
         raise
     return drive(args, jobs, evaluate, f"{name}_eval" if evaluate else f"{name}_train")
+
+
+def add_launcher_args(p: Any) -> None:
+    """The launcher flags every driver shares (how runs are executed, not what they compute)."""
+    p.add_argument("--launcher", choices=["subprocess", "inprocess"], default="subprocess")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (each runs jobs in-process)")
+    p.add_argument("--devices", nargs="+", help="GPU ids assigned round-robin to workers")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--verbose", action="store_true", help="show each run's log on the console")
+    p.epilog = "Extra yacs overrides for every run go after '--', e.g. -- OPTIM.MAX_EPOCH 5 DEVICE cuda"
