@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from dassl.engine import TRAINER_REGISTRY, TrainerX
+from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
 
-from .clip_common import setup_frozen_clip, single_template, text_features
+from .clip_common import FeatureHeadTrainer, setup_frozen_clip, single_template, text_features
 
 
 class BottleneckAdapter(nn.Module):
@@ -57,7 +56,7 @@ def clip_adapter_logits(adapter: nn.Module, feats: torch.Tensor, text_feats: tor
 
 
 @TRAINER_REGISTRY.register()
-class CLIP_Adapter(TrainerX):
+class CLIP_Adapter(FeatureHeadTrainer):
     """CLIP-Adapter: residual bottleneck adapter on frozen CLIP image features, single-template classifier."""
 
     @staticmethod
@@ -92,15 +91,3 @@ class CLIP_Adapter(TrainerX):
     def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return clip_adapter_logits(self.adapter, feats.float(), self.text_feats, self.ratio, self.logit_scale)
 
-    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
-        image, label = self.parse_batch_train(batch)
-        logits, _ = self.forward_features(self.encode_images(image, batch))
-        loss = F.cross_entropy(logits, label)
-        self.model_backward_and_update(loss)
-        if (self.batch_idx + 1) == self.num_batches:
-            self.update_lr()
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
-
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
-        logits, feats = self.forward_features(self.encode_images(input))
-        return [logits, feats, torch.logsumexp(logits, dim=1)]

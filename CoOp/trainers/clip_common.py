@@ -6,7 +6,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
 from clip_backbone import CLIPBundle, load_clip, tokenize
+from dassl.engine import TrainerX
 from dassl.utils.errors import ConfigError
 
 from .imagenet_templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES_SELECT
@@ -84,3 +87,32 @@ def text_features(bundle: CLIPBundle, classnames: list[str], mode: str, template
         feats.append(f / f.norm(dim=-1, keepdim=True))
     mean = torch.stack(feats).mean(0)
     return mean / mean.norm(dim=-1, keepdim=True)
+
+
+class FeatureHeadTrainer(TrainerX):
+    """A trainable head on frozen image features, trained with cross-entropy (CLIP-Adapter, Tip-Adapter-F).
+
+    Subclasses implement ``forward_features(feats) -> (logits, normalised features)`` and may override
+    ``before_step`` (called before every training step and inference, e.g. to build a cache lazily).
+    """
+
+    def before_step(self) -> None:
+        pass
+
+    def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.before_step()
+        image, label = self.parse_batch_train(batch)
+        logits, _ = self.forward_features(self.encode_images(image, batch))
+        loss = F.cross_entropy(logits, label)
+        self.model_backward_and_update(loss)
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
+
+    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+        self.before_step()
+        logits, feats = self.forward_features(self.encode_images(input))
+        return [logits, feats, torch.logsumexp(logits, dim=1)]

@@ -59,13 +59,13 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from dassl.data.data_manager import build_data_loader
-from dassl.engine import TRAINER_REGISTRY, TrainerX
+from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.tools import atomic_write_bytes
 from dassl.utils.torchtools import load_checkpoint
 
-from .clip_common import setup_frozen_clip, single_template, text_features
+from .clip_common import FeatureHeadTrainer, setup_frozen_clip, single_template, text_features
 
 CACHE_FORMAT = 1
 
@@ -123,7 +123,7 @@ def _token(text: str) -> str:
 
 
 @TRAINER_REGISTRY.register()
-class TIP_ADAPTER(TrainerX):
+class TIP_ADAPTER(FeatureHeadTrainer):
     """Tip-Adapter-F: a learnable few-shot feature cache added to the zero-shot CLIP classifier."""
 
     @staticmethod
@@ -310,17 +310,5 @@ class TIP_ADAPTER(TrainerX):
         x = x / x.norm(dim=-1, keepdim=True)
         return tip_logits(self.adapter, x, self.clip_weights, self.alpha, self.beta, self.logit_scale), x
 
-    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
+    def before_step(self) -> None:
         self.prepare_cache()
-        image, label = self.parse_batch_train(batch)
-        logits, _ = self.forward_features(self.encode_images(image, batch))
-        loss = F.cross_entropy(logits, label)
-        self.model_backward_and_update(loss)
-        if (self.batch_idx + 1) == self.num_batches:
-            self.update_lr()
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
-
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
-        self.prepare_cache()
-        logits, x = self.forward_features(self.encode_images(input))
-        return [logits, x, torch.logsumexp(logits, dim=1)]
