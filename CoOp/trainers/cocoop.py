@@ -45,13 +45,7 @@ class CoCoOpPromptLearner(nn.Module):
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(hidden, width)),
         ]))
-        pieces = PromptTokens(clip_model, context_length, classnames, prefix_text, n_ctx)
-        self.register_buffer("token_prefix", pieces.prefix)
-        self.register_buffer("token_suffix", pieces.suffix)
-        self.register_buffer("tokenized_prompts", pieces.tokenized, persistent=False)
-        self.name_lens = pieces.name_lens
-        self.n_cls = len(classnames)
-        self.n_ctx = n_ctx
+        PromptTokens(clip_model, context_length, classnames, prefix_text, n_ctx).attach(self)
 
     def forward(self, im_features: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings ``[N, C, L, w]`` for normalised image features ``[N, D]``."""

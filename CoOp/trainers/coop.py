@@ -76,6 +76,17 @@ class PromptTokens:
             embedding = emb(self.tokenized.to(emb.weight.device)).float().cpu()
         self.prefix = embedding[:, :1, :]
         self.suffix = embedding[:, 1 + prefix_len:, :]
+        self.n_ctx = prefix_len
+
+    def attach(self, module: nn.Module) -> None:
+        """Register the frozen prompt pieces on a prompt learner (``token_prefix``/``token_suffix`` are saved and
+        dropped on load; ``tokenized_prompts`` is not saved) and set ``name_lens``, ``n_cls``, ``n_ctx``."""
+        module.register_buffer("token_prefix", self.prefix)
+        module.register_buffer("token_suffix", self.suffix)
+        module.register_buffer("tokenized_prompts", self.tokenized, persistent=False)
+        module.name_lens = self.name_lens
+        module.n_cls = self.prefix.shape[0]
+        module.n_ctx = self.n_ctx
 
 
 def assemble_prompts(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor, name_lens: Sequence[int],
@@ -158,13 +169,7 @@ class PromptLearner(nn.Module):
         print(f'Initial context: "{prefix_text}"  ({"class-specific" if csc else "generic"}, '
               f"{n_ctx} tokens, class token: {class_token_position})")
         self.ctx = nn.Parameter(vectors)
-        pieces = PromptTokens(clip_model, context_length, classnames, prefix_text, n_ctx)
-        self.register_buffer("token_prefix", pieces.prefix)
-        self.register_buffer("token_suffix", pieces.suffix)
-        self.register_buffer("tokenized_prompts", pieces.tokenized, persistent=False)
-        self.name_lens = pieces.name_lens
-        self.n_cls = len(classnames)
-        self.n_ctx = n_ctx
+        PromptTokens(clip_model, context_length, classnames, prefix_text, n_ctx).attach(self)
         self.class_token_position = class_token_position
 
     def forward(self) -> torch.Tensor:
