@@ -195,7 +195,8 @@ def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> int
     """Record the planned jobs in the manifest, run the runnable ones; exit code 1 if any failed."""
     if not args.dry_run:
         write_manifest(args.eval_root if evaluate else args.output_root, manifest_name, jobs)
-    failures = run_jobs(runnable(jobs, evaluate), launcher=args.launcher, num_workers=args.jobs,
+    todo = jobs if args.dry_run else runnable(jobs, evaluate)  # a dry run lists every planned job
+    failures = run_jobs(todo, launcher=args.launcher, num_workers=args.jobs,
                         devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose)
     return 1 if failures else 0
 

@@ -31,8 +31,9 @@ METHODS = [
     ("CoOp", "CoOp", "demo_digits", []),
     ("CLIP-Adapter", "CLIP_Adapter", "demo_digits", []),
     ("Tip-Adapter-F", "TIP_ADAPTER", "demo_digits", []),
-    ("CRoFT", "CRoFT", "demo_digits", ["--lambda1", "15", "--lambda2", "10", "--gen-step", "1"]),
-    ("CRoFT (fixed)", "CRoFT", "demo_digits_fixed", ["--lambda1", "15", "--lambda2", "10", "--gen-step", "1"]),
+    ("CRoFT", "CRoFT", "demo_digits", ["--lambda1", "15", "--lambda2", "10", "--ratios", "0.2,0.5", "--gen-step", "1"]),
+    ("CRoFT (fixed)", "CRoFT", "demo_digits_fixed", ["--lambda1", "15", "--lambda2", "10", "--ratios", "0.2,0.5",
+                                                     "--gen-step", "1"]),
 ]
 OOD_SETS = ["FashionMNIST", "Textures"]
 
