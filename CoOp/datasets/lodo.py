@@ -74,7 +74,7 @@ class LODODataset(DatasetBase):
         if not os.path.isfile(self.split_path):
             raise DataError(f"split file not found: {self.split_path} (available: "
                             f"{', '.join(self.split_files()) or 'none'}; build them with tools/build_lodo_splits.py)")
-        self.domain_list = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir))]
+        self.domain_list = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir, sort=True))]
         split = read_json(self.split_path)
         for key in ("train", "val", "test"):
             if key not in split:
