@@ -152,5 +152,7 @@ def test_old_single_file_cache_is_imported_or_rejected(tmp_path):
     assert len(st) == 5 and os.path.isdir(tmp_path / "test")
     np.testing.assert_array_equal(st.get("img-3").numpy(), feats_of(["img-3"])[0])
     (tmp_path / "train_v0.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"train_v0.pt: unreadable old single-file store"):
+    from dassl.utils.errors import DataError  # train.py prints it as one line and exits non-zero
+
+    with pytest.raises(DataError, match=r"train_v0.pt: unreadable old single-file store"):
         open_store(str(tmp_path), "train_v0")

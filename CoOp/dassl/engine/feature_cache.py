@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..data.data_manager import read_image
 from ..data.datasets import Datum
+from ..utils.errors import DataError
 from ..utils.tools import progress_enabled
 from .feature_store import FeatureStore
 
@@ -51,7 +52,10 @@ def open_store(cache_dir: str, kind: str) -> FeatureStore:
     store = FeatureStore(os.path.join(cache_dir, kind))
     legacy = os.path.join(cache_dir, f"{kind}.pt")
     if len(store) == 0 and os.path.isfile(legacy):
-        n = store.import_legacy(legacy)
+        try:
+            n = store.import_legacy(legacy)
+        except ValueError as err:
+            raise DataError(str(err)) from None
         print(f"Feature cache: imported {n} features of the old single-file store {legacy}")
     return store
 
