@@ -28,6 +28,7 @@ from ..utils.errors import ConfigError, UserError
 from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
+from .ragged import cat_padded
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
@@ -396,7 +397,7 @@ class SimpleTrainer(TrainerBase):
             else:
                 scores.append(torch.logsumexp(lg, dim=1).cpu())
             paths.extend(batch["impath"])
-        out_dict = {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy(),
+        out_dict = {"logits": cat_padded(logits).numpy(), "labels": torch.cat(labels).numpy(),
                     "energy": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
         if feats:
             out_dict["features"] = torch.cat(feats).numpy()
