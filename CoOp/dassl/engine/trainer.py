@@ -379,7 +379,7 @@ class SimpleTrainer(TrainerBase):
 
     @torch.no_grad()
     def collect_outputs(self, split: str) -> dict[str, np.ndarray]:
-        """Run inference on a split and keep logits, labels, energy score, features and image paths."""
+        """Run inference on a split and keep logits, labels, the trainer's score, features and image paths."""
         self.set_model_mode("eval")
         logits, labels, scores, feats, paths = [], [], [], [], []
         for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
@@ -397,7 +397,7 @@ class SimpleTrainer(TrainerBase):
                 scores.append(torch.logsumexp(lg, dim=1).cpu())
             paths.extend(batch["impath"])
         out_dict = {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy(),
-                    "energy": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
+                    "score": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
         if feats:
             out_dict["features"] = torch.cat(feats).numpy()
         return out_dict
