@@ -28,6 +28,7 @@ from ..utils.errors import ConfigError, UserError
 from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
+from . import guards
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
@@ -148,8 +149,7 @@ class TrainerBase:
         return self._optims[name].param_groups[0]["lr"]
 
     def detect_anomaly(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise FloatingPointError("Loss is infinite or NaN!")
+        guards.check_loss(self, loss)
 
     def model_zero_grad(self, names: Any = None) -> None:
         for name in self.get_model_names(names):
@@ -364,9 +364,11 @@ class SimpleTrainer(TrainerBase):
         split = split or self.cfg.TEST.SPLIT
         loader = self.split_loader(split)
         print(f"Evaluate on the *{split}* set")
-        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress_enabled(self.cfg.VERBOSE)):
+        for batch_idx, batch in enumerate(tqdm(loader, desc=f"eval {split}", leave=False,
+                                               disable=not progress_enabled(self.cfg.VERBOSE))):
             input, label = self.parse_batch_test(batch)
             output = self.model_inference(input)
+            guards.check_logits(self.logits_of(output), split, batch_idx)
             self.evaluator.process(self.logits_of(output), label)
         results = self.evaluator.evaluate()
         for k, v in results.items():
@@ -432,6 +434,7 @@ class TrainerX(SimpleTrainer):
         for self.batch_idx, batch in enumerate(loader):
             data_time.update(time.time() - end)
             loss_summary = self.forward_backward(batch)
+            guards.check_train_step(self, loss_summary)
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
             freq = self.cfg.TRAIN.PRINT_FREQ
