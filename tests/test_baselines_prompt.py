@@ -93,7 +93,7 @@ def test_configs_and_defaults(name):
 def test_coop_text_path_reproduces_encode_text(tiny_clip, position, text):
     """Context initialised from "a photo of a" = CLIP's own encoding of the plain prompt."""
     from clip_backbone import TextEncoder, tokenize
-    from trainers.coop import PromptLearner, encode_prompt_embeddings
+    from trainers.prompting import PromptLearner, encode_prompt_embeddings
 
     classnames = ["dog", "guitar", "ice_cream"]
     model, ctx_len = tiny_clip.model, tiny_clip.context_length
@@ -108,7 +108,7 @@ def test_coop_text_path_reproduces_encode_text(tiny_clip, position, text):
 
 
 def test_coop_random_and_class_specific_context(tiny_clip):
-    from trainers.coop import PromptLearner
+    from trainers.prompting import PromptLearner
 
     torch.manual_seed(0)
     pl = PromptLearner(tiny_clip.model, tiny_clip.context_length, ["dog", "cat"], n_ctx=16)
@@ -124,7 +124,7 @@ def test_cocoop_zero_bias_is_the_plain_prompt(tiny_clip):
     """With a zero meta-net output every image gets CLIP's encoding of "a photo of a {class}."."""
     from clip_backbone import TextEncoder, tokenize
     from trainers.cocoop import CoCoOpPromptLearner
-    from trainers.coop import encode_prompt_embeddings
+    from trainers.prompting import encode_prompt_embeddings
 
     classnames = ["dog", "elephant", "giraffe"]
     model, ctx_len = tiny_clip.model, tiny_clip.context_length
@@ -206,7 +206,7 @@ def test_ragged_logits_are_padded_with_minus_inf(data_root, tmp_path):
     out = tr.collect_outputs("val")
     widths = {int(np.isfinite(row).sum()) for row in out["logits"]}
     assert out["logits"].shape[1] == max(widths) and len(widths) > 1
-    np.testing.assert_allclose(out["energy"], torch.logsumexp(torch.from_numpy(out["logits"]), 1).numpy(),
+    np.testing.assert_allclose(out["score"], torch.logsumexp(torch.from_numpy(out["logits"]), 1).numpy(),
                                rtol=1e-5)
 
 

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
+from dassl.data.datasets.checks import check_split_lists
 from dassl.utils.errors import ConfigError, DataError
 from dassl.utils.tools import listdir_nohidden, read_json
 
@@ -90,7 +91,9 @@ class LODODataset(DatasetBase):
         for key in ("train", "val", "test"):
             if key not in split:
                 raise DataError(f"split file {self.split_path} has no {key!r} list")
-        return tuple(self.read_items(split[key]) for key in ("train", "val", "test"))  # type: ignore[return-value]
+        lists = {key: self.read_items(split[key]) for key in ("train", "val", "test")}
+        check_split_lists(lists, self.split_path, base=self.image_dir, disjoint=True)
+        return lists["train"], lists["val"], lists["test"]
 
     def split_files(self) -> list[str]:
         root = getattr(self, "dataset_root", "")

@@ -30,7 +30,8 @@ from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
 from .bcal_losses import BCALLoss, bcal_loss, gaussian_kl
-from .coop import PromptCLIPTrainer, PromptTokens, assemble_prompts, encode_prompt_embeddings
+from .prompt_trainer import PromptCLIPTrainer
+from .prompting import PromptTokens, assemble_prompts, encode_prompt_embeddings
 
 
 class VariationalPromptLearner(nn.Module):

@@ -27,7 +27,7 @@ images of the batch are grouped by ``domain`` label (``TEST_GROUP_BY_DOMAIN True
 (``False``). Predictions therefore depend on the test batch size and composition (``DATALOADER.TEST.BATCH_SIZE``).
 Outputs are returned in the loader's order (the official code reorders images by domain).
 
-Inference returns ``[logits, normalised image features, energy]``. Precision as in :mod:`trainers.coop` (the MLP
+Inference returns ``[logits, normalised image features, energy]``. Precision as in :mod:`trainers.prompt_trainer` (the MLP
 stays fp32; the official code casts it to fp16 for ``PREC fp16``). The official output width ``512 * N_CTX`` is the
 text width of RN50 / ViT-B/16; here it is the loaded model's token-embedding width.
 """
@@ -43,7 +43,8 @@ from yacs.config import CfgNode as CN
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
-from .coop import PromptCLIPTrainer, PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings
+from .prompt_trainer import PromptCLIPTrainer
+from .prompting import PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings
 
 DOMAIN_POOLS = ("mean_of_mlp", "mlp_of_mean")
 LOGIT_MODES = ("concat", "per_group")
