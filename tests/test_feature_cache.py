@@ -73,7 +73,7 @@ def test_cached_test_features_equal_direct_encoding(root, tmp_path):
     run_cli(_args(root, str(out_cached), str(tmp_path / "fc"), "ZeroshotCLIP", flags=ev,
                   dataset_cfg="configs/datasets/PACS_DTD.yaml", extra=["DATALOADER.OOD_TEST.TRANSFORM", "test"]))
     zd, zc = np.load(out_direct / "scores.npz"), np.load(out_cached / "scores.npz")
-    for key in ("test__logits", "val__features", "ood_test__energy"):
+    for key in ("test__logits", "val__features", "ood_test__score_energy"):
         np.testing.assert_allclose(zd[key], zc[key], rtol=1e-5, atol=1e-5)
 
 
