@@ -5,6 +5,7 @@ One synthetic PACS tree and one short CRoFT training are shared by the module.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -95,3 +96,63 @@ def test_guard_names_the_terms():
     T._models["m"].weight.grad = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
     with pytest.raises(NonFiniteError, match=r"grad of m.weight"):
         check_train_step(T(), {"loss": 1.0})
+
+
+# ------------------------------------------------------------------ bad data (split entries, images)
+def _tree_with(root: str, tmp_path, edit) -> str:
+    """A copy of the shared tree whose ``test_on_sketch.json`` went through ``edit(dict)``."""
+    new = str(tmp_path / "data")
+    shutil.copytree(root, new)
+    path = os.path.join(new, "PACS", "test_on_sketch.json")
+    with open(path, encoding="utf-8") as f:
+        split = json.load(f)
+    edit(split)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(split, f)
+    return new
+
+
+def _set_label(entry_list, i, label):
+    entry_list[i] = [entry_list[i][0], label, entry_list[i][2]]
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("label_99", "label out of range [0, 3)"),
+    ("label_negative", "label out of range [0, 3)"),
+    ("classname_clash", "one class name per label"),
+    ("duplicate_path", "must not share images"),
+    ("missing_image", "image not found"),
+])
+def test_bad_split_entry_is_one_line(case, needle, root, tmp_path):
+    def edit(split):
+        if case == "label_99":
+            _set_label(split["train"], 3, 99)
+        elif case == "label_negative":
+            _set_label(split["val"], 0, -1)
+        elif case == "classname_clash":
+            split["test"][0] = [split["test"][0][0], split["test"][0][1], "zebra"]
+        elif case == "duplicate_path":
+            split["val"].append(split["test"][5])
+        else:
+            split["train"][2] = ["photo/dog/nope.png", 0, "dog"]
+
+    data = _tree_with(root, tmp_path, edit)
+    out = str(tmp_path / "o")
+    line = refused(run_train_forked(args(data, out), str(tmp_path)), out, needle=needle)
+    assert "test_on_sketch.json" in line and "entry" in line
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("case", ["non_image_bytes", "truncated_png", "corrupt_png"])
+def test_unreadable_used_image_is_one_line(case, root, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(root, data)
+    img = os.path.join(data, "PACS", "images", "sketch", "dog", "dog_001.png")  # a test image: always used
+    raw = open(img, "rb").read()
+    bad = {"non_image_bytes": b"%PDF-1.4 not an image at all\n" * 20, "truncated_png": raw[: len(raw) // 2],
+           "corrupt_png": raw[:16] + bytes(len(raw) - 16)}[case]
+    with open(img, "wb") as f:
+        f.write(bad)
+    out = str(tmp_path / "o")
+    refused(run_train_forked(args(data, out, trainer="ZeroshotCLIP", config="configs/trainers/ZeroshotCLIP/rn50_ep30.yaml",
+                                  flags=["--eval-only"]), str(tmp_path)), out, needle="dog_001.png")
