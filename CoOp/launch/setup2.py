@@ -76,14 +76,14 @@ def config_path(trainer: str, cfg: str) -> str:
     path = os.path.join("configs", "trainers", trainer, f"{cfg}.yaml")
     if not os.path.isfile(os.path.join(COOP_DIR, path)):
         raise SystemExit(f"error: trainer config not found: {os.path.join(COOP_DIR, path)}")
-    return path
+    return os.path.join(COOP_DIR, path)
 
 
 def dataset_config(name: str) -> str:
     path = os.path.join("configs", "datasets", f"{name}.yaml")
     if not os.path.isfile(os.path.join(COOP_DIR, path)):
         raise SystemExit(f"error: dataset config not found: {os.path.join(COOP_DIR, path)}")
-    return path
+    return os.path.join(COOP_DIR, path)
 
 
 def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
