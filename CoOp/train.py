@@ -7,7 +7,8 @@
 Config precedence: defaults < trainer ``extend_cfg`` < dataset yaml < trainer yaml < flags < trailing
 ``KEY VALUE`` overrides. Each run writes ``log.txt``, the resolved ``config.yaml``/``args.json``, checkpoints,
 then ``record.json`` and a ``done`` marker. User errors print one line and exit with code 2; nothing is written
-when a run fails before training starts.
+when a run fails before training starts. NaN/Inf losses, gradients or logits print one line and exit with code 3
+(no ``record.json``, no ``done``; the last good checkpoint stays).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import datasets  # noqa: F401  (registers the dataset classes)
 import trainers  # noqa: F401  (registers the trainer classes)
 from dassl.config import cfg_to_dict, get_cfg_default
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
+from dassl.engine.guards import NonFiniteError
 from dassl.engine.ood_eval import run_evaluation
 from dassl.utils import collect_env_info, set_random_seed
 from dassl.utils.errors import ConfigError, UserError
@@ -237,6 +239,10 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         restore_stdout()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        restore_stdout()
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         restore_stdout()
         print("interrupted", file=sys.stderr)

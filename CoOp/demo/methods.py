@@ -11,7 +11,7 @@ class Method(NamedTuple):
     flags: tuple[str, ...] = ()
 
 
-CROFT_FLAGS = ("--lambda1", "15", "--lambda2", "10", "--gen-step", "1")
+CROFT_FLAGS = ("--lambda1", "15", "--lambda2", "10", "--ratios", "0.2,0.5", "--gen-step", "1")
 METHODS = [
     Method("ZS-CLIP", "ZeroshotCLIP", "demo_digits"),
     Method("CoOp", "CoOp", "demo_digits"),

@@ -12,7 +12,7 @@ from clip_backbone import CLIPBundle, load_clip, tokenize
 from dassl.engine import TrainerX
 from dassl.utils.errors import ConfigError
 
-from .imagenet_templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES_SELECT
+from .prompt_templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES_SELECT
 
 
 def load_clip_to_cpu(cfg: Any) -> CLIPBundle:

@@ -8,7 +8,7 @@ call, chunked at inference), ``logits[n, c] = s * cos(x_n, t_c(x_n))``, plain cr
 learner (context + meta-net) trains (checkpoint model name ``prompt_learner``).
 
 Inference returns ``[logits, normalised image features, energy]``. Precision handling as in
-:mod:`trainers.coop` (the meta-net stays fp32; the official code casts it to fp16 for ``PREC fp16``).
+:mod:`trainers.prompt_trainer` (the meta-net stays fp32; the official code casts it to fp16 for ``PREC fp16``).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from yacs.config import CfgNode as CN
 
 from dassl.engine import TRAINER_REGISTRY
 
-from .coop import (PromptCLIPTrainer, PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings,
-                   init_context)
+from .prompt_trainer import PromptCLIPTrainer
+from .prompting import PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings, init_context
 
 # at inference, at most this many prompts go through the text encoder at once (memory bound, same results)
 INFERENCE_PROMPTS_PER_CALL = 4096

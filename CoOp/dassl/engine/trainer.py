@@ -28,6 +28,8 @@ from ..utils.errors import ConfigError, UserError
 from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
+from . import guards
+from .ragged import cat_padded
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
@@ -148,8 +150,7 @@ class TrainerBase:
         return self._optims[name].param_groups[0]["lr"]
 
     def detect_anomaly(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise FloatingPointError("Loss is infinite or NaN!")
+        guards.check_loss(self, loss)
 
     def model_zero_grad(self, names: Any = None) -> None:
         for name in self.get_model_names(names):
@@ -364,9 +365,11 @@ class SimpleTrainer(TrainerBase):
         split = split or self.cfg.TEST.SPLIT
         loader = self.split_loader(split)
         print(f"Evaluate on the *{split}* set")
-        for batch in tqdm(loader, desc=f"eval {split}", leave=False, disable=not progress_enabled(self.cfg.VERBOSE)):
+        for batch_idx, batch in enumerate(tqdm(loader, desc=f"eval {split}", leave=False,
+                                               disable=not progress_enabled(self.cfg.VERBOSE))):
             input, label = self.parse_batch_test(batch)
             output = self.model_inference(input)
+            guards.check_logits(self.logits_of(output), split, batch_idx)
             self.evaluator.process(self.logits_of(output), label)
         results = self.evaluator.evaluate()
         for k, v in results.items():
@@ -379,7 +382,7 @@ class SimpleTrainer(TrainerBase):
 
     @torch.no_grad()
     def collect_outputs(self, split: str) -> dict[str, np.ndarray]:
-        """Run inference on a split and keep logits, labels, energy score, features and image paths."""
+        """Run inference on a split and keep logits, labels, the trainer's score, features and image paths."""
         self.set_model_mode("eval")
         logits, labels, scores, feats, paths = [], [], [], [], []
         for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
@@ -396,8 +399,8 @@ class SimpleTrainer(TrainerBase):
             else:
                 scores.append(torch.logsumexp(lg, dim=1).cpu())
             paths.extend(batch["impath"])
-        out_dict = {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy(),
-                    "energy": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
+        out_dict = {"logits": cat_padded(logits).numpy(), "labels": torch.cat(labels).numpy(),
+                    "score": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
         if feats:
             out_dict["features"] = torch.cat(feats).numpy()
         return out_dict
@@ -414,6 +417,10 @@ class SimpleTrainer(TrainerBase):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def model_inference(self, input: torch.Tensor) -> Any:
+        """Dassl's default ``self.model(input)``; trainers that set a frozen ``image_encoder`` get
+        ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
+        if self.image_encoder is None:
+            return self.model(input)
         return self.model(self.encode_images(input))
 
 
@@ -432,6 +439,7 @@ class TrainerX(SimpleTrainer):
         for self.batch_idx, batch in enumerate(loader):
             data_time.update(time.time() - end)
             loss_summary = self.forward_backward(batch)
+            guards.check_train_step(self, loss_summary)
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
             freq = self.cfg.TRAIN.PRINT_FREQ

@@ -16,4 +16,8 @@ def build_dataset(cfg: Any) -> Any:
     cls = DATASET_REGISTRY.get(cfg.DATASET.NAME)
     if cfg.VERBOSE:
         print(f"Loading dataset: {cfg.DATASET.NAME}")
-    return cls(cfg)
+    from .checks import check_dataset
+
+    dataset = cls(cfg)
+    check_dataset(dataset)
+    return dataset

@@ -1,4 +1,4 @@
-"""Prompt templates."""
+"""Prompt templates (single per-dataset template and the 7-template ImageNet ensemble)."""
 
 # The 7-template ensemble used by CRoFT (ImageNet), Tip-Adapter and ZeroshotCLIP2.
 IMAGENET_TEMPLATES_SELECT = [

@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Setup-I training sweep for BCAL on imagenet46 (seeds 1-3, shots 1/16/32, ViT_ep30).
+
+The official Setup-I BCAL scripts crash (ImageNet46 has no domain names); this driver exits with a one-line error
+unless the named fix is passed: `-- TRAINER.BCAL.DOMAIN_NAMES "['imagenet']"` (--help for the other options).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch.setup1 import main  # noqa: E402
+from setup1_guard import check  # noqa: E402
+
+if __name__ == "__main__":
+    error = None if ("-h" in sys.argv or "--help" in sys.argv) else check()
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(trainer="BCAL", evaluate=False))

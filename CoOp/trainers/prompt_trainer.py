@@ -1,0 +1,131 @@
+"""``PromptCLIPTrainer``: the trainer base shared by CoOp, CoCoOp and DPLCLIP.
+
+Frozen CLIP in the requested precision (``TRAINER.<node>.PREC``), a text encoder over prompt embeddings, one
+optimisation step with optional AMP, and inference returning ``[logits, normalised image features, energy]``.
+
+Precision (``PREC``): ``fp32``; ``fp16``/``bf16`` = frozen CLIP weights cast to that dtype while the learnable
+parts stay fp32 (prompts are cast to the text encoder's dtype, text/image features back to fp32 for the logits);
+``amp`` = fp32 weights under ``torch.autocast`` with a ``GradScaler`` on CUDA. The official code keeps the learnable
+context itself in fp16 for ``fp16``. On CPU every mode runs in fp32 (:meth:`SimpleTrainer.resolve_precision`).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip_backbone import TextEncoder
+from dassl.engine import TrainerX
+from dassl.optim import build_lr_scheduler, build_optimizer
+from dassl.utils.errors import ConfigError
+
+from .clip_common import freeze, load_clip_to_cpu
+from .prompting import PROMPT_PRECISIONS
+
+class PromptCLIPTrainer(TrainerX):
+    """What CoOp, CoCoOp and DPLCLIP share: frozen CLIP in the requested precision, a text encoder over prompt
+    embeddings, and one optimisation step with optional AMP. Subclasses set ``cfg_node`` and implement
+    ``build_prompt_model`` and ``forward_logits``."""
+
+    cfg_node = ""         # name of the TRAINER.<node> config node
+    model_name = "prompt_learner"
+    # keys the official extend_cfg declares for this trainer (so the official scripts' overrides merge) but the
+    # trainer does not implement: only the default value is accepted (the official code ignores them silently)
+    unsupported_keys: dict[str, Any] = {}
+
+    def node(self, cfg: Any = None) -> Any:
+        return (cfg or self.cfg).TRAINER[self.cfg_node]
+
+    def check_cfg(self, cfg: Any) -> None:
+        c = self.node(cfg)
+        if c.PREC not in PROMPT_PRECISIONS:
+            raise ConfigError(f"TRAINER.{self.cfg_node}.PREC must be one of {PROMPT_PRECISIONS}, got {c.PREC!r}")
+        if not c.CTX_INIT and int(c.N_CTX) < 1:
+            raise ConfigError(f"TRAINER.{self.cfg_node}.N_CTX must be >= 1, got {c.N_CTX}")
+        for key, default in self.unsupported_keys.items():
+            if c[key] != default:
+                raise ConfigError(f"TRAINER.{self.cfg_node}.{key}={c[key]!r} is not supported by {type(self).__name__} "
+                                  f"(only {default!r}; the official code ignores this key)")
+
+    # ------------------------------------------------------------------ build
+    def build_model(self) -> None:
+        cfg = self.cfg
+        print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+        bundle = load_clip_to_cpu(cfg)
+        clip_model = freeze(bundle.model)
+        self.prec = self.resolve_precision(self.node().PREC)
+        self.context_length = bundle.context_length
+        self.logit_scale = bundle.logit_scale
+        print("Building the prompt model (CLIP's image and text encoders stay frozen)")
+        module = self.build_prompt_model(clip_model, self.dm.dataset.classnames)  # built from fp32 CLIP
+        if self.prec in ("fp16", "bf16"):
+            clip_model.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)
+        self.clip_model = clip_model.to(self.device).eval()
+        self.image_encoder = self.clip_model.visual
+        self.text_encoder = TextEncoder(self.clip_model)
+        module = module.to(self.device)
+        trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+        print(f"Parameters to be updated ({self.model_name}): {trainable}")
+        self.optim = build_optimizer(module, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model(self.model_name, module, self.optim, self.sched)
+        self.scaler = (torch.amp.GradScaler("cuda") if self.prec == "amp" and self.device.type == "cuda"
+                       else None)
+        print(f"Precision: {self.prec} (requested {self.node().PREC})")
+
+    def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ forward
+    def autocast(self) -> Any:
+        if self.prec == "amp":
+            return torch.autocast(device_type=self.device.type)
+        return contextlib.nullcontext()
+
+    def image_features(self, images: torch.Tensor,
+                       batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen image features in fp32: ``(L2-normalised, raw)``."""
+        raw = self.encode_images(images, batch).float()
+        return raw / raw.norm(dim=-1, keepdim=True), raw
+
+    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
+                       domains: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[N, C]`` from normalised (``feats``) and raw (``raw``) fp32 image features; ``domains`` [N]
+        are the batch's domain labels where known (subclasses)."""
+        raise NotImplementedError
+
+    def optimisation_step(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.model_zero_grad()
+            self.detect_anomaly(loss)
+            self.scaler.scale(loss).backward()
+            for name in self.get_model_names():
+                self.scaler.step(self._optims[name])
+            self.scaler.update()
+        else:
+            self.model_backward_and_update(loss)
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
+        image, label = self.parse_batch_train(batch)
+        domains = batch["domain"].to(self.device) if "domain" in batch else None
+        with self.autocast():
+            feats, raw = self.image_features(image, batch)
+            logits = self.forward_logits(feats, raw, domains).float()
+            loss = F.cross_entropy(logits, label)
+        self.optimisation_step(loss)
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
+
+    def model_inference(self, input: Any) -> list[torch.Tensor]:
+        """``[logits, normalised image features, energy]``; ``input`` is the image batch, or ``(images,
+        domains)`` for trainers whose :meth:`parse_batch_test` passes the domain labels on."""
+        images, domains = input if isinstance(input, (tuple, list)) else (input, None)
+        with self.autocast():
+            feats, raw = self.image_features(images)
+            logits = self.forward_logits(feats, raw, domains).float()
+        feats = feats.float()
+        return [logits, feats, torch.logsumexp(logits, dim=1)]

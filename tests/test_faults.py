@@ -1,0 +1,158 @@
+"""Bad inputs and numerical faults: each is refused with one line on stderr, exit != 0, nothing marked done.
+
+Runs are forked children of this (warmed-up) interpreter (:mod:`procs`), so each costs a run, not a start-up.
+One synthetic PACS tree and one short CRoFT training are shared by the module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from helpers import TINY
+from procs import run_train_forked
+from synthetic import write_lodo_tree
+
+CRoFT_CFG = "configs/trainers/CRoFT/rn50_ep30.yaml"
+PACS_CFG = "configs/datasets/PACS.yaml"
+FAST = ["OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "DATALOADER.TEST.BATCH_SIZE", "16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm():
+    import train  # noqa: F401  (imported once here; forked children inherit it)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    write_lodo_tree(str(r), per_class=4)
+    return str(r)
+
+
+def args(root: str, out: str, trainer: str = "CRoFT", config: str = CRoFT_CFG, flags=(), extra=()) -> list[str]:
+    return (["--root", root, "--seed", "1", "--trainer", trainer, "--dataset-config-file", PACS_CFG,
+             "--config-file", config, "--output-dir", out, *flags, *TINY, "VERBOSE", "False", "TEST_ENV", "sketch",
+             *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    """A finished 2-epoch CRoFT run (checkpoints of both epochs)."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    res = run_train_forked(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), os.path.dirname(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def refused(res, out: str, code: int = 2, needle: str = "") -> str:
+    """Exit ``code``, exactly one stderr line (no traceback), no record.json / done in ``out``."""
+    lines = res.error_lines()
+    assert res.returncode == code, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(os.path.join(out, "record.json")) and not os.path.exists(os.path.join(out, "done"))
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ non-finite guard
+def test_diverging_loss_stops_with_exit_3(root, tmp_path):
+    out = str(tmp_path / "lr")
+    res = run_train_forked(args(root, out, extra=["OPTIM.LR", "1e30", "TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    line = refused(res, out, code=3, needle="non-finite")
+    assert "epoch 2 batch 1" in line  # epoch 1 still finite with this tree and seed; its checkpoint is kept
+    ckpt = torch.load(os.path.join(out, "clip_adapter", "model.pth.tar-1"), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not os.path.exists(os.path.join(out, "clip_adapter", "model.pth.tar-2"))
+
+
+def test_nan_logits_at_evaluation_exit_3(root, trained, tmp_path):
+    model_dir = str(tmp_path / "nanmodel")
+    shutil.copytree(trained, model_dir)
+    path = os.path.join(model_dir, "clip_adapter", "model.pth.tar-2")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, path)
+    out = str(tmp_path / "eval")
+    res = run_train_forked(args(root, out, flags=["--eval-only", "--model-dir", model_dir, "--load-epoch", "2"]),
+                           str(tmp_path))
+    refused(res, out, code=3, needle="non-finite logits")
+
+
+def test_guard_names_the_terms():
+    from dassl.engine.guards import NonFiniteError, check_train_step
+
+    class T:
+        epoch, batch_idx = 4, 6
+        _models = {"m": torch.nn.Linear(2, 2)}
+
+    check_train_step(T(), {"loss": 1.0, "acc": 50.0})
+    with pytest.raises(NonFiniteError, match=r"epoch 5 batch 7: ce, edr_L2"):
+        check_train_step(T(), {"loss": 1.0, "ce": float("nan"), "edr_L2": float("inf")})
+    T._models["m"].weight.grad = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
+    with pytest.raises(NonFiniteError, match=r"grad of m.weight"):
+        check_train_step(T(), {"loss": 1.0})
+
+
+# ------------------------------------------------------------------ bad data (split entries, images)
+def _tree_with(root: str, tmp_path, edit) -> str:
+    """A copy of the shared tree whose ``test_on_sketch.json`` went through ``edit(dict)``."""
+    new = str(tmp_path / "data")
+    shutil.copytree(root, new)
+    path = os.path.join(new, "PACS", "test_on_sketch.json")
+    with open(path, encoding="utf-8") as f:
+        split = json.load(f)
+    edit(split)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(split, f)
+    return new
+
+
+def _set_label(entry_list, i, label):
+    entry_list[i] = [entry_list[i][0], label, entry_list[i][2]]
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("label_99", "label out of range [0, 3)"),
+    ("label_negative", "label out of range [0, 3)"),
+    ("classname_clash", "one class name per label"),
+    ("duplicate_path", "must not share images"),
+    ("missing_image", "image not found"),
+])
+def test_bad_split_entry_is_one_line(case, needle, root, tmp_path):
+    def edit(split):
+        if case == "label_99":
+            _set_label(split["train"], 3, 99)
+        elif case == "label_negative":
+            _set_label(split["val"], 0, -1)
+        elif case == "classname_clash":
+            split["test"][0] = [split["test"][0][0], split["test"][0][1], "zebra"]
+        elif case == "duplicate_path":
+            split["val"].append(split["test"][5])
+        else:
+            split["train"][2] = ["photo/dog/nope.png", 0, "dog"]
+
+    data = _tree_with(root, tmp_path, edit)
+    out = str(tmp_path / "o")
+    line = refused(run_train_forked(args(data, out), str(tmp_path)), out, needle=needle)
+    assert "test_on_sketch.json" in line and "entry" in line
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("case", ["non_image_bytes", "truncated_png", "corrupt_png"])
+def test_unreadable_used_image_is_one_line(case, root, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(root, data)
+    img = os.path.join(data, "PACS", "images", "sketch", "dog", "dog_001.png")  # a test image: always used
+    raw = open(img, "rb").read()
+    bad = {"non_image_bytes": b"%PDF-1.4 not an image at all\n" * 20, "truncated_png": raw[: len(raw) // 2],
+           "corrupt_png": raw[:16] + bytes(len(raw) - 16)}[case]
+    with open(img, "wb") as f:
+        f.write(bad)
+    out = str(tmp_path / "o")
+    refused(run_train_forked(args(data, out, trainer="ZeroshotCLIP", config="configs/trainers/ZeroshotCLIP/rn50_ep30.yaml",
+                                  flags=["--eval-only"]), str(tmp_path)), out, needle="dog_001.png")
