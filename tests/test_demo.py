@@ -47,6 +47,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("intro\n<!-- demo:start -->\n") and text.endswith("<!-- demo:end -->\nrest\n")
     assert "old" not in text
+    # the Setup-II collector writes the same kind of figures with --plots
+    from launch import collect
+
+    assert collect.main("oodd", ["--root", str(cache / "demo-quick" / "eval_open_ood"), "--plots",
+                                 str(tmp_path / "plots")]) == 0
+    assert "figure written" in capsys.readouterr().out
+    assert {"lambda2_sensitivity.png", "hist_energy.png", "roc_mcm.png"} <= set(os.listdir(tmp_path / "plots"))
     # a second run re-uses everything and only re-prints
     capsys.readouterr()
     rc = main(argv)

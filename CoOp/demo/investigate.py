@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from demo.results import scores_file
+from launch.results import scores_file
 
 
 def parts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from demo import investigate, results, selection, tables
-from launch import figures
+from demo import investigate, selection, tables
+from launch import figures, results
 
 SCORE_NAMES = {"energy": "energy", "mcm": "MCM", "msp": "MSP", "knn": "KNN"}
 BEGIN, END = "<!-- demo:start -->", "<!-- demo:end -->"
@@ -75,39 +75,6 @@ def grid_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["method"].split(" λ2=")[0], float(r["method"].split("λ2=")[1])))
 
 
-def make_figures(rows: list[dict[str, Any]], chosen: list[dict[str, Any]], fig_dir: str) -> dict[str, str]:
-    """Write the demo's PNGs; returns {name: path}."""
-    os.makedirs(fig_dir, exist_ok=True)
-    out: dict[str, str] = {}
-    swept = [r for r in rows if r["method"].startswith("CRoFT")]
-    if len({r["setting"] for r in swept}) > 1:
-        out["lambda2"] = figures.sensitivity(swept, os.path.join(fig_dir, "lambda2_sensitivity.png"),
-                                             title="CRoFT: held-out accuracy and MCM detection vs λ2 (mean ± std over seeds)")
-    first = {}
-    for r in chosen:  # seed 1 (or the first), first held-out domain, first open set, per method
-        first.setdefault(r["method"], r)
-    dom, ood = (next(iter(first.values()))["domain"], next(iter(first.values()))["ood"]) if first else ("", "")
-    for score in ("energy", "mcm"):
-        groups, curves = {}, {}
-        for method, r in first.items():
-            pick = next((x for x in chosen if x["method"] == method and x["domain"] == dom and x["ood"] == ood), r)
-            arr = results.scores_file(pick["dir"])
-            if arr is None or f"val__score_{score}" not in arr:
-                continue
-            groups[method] = {"ID (source val)": arr[f"val__score_{score}"],
-                              f"closed-set OOD ({dom})": arr[f"test__score_{score}"],
-                              f"open-set OOD ({ood})": arr[f"ood_test__score_{score}"]}
-            curves[method] = (arr[f"test__score_{score}"], arr[f"ood_test__score_{score}"])
-        if groups:
-            name = SCORE_NAMES[score]
-            out[f"hist_{score}"] = figures.score_histograms(groups, os.path.join(fig_dir, f"hist_{score}.png"),
-                                                            xlabel=f"{name} score (higher = more ID)",
-                                                            title=f"{name} scores, held out {dom}, open set {ood}")
-            out[f"roc_{score}"] = figures.roc_curves(curves, os.path.join(fig_dir, f"roc_{score}.png"),
-                                                     title=f"{name}: held-out {dom} (ID) vs {ood}")
-    return out
-
-
 def coop_finding(rows: list[dict[str, Any]], fig_dir: str, fig_ref: str) -> list[str]:
     """The energy-decomposition table for every method against the first open set, and CoOp's figure."""
     oods = list(dict.fromkeys(r["ood"] for r in rows))
@@ -165,7 +132,7 @@ def build(demo_root: str, fig_dir: str, fig_ref: str, select: str = "val", heade
         out += ["#### The λ2 grid (every setting, before selection): accuracy and MCM FPR95 / AUROC\n",
                 tables.by_domain_table(grid, ["acc"], domains), "",
                 tables.by_domain_table(grid, ["mcm_fpr95", "mcm_auroc"], domains), ""]
-    figs = make_figures(rows, chosen, fig_dir)
+    figs = figures.plot_sweep(rows, fig_dir, chosen)
     for name, path in figs.items():
         out.append(f"![{name}]({fig_ref}/{os.path.basename(path)})")
     out += ["", *coop_finding(chosen, fig_dir, fig_ref), "", summary(chosen)]

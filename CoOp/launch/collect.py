@@ -204,6 +204,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int
                        help="scores of the registry (dassl.evaluation.scores)")
         p.add_argument("--fpr", choices=FPR_KEYS, default="fpr95_tpr_id",
                        help="FPR95 convention (default: ID positive, Hendrycks)")
+        p.add_argument("--plots", default="", help="also write the sweep's figures (launch/figures.py) into DIR")
     args = p.parse_args(argv)
     root = args.root if os.path.isabs(args.root) else os.path.join(COOP_DIR, args.root)
     csv_path = args.csv or os.path.join(root, f"setup{setup}_{kind}.csv")
@@ -214,6 +215,11 @@ def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int
                             title="accuracy on ImageNet (test_id) and its variants (Avg = variants)")
     else:
         text = collect_oodd(root, csv_path, args.scores, args.fpr, only_domains=None if setup == 2 else ("test_id",))
+        if args.plots:
+            from launch import figures, results
+
+            written = figures.plot_sweep(results.rows(root), args.plots)
+            text += "\n" + "\n".join(f"figure written: {path}" for path in written.values())
     print(text)
     return 0
 

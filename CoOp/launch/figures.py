@@ -4,20 +4,23 @@
   (CRoFT's lambda2 or lambda1), one panel per held-out domain, mean over seeds with a ±1 std band;
 * :func:`score_histograms`: per method, the score of ID (source-domain val), closed-set OOD (held-out domain)
   and open-set OOD images;
-* :func:`roc_curves`: per method, the ROC of held-out-domain (ID) against open-set images.
+* :func:`roc_curves`: per method, the ROC of held-out-domain (ID) against open-set images;
+* :func:`plot_sweep`: all of them for a sweep's evaluation root (``collect_result_set2_oodd.py --plots DIR``).
 """
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dassl.utils.tools import atomic_write_bytes
+from launch.results import scores_file
 
 PARAM_PATTERNS = {"lambda2": r"(?:^|_)l2-([-+0-9.e]+)", "lambda1": r"(?:^|_)l1-([-+0-9.e]+)"}
 
@@ -118,3 +121,47 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, t
     if title:
         ax.set_title(title, fontsize=9)
     return save(fig, path)
+
+
+def swept(rows: Sequence[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    """Rows of the methods whose settings take more than one value of ``param``."""
+    vals: dict[str, set] = defaultdict(set)
+    for r in rows:
+        if re.search(PARAM_PATTERNS[param], r["setting"]):
+            vals[r["method"]].add(param_value(r["setting"], param))
+    return [r for r in rows if len(vals.get(r["method"], ())) > 1]
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str,
+               chosen: Optional[Sequence[dict[str, Any]]] = None) -> dict[str, str]:
+    """Every figure of a Setup-II sweep (rows of :func:`launch.results.rows`): sensitivity to lambda2 / lambda1
+    where they were swept, and energy / MCM histograms and ROC curves of the first held-out domain and open set
+    (``chosen``: the rows after selecting one setting per method; default all rows). Returns {name: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    out: dict[str, str] = {}
+    for param in ("lambda2", "lambda1"):
+        if swept(rows, param):
+            out[param] = sensitivity(swept(rows, param), os.path.join(out_dir, f"{param}_sensitivity.png"), param,
+                                     title=f"held-out accuracy and MCM detection vs {param} (mean ± std over seeds)")
+    chosen = list(chosen if chosen is not None else rows)
+    if not chosen:
+        return out
+    dom, ood = chosen[0]["domain"], chosen[0]["ood"]
+    for score in ("energy", "mcm"):
+        groups, curves = {}, {}
+        for method in dict.fromkeys(r["method"] for r in chosen):
+            pick = next((r for r in chosen if r["method"] == method and r["domain"] == dom and r["ood"] == ood), None)
+            arr = scores_file(pick["dir"]) if pick else None
+            if arr is None or f"val__score_{score}" not in arr:
+                continue
+            groups[method] = {"ID (source val)": arr[f"val__score_{score}"],
+                              f"closed-set OOD ({dom})": arr[f"test__score_{score}"],
+                              f"open-set OOD ({ood})": arr[f"ood_test__score_{score}"]}
+            curves[method] = (arr[f"test__score_{score}"], arr[f"ood_test__score_{score}"])
+        if groups:
+            out[f"hist_{score}"] = score_histograms(groups, os.path.join(out_dir, f"hist_{score}.png"),
+                                                    xlabel=f"{score} score (higher = more ID)",
+                                                    title=f"{score} scores, held out {dom}, open set {ood}")
+            out[f"roc_{score}"] = roc_curves(curves, os.path.join(out_dir, f"roc_{score}.png"),
+                                             title=f"{score}: held-out {dom} (ID) vs {ood}")
+    return out

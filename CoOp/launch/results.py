@@ -1,4 +1,4 @@
-"""Read the demo's finished runs into flat rows: one per (method, setting, held-out domain, seed[, open set]).
+"""Read finished sweep runs into flat rows: one per (method, setting, held-out domain, seed[, open set]).
 
 Accuracy comes from the training records, detection metrics per score from the evaluation records, and the
 source-domain validation accuracy (used to select a grid setting) from the evaluation runs' ``scores.npz``.
