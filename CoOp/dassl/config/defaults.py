@@ -168,6 +168,9 @@ _C.TEST_ENV = ""
 # Setup-I evaluation (ImageNetOOD46): which test set is the closed-set split: test_id (ImageNet val of the
 # 400 ID classes), imagenet_v2, imagenet_s, imagenet_a or imagenet_r.
 _C.TEST_OOD = "test_id"
+# Which plan a sweep driver ran ("official" | "grid"; "" = a run started by hand); recorded in record.json.
+_C.PROTOCOL = CN()
+_C.PROTOCOL.PRESET = ""
 
 
 def get_cfg_default() -> CN:

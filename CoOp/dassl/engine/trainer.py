@@ -419,6 +419,10 @@ class SimpleTrainer(TrainerBase):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def model_inference(self, input: torch.Tensor) -> Any:
+        """Dassl's default ``self.model(input)``; trainers that set a frozen ``image_encoder`` get
+        ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
+        if self.image_encoder is None:
+            return self.model(input)
         return self.model(self.encode_images(input))
 
 
