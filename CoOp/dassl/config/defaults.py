@@ -154,6 +154,9 @@ _C.TEST.MCM_TEMPERATURE = 1.0
 # domain) or "val" (Setup-I official). Only correctly classified ID images count (official evaluator).
 _C.TEST.OOD_ID_SPLIT = "test"
 _C.TEST.OOD_ID_CORRECT_ONLY = True
+# The KNN score's ID side: all held-out images (False, the official KNN script) or, True, only the correctly
+# classified ones like the other scores (a named deviation).
+_C.TEST.KNN_ID_CORRECT_ONLY = False
 # Save per-sample scores/features (.npz) and the energy-distribution PNG in evaluation runs.
 _C.TEST.SAVE_SCORES = True
 
