@@ -24,6 +24,7 @@ import torch
 import datasets  # noqa: F401  (registers the dataset classes)
 import trainers  # noqa: F401  (registers the trainer classes)
 from dassl.config import cfg_to_dict, get_cfg_default
+from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
 from dassl.engine.guards import NonFiniteError
 from dassl.engine.ood_eval import run_evaluation
@@ -143,6 +144,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
     if not cfg.TRAINER.NAME:
         raise ConfigError("no trainer given: use --trainer NAME")
     TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # fail early with suggestions
+    validate_cfg(cfg)  # value ranges of the engine and of this trainer (one line naming key and range)
     cfg.freeze()
     return cfg
 
