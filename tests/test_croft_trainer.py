@@ -166,7 +166,7 @@ def test_train_then_eval_only_open_set_record(data_root, tmp_path):
     assert os.path.getsize(tmp_path / "ev1" / "energy_hist.png") > 1000
     # checkpoint round trip: two evaluations of the same checkpoint give identical outputs
     z1, z2 = np.load(tmp_path / "ev1" / "scores.npz"), np.load(tmp_path / "ev2" / "scores.npz")
-    for key in ("test__logits", "ood_test__energy", "val__features"):
+    for key in ("test__logits", "ood_test__score_energy", "val__features"):
         np.testing.assert_array_equal(z1[key], z2[key])
     assert ev1["metrics"]["ood"] == ev2["metrics"]["ood"]
     # loading the checkpoint reproduces the final test accuracy of the training run
@@ -180,6 +180,6 @@ def test_official_open_set_transform_is_random(data_root, tmp_path):
     for i in range(2):
         rec = run_cli(cli_args(data_root, str(tmp_path / f"zs{i}"), "ZeroshotCLIP",
                                dataset_cfg="configs/datasets/PACS_DTD.yaml", flags=["--eval-only"], seed=i))
-        outs.append(np.load(tmp_path / f"zs{i}" / "scores.npz")["ood_test__energy"])
+        outs.append(np.load(tmp_path / f"zs{i}" / "scores.npz")["ood_test__score_energy"])
         assert rec["metrics"]["ood"]["energy"]["num_ood"] > 0
     assert not np.array_equal(outs[0], outs[1])

@@ -22,6 +22,7 @@ import numpy as np
 from launch.sweep import COOP_DIR, read_manifests
 
 from dassl.engine.records import RECORD_FILE, is_done, load_record  # noqa: E402
+from dassl.evaluation.scores import score_names  # noqa: E402
 
 FPR_KEYS = ("fpr95_tpr_id", "fpr95_val_threshold", "fpr95_tpr_ood")
 
@@ -199,7 +200,8 @@ def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int
     p.add_argument("--root", default=default_root, help="sweep output root (relative to CoOp/)")
     p.add_argument("--csv", default="", help=f"CSV path (default: <root>/setup{setup}_<kind>.csv)")
     if kind == "oodd":
-        p.add_argument("--scores", nargs="+", default=["energy", "knn"])
+        p.add_argument("--scores", nargs="+", default=["energy", "knn"], choices=score_names(),
+                       help="scores of the registry (dassl.evaluation.scores)")
         p.add_argument("--fpr", choices=FPR_KEYS, default="fpr95_tpr_id",
                        help="FPR95 convention (default: ID positive, Hendrycks)")
     args = p.parse_args(argv)

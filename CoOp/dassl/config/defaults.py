@@ -51,6 +51,9 @@ _C.DATASET.SUBSAMPLE_CLASSES = "all"
 # Few-shot sampler for leave-one-domain-out datasets: "official" reproduces the class-agnostic PACS
 # "balanced" sampler of the official code; "per_class_domain" draws K/#domains images per class and domain.
 _C.DATASET.FEWSHOT_SAMPLER = "official"
+# Domain of an image in the leave-one-domain-out datasets: "substring" (official: case-sensitive substring tests,
+# upper-case VLCS folders become one domain) or "folder" (named fix: first folder, case-insensitive).
+_C.DATASET.DOMAIN_MATCH = "substring"
 # Open-set evaluation datasets (<ID>_<OOD>, e.g. PACS_DTD): per-class caps of the official code.
 _C.DATASET.ID_PER_CLASS_CAP = 500
 # Setup-I: size of the open-set sample of the 600 held-out ImageNet classes (< 1 = all their val images)
@@ -165,6 +168,9 @@ _C.TEST_ENV = ""
 # Setup-I evaluation (ImageNetOOD46): which test set is the closed-set split: test_id (ImageNet val of the
 # 400 ID classes), imagenet_v2, imagenet_s, imagenet_a or imagenet_r.
 _C.TEST_OOD = "test_id"
+# Which plan a sweep driver ran ("official" | "grid"; "" = a run started by hand); recorded in record.json.
+_C.PROTOCOL = CN()
+_C.PROTOCOL.PRESET = ""
 
 
 def get_cfg_default() -> CN:

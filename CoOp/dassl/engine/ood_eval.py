@@ -18,22 +18,29 @@ import numpy as np
 import torch
 
 from ..evaluation import ood
+from ..evaluation.scores import ScoreInputs, compute_score, missing_inputs, score_names
 from ..evaluation.plots import plot_score_histograms
+from ..utils.errors import ConfigError
 from ..utils.tools import atomic_write_bytes
 
 
-def _scores(name: str, out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | None, k: int) -> np.ndarray:
-    logits = torch.from_numpy(out["logits"]).double()
-    if name == "energy":
-        return out["energy"].astype(np.float64)
-    if name == "msp":
-        return ood.msp_score(logits).numpy()
-    if name == "mcm":
-        cos = logits / trainer.logit_scale_value()
-        return ood.mcm_score(cos, temperature=trainer.cfg.TEST.MCM_TEMPERATURE).numpy()
-    if name == "knn":
-        return ood.knn_score(torch.from_numpy(out["features"]).double(), torch.from_numpy(bank).double(), k).numpy()
-    raise ValueError(f"unknown OOD score {name!r}")
+def _score_inputs(out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | None, k: int) -> ScoreInputs:
+    """The registry's view of one split's outputs (float64, as the official numpy evaluation)."""
+    def t(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.asarray(a)).double()
+
+    return ScoreInputs(logits=t(out["logits"]), features=t(out.get("features")), bank=t(bank),
+                       score=t(out.get("score")), logit_scale=trainer.logit_scale_value(),
+                       mcm_temperature=trainer.cfg.TEST.MCM_TEMPERATURE, k=k)
+
+
+def check_score_names(names: Any) -> list[str]:
+    """``TEST.OOD_SCORES`` as a list; an unknown name is a one-line :class:`ConfigError`."""
+    names = list(names)
+    unknown = [n for n in names if n not in score_names()]
+    if unknown:
+        raise ConfigError(f"TEST.OOD_SCORES: unknown score(s) {unknown}; registered: {score_names()}")
+    return names
 
 
 def run_evaluation(trainer: Any) -> dict[str, Any]:
@@ -52,19 +59,23 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     if not keep.any():
         print("WARNING: no correctly classified ID image; using all ID images for detection")
         keep[:] = True
-    names = list(cfg.TEST.OOD_SCORES)
+    names = check_score_names(cfg.TEST.OOD_SCORES)
     has_feats = all("features" in o for o in outs.values()) and "val" in outs
-    if "knn" in names and not has_feats:
-        print("Note: knn score skipped (this trainer returns no image features or there is no val split)")
-        names.remove("knn")
     bank = outs["val"]["features"] if has_feats else None
     k = min(cfg.TEST.KNN_K, len(bank)) if bank is not None else 0
     if bank is not None and k < cfg.TEST.KNN_K:
         print(f"Note: KNN bank has {len(bank)} images < TEST.KNN_K={cfg.TEST.KNN_K}; using k={k}")
+    inputs = {split: _score_inputs(o, trainer, bank, k) for split, o in outs.items()}
+    for name in list(names):
+        missing = sorted({m for inp in inputs.values() for m in missing_inputs(name, inp)})
+        if missing:
+            print(f"Note: {name} score skipped (this run has no {', '.join(missing)}: the trainer returns no "
+                  f"image features or there is no val split)")
+            names.remove(name)
     detection: dict[str, Any] = {}
     all_scores: dict[str, dict[str, np.ndarray]] = {}
     for name in names:
-        per_split = {split: _scores(name, o, trainer, bank, k) for split, o in outs.items()}
+        per_split = {split: compute_score(name, inp) for split, inp in inputs.items()}
         all_scores[name] = per_split
         id_scores = per_split[id_split][keep]
         threshold = ood.val_threshold_tpr95(id_scores)

@@ -29,6 +29,7 @@ from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
 from . import guards
+from .ragged import cat_padded
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
@@ -381,7 +382,7 @@ class SimpleTrainer(TrainerBase):
 
     @torch.no_grad()
     def collect_outputs(self, split: str) -> dict[str, np.ndarray]:
-        """Run inference on a split and keep logits, labels, energy score, features and image paths."""
+        """Run inference on a split and keep logits, labels, the trainer's score, features and image paths."""
         self.set_model_mode("eval")
         logits, labels, scores, feats, paths = [], [], [], [], []
         for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
@@ -398,8 +399,8 @@ class SimpleTrainer(TrainerBase):
             else:
                 scores.append(torch.logsumexp(lg, dim=1).cpu())
             paths.extend(batch["impath"])
-        out_dict = {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy(),
-                    "energy": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
+        out_dict = {"logits": cat_padded(logits).numpy(), "labels": torch.cat(labels).numpy(),
+                    "score": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
         if feats:
             out_dict["features"] = torch.cat(feats).numpy()
         return out_dict
@@ -416,6 +417,10 @@ class SimpleTrainer(TrainerBase):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def model_inference(self, input: torch.Tensor) -> Any:
+        """Dassl's default ``self.model(input)``; trainers that set a frozen ``image_encoder`` get
+        ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
+        if self.image_encoder is None:
+            return self.model(input)
         return self.model(self.encode_images(input))
 
 

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from dassl.engine.records import is_done, load_record  # noqa: E402
 from dassl.evaluation import ood  # noqa: E402
+from dassl.evaluation.scores import ScoreInputs, compute_score  # noqa: E402
 from launch.collect import cell, markdown, write_csv  # noqa: E402
 from launch.sweep import COOP_DIR  # noqa: E402
 
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
         for k in args.k:
             if k > len(bank):
                 continue
-            s_id, s_ood = ood.knn_score(id_f, bank, k).numpy(), ood.knn_score(ood_f, bank, k).numpy()
+            s_id = compute_score("knn", ScoreInputs(features=id_f, bank=bank, k=k))
+            s_ood = compute_score("knn", ScoreInputs(features=ood_f, bank=bank, k=k))
             m = ood.ood_metrics(s_id, s_ood)
             res[(label, k)][rec["seed"]].append((100 * m[args.fpr], 100 * m["auroc"]))
     if not found:
