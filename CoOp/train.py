@@ -211,6 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if callable(split_record):  # e.g. the ImageNet46 class split of this seed
             atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
         record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
+        # precision requested vs used (CPU always fp32); trainers that never take PREC run fp32
+        record.set("precision", getattr(trainer, "precision_info", {"requested": "fp32", "used": "fp32"}))
         t0 = time.time()
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)

@@ -49,16 +49,17 @@ class VariationalPromptLearner(nn.Module):
         PromptTokens(clip_model, context_length, names, " ".join(["X"] * n_ctx), n_ctx).attach(self)
 
     def std(self) -> torch.Tensor:
-        return self.ctx_sigma * self.ctx_sigma
+        """``sigma^2`` in fp32 (1e-10 underflows in fp16)."""
+        return self.ctx_sigma.float() * self.ctx_sigma.float()
 
     def context(self, sample: bool) -> torch.Tensor:
         """``mu + sigma^2 * eps`` when ``sample`` else ``mu``."""
         if not sample:
             return self.ctx_mu
-        return self.ctx_mu + self.std() * torch.randn_like(self.ctx_mu)
+        return self.ctx_mu + (self.std() * torch.randn_like(self.std())).to(self.ctx_mu.dtype)
 
     def kl(self) -> torch.Tensor:
-        return gaussian_kl(self.ctx_mu, self.std())
+        return gaussian_kl(self.ctx_mu.float(), self.std())
 
     def forward(self, sample: bool = False) -> torch.Tensor:
         return assemble_prompts(self.token_prefix, self.context(sample), self.token_suffix, self.name_lens, "end")
@@ -106,6 +107,7 @@ class BCAL(PromptCLIPTrainer):
         c.CSC = False
         c.CLASS_TOKEN_POSITION = "end"
         c.PREC = "fp16"             # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.ALPHA1 = 0.01             # weight of the domain (context) cross-entropy
         c.ALPHA2 = 0.5              # weight of the IRM penalty
         c.ALPHA3 = 0.01             # weight of the gradient-alignment term

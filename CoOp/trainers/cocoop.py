@@ -71,6 +71,7 @@ class CoCoOp(PromptCLIPTrainer):
         c.N_CTX = 16          # number of context tokens (ignored when CTX_INIT is set)
         c.CTX_INIT = ""       # e.g. "a photo of a" (the original CoCoOp setting; the CRoFT scripts use 16 random)
         c.PREC = "fp16"       # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.CSC = False                   # official key, passed by the official scripts; only False is supported
         c.CLASS_TOKEN_POSITION = "end"  # official key, passed by the official scripts; only "end" is supported
 

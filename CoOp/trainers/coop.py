@@ -47,6 +47,7 @@ class CoOp(PromptCLIPTrainer):
         c.CSC = False                   # class-specific context
         c.CLASS_TOKEN_POSITION = "end"  # end | middle | front
         c.PREC = "fp16"                 # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)

@@ -115,6 +115,7 @@ class DPLCLIP(PromptCLIPTrainer):
         c = cfg.TRAINER.DPLCLIP = CN()
         c.N_CTX = 16                     # number of domain tokens
         c.PREC = "fp16"                  # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.MLP_DEPTH = 3                  # official mlp_depth
         c.MLP_WIDTH = 512                # official mlp_width
         c.MLP_DROPOUT = 0.1              # official mlp_dropout
@@ -158,9 +159,10 @@ class DPLCLIP(PromptCLIPTrainer):
                       n_groups: int) -> torch.Tensor:
         """Domain tokens ``[G, M, w]`` of each group."""
         if self.cfg.TRAINER.DPLCLIP.DOMAIN_POOL == "mean_of_mlp":
-            tokens = group_means(self.mlp(raw.float()), groups, n_groups)
+            dtype = self.mlp.output.weight.dtype
+            tokens = group_means(self.mlp(raw.to(dtype)), groups, n_groups)
         else:
-            tokens = self.mlp(group_means(feats.float(), groups, n_groups))
+            tokens = self.mlp(group_means(feats.float(), groups, n_groups).to(self.mlp.output.weight.dtype))
         return tokens.reshape(n_groups, self.prompt_tokens.n_ctx, self.width)
 
     def group_text_features(self, domain_tokens: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ Differences from the official ``TIP_ADAPTER.py`` (see spec section 3):
 * ``AUGMENT_EPOCH`` is declared (official: undeclared key, crash unless the cache exists) [bug fixed];
 * the CLIP logit scale ``s`` instead of a literal 100 (identical for OpenAI weights);
 * one-hot values use the dataset's class count (official ``F.one_hot`` infers it from the labels present);
-* ``PREC`` defaults to fp32 (official: fp16 on GPU); CPU always runs fp32.
+* ``PREC`` (official default fp16) casts the image encoder only; the text classifier is encoded in fp32 (official:
+  fp16 CLIP throughout); CPU always runs fp32.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ class TIP_ADAPTER(FeatureHeadTrainer):
         c.ALPHA = 1.0          # cache residual weight (Setup-I scripts: 1.17; Setup-II: 1)
         c.BETA = 1.0           # affinity sharpness (Setup-I scripts: 1.0; Setup-II: 10)
         c.AUGMENT_EPOCH = 10   # augmented passes averaged into the cache keys
-        c.PREC = "fp32"        # precision of the frozen image encoder (official default fp16); the cache is fp32
+        c.PREC = "fp16"        # precision of the frozen image encoder (official fp16; CPU: fp32); the cache is fp32
         c.CACHE_DIR = ""       # where cache files live ("" = <OUTPUT_DIR>/tip_cache)
         c.CACHE_MODE = "official"  # official (shuffled, drop-last, one shared file per shots/seed) | fixed
 
