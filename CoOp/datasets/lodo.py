@@ -167,7 +167,7 @@ class VLCS(LODODataset):
 
 @DATASET_REGISTRY.register()
 class DigitsDG(LODODataset):
-    """DigitsDG-mini (built by ``tools/build_digitsdg_mini.py``); domains are the folders of ``images/``."""
+    """DigitsDG-mini (built by ``python -m demo.data``); domains are the folders of ``images/``."""
 
     dataset_dir = "DigitsDG"
     domains: list[str] = []

@@ -271,10 +271,12 @@ class SimpleTrainer(TrainerBase):
         """The precision actually used: CPU always runs fp32."""
         if prec not in PRECISIONS:
             raise ConfigError(f"invalid PREC {prec!r} (choose from {', '.join(PRECISIONS)})")
+        used = prec
         if self.device.type == "cpu" and prec != "fp32":
             print(f"Note: PREC {prec} requested on CPU -> using fp32")
-            return "fp32"
-        return prec
+            used = "fp32"
+        self.precision_info = {"requested": prec, "used": used, "device": self.device.type}
+        return used
 
     # ----------------------------------------------------------------- data and features
     def build_data_loader(self) -> None:
