@@ -37,8 +37,8 @@ SPEC_NODE = {
     ("BCAL", 2): ("BCAL", {"ALPHA1": 0.01, "ALPHA2": 0.5, "ALPHA3": 0.01, "PREC": "fp16"}),
     ("CRoFT", 1): ("CRoFT", {"ratio": 0.2, "ratio_text": 0.5, "WCCF": True}),
     ("CRoFT", 2): ("CRoFT", {"ratio": 0.2, "ratio_text": 0.5, "WCCF": True}),
-    ("ZeroshotCLIP", 1): (None, {}),
-    ("ZeroshotCLIP", 2): (None, {}),
+    ("ZeroshotCLIP", 1): ("ZSCLIP", {"PREC": "fp16"}),
+    ("ZeroshotCLIP", 2): ("ZSCLIP", {"PREC": "fp16"}),
 }
 SPEC_SHOTS_SETUP1 = {"CLIP_Adapter": 4}
 
