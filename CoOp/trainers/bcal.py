@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count, nonneg, positive
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -92,6 +93,10 @@ def domain_names_of(cfg: Any, dataset: Any) -> list[str]:
 class BCAL(PromptCLIPTrainer):
     """Bayes-CAL: variational category and context prompts with IRM and gradient-alignment penalties."""
 
+    CFG_RANGES = {"TRAINER.BCAL.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.BCAL.PREC": PREC,
+                  "TRAINER.BCAL.ALPHA1": nonneg(), "TRAINER.BCAL.ALPHA2": nonneg(), "TRAINER.BCAL.ALPHA3": nonneg(),
+                  "TRAINER.BCAL.KL_SCALE": nonneg(), "TRAINER.BCAL.SIGMA_INIT": positive()}
+
     cfg_node = "BCAL"
 
     @staticmethod
@@ -111,15 +116,6 @@ class BCAL(PromptCLIPTrainer):
         c.DOMAIN_NAMES = []         # named fix: domain names for datasets without them (official: none -> crash)
 
     unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
-
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        c = cfg.TRAINER.BCAL
-        for key in ("ALPHA1", "ALPHA2", "ALPHA3", "KL_SCALE"):
-            if float(c[key]) < 0:
-                raise ConfigError(f"TRAINER.BCAL.{key} must be >= 0, got {c[key]}")
-        if float(c.SIGMA_INIT) <= 0:
-            raise ConfigError(f"TRAINER.BCAL.SIGMA_INIT must be > 0, got {c.SIGMA_INIT}")
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.BCAL

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count
 from dassl.engine import TRAINER_REGISTRY
 
 from .prompt_trainer import PromptCLIPTrainer
@@ -58,6 +59,8 @@ class CoCoOpPromptLearner(nn.Module):
 @TRAINER_REGISTRY.register()
 class CoCoOp(PromptCLIPTrainer):
     """Conditional Context Optimization: image-conditioned prompt context."""
+
+    CFG_RANGES = {"TRAINER.COCOOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.COCOOP.PREC": PREC}
 
     cfg_node = "COCOOP"
     unsupported_keys = {"CSC": False, "CLASS_TOKEN_POSITION": "end"}

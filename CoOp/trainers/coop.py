@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -33,6 +34,8 @@ from .prompting import CLASS_TOKEN_POSITIONS, PromptLearner, encode_prompt_embed
 @TRAINER_REGISTRY.register()
 class CoOp(PromptCLIPTrainer):
     """Context Optimization: learnable prompt context, frozen CLIP, cross-entropy."""
+
+    CFG_RANGES = {"TRAINER.COOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.COOP.PREC": PREC}
 
     cfg_node = "COOP"
 

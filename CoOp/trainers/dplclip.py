@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, Range, count
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -101,6 +102,10 @@ def group_means(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> to
 class DPLCLIP(PromptCLIPTrainer):
     """Domain prompt learning: an MLP generates per-domain prompt tokens from the batch's image features."""
 
+    CFG_RANGES = {"TRAINER.DPLCLIP.N_CTX": count(1), "TRAINER.DPLCLIP.PREC": PREC,
+                  "TRAINER.DPLCLIP.MLP_DEPTH": count(2, "input and output layer"), "TRAINER.DPLCLIP.MLP_WIDTH": count(1),
+                  "TRAINER.DPLCLIP.MLP_DROPOUT": Range(0.0, 1.0, hi_open=True)}
+
     cfg_node = "DPLCLIP"
     model_name = "DPL"
     unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
@@ -125,12 +130,6 @@ class DPLCLIP(PromptCLIPTrainer):
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
         c = cfg.TRAINER.DPLCLIP
-        if int(c.MLP_DEPTH) < 2:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DEPTH must be >= 2 (input and output layer), got {c.MLP_DEPTH}")
-        if int(c.MLP_WIDTH) < 1:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_WIDTH must be >= 1, got {c.MLP_WIDTH}")
-        if not 0.0 <= float(c.MLP_DROPOUT) < 1.0:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DROPOUT must be in [0, 1), got {c.MLP_DROPOUT}")
         if c.DOMAIN_POOL not in DOMAIN_POOLS:
             raise ConfigError(f"TRAINER.DPLCLIP.DOMAIN_POOL must be one of {DOMAIN_POOLS}, got {c.DOMAIN_POOL!r}")
         if c.LOGITS not in LOGIT_MODES:

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from dassl.data.data_manager import build_data_loader
+from dassl.config.validate import PREC, count, nonneg
 from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError, UserError
@@ -137,6 +138,9 @@ def _token(text: str) -> str:
 class TIP_ADAPTER(FeatureHeadTrainer):
     """Tip-Adapter-F: a learnable few-shot feature cache added to the zero-shot CLIP classifier."""
 
+    CFG_RANGES = {"TRAINER.TIP_ADAPTER.ALPHA": nonneg(), "TRAINER.TIP_ADAPTER.BETA": nonneg(),
+                  "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH": count(1), "TRAINER.TIP_ADAPTER.PREC": PREC}
+
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER = CN()
@@ -149,10 +153,6 @@ class TIP_ADAPTER(FeatureHeadTrainer):
 
     def check_cfg(self, cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER
-        if int(c.AUGMENT_EPOCH) < 1:
-            raise ConfigError(f"TRAINER.TIP_ADAPTER.AUGMENT_EPOCH must be >= 1, got {c.AUGMENT_EPOCH}")
-        if float(c.BETA) < 0:
-            raise ConfigError(f"TRAINER.TIP_ADAPTER.BETA must be >= 0, got {c.BETA}")
         if c.CACHE_MODE not in CACHE_MODES:
             raise ConfigError(f"TRAINER.TIP_ADAPTER.CACHE_MODE must be one of {CACHE_MODES}, got {c.CACHE_MODE!r}")
 
