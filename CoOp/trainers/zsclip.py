@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 
 from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
@@ -20,6 +21,8 @@ from .clip_common import freeze, load_clip_to_cpu, single_template, text_feature
 @TRAINER_REGISTRY.register()
 class ZeroshotCLIP(TrainerX):
     """logits = s * cos(image, class prompt); returns ``[logits, image_features, energy]``."""
+
+    CFG_RANGES = {"TRAINER.ZSCLIP.PREC": PREC}
 
     text_mode = "single"
 
