@@ -19,6 +19,7 @@ from yacs.config import CfgNode as CN
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
+from dassl.engine.inference import InferenceOutput
 
 from .clip_common import setup_frozen_clip, single_template, text_features
 from .croft_core import EDR_REDUCTIONS, Adapter, CRoFTOptions, OODImgGen, croft_train_step, forward
@@ -103,7 +104,8 @@ class CRoFT(TrainerX):
             out["gen"] = float(sum(stats["gen_loss"]) / len(stats["gen_loss"]))
         return out
 
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         feats = self.encode_images(input).float()
         out = forward(self.adapter, feats, self.text_feats, self.opts, self.logit_scale)
-        return [out.logits, out.img_feat, out.txt_feat, out.img_zs, out.txt_zs, out.score]
+        return InferenceOutput(logits=out.logits, features=out.img_feat, score=out.score,
+                               extras={"img_zs": out.img_zs})

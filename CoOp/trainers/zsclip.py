@@ -6,13 +6,14 @@ from typing import Any
 import torch
 
 from dassl.engine import TRAINER_REGISTRY, TrainerX
+from dassl.engine.inference import InferenceOutput
 
 from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
 
 
 @TRAINER_REGISTRY.register()
 class ZeroshotCLIP(TrainerX):
-    """logits = s * cos(image, class prompt); returns ``[logits, image_features, energy]``."""
+    """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
 
     text_mode = "single"
 
@@ -29,11 +30,11 @@ class ZeroshotCLIP(TrainerX):
         self.text_feats = tf / tf.norm(dim=-1, keepdim=True)
         self.logit_scale = bundle.logit_scale
 
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         feats = self.encode_images(input).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
         logits = self.logit_scale * feats @ self.text_feats.t()
-        return [logits, feats, torch.logsumexp(logits, dim=1)]
+        return InferenceOutput(logits=logits, features=feats)
 
     def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
         self.clip_model.eval()
