@@ -134,3 +134,24 @@ def test_torchrun_extraction_equals_single_process(root, tmp_path):
                      flags=["--eval-only"], extra=["FEATURE_CACHE.ENABLED", "True", "FEATURE_CACHE.DIR", multi,
                                                    "FEATURE_CACHE.TRAIN_VIEWS", "2", "DATASET.NUM_SHOTS", "2"]))
     assert stamps == _stamps(os.path.join(multi, key))
+
+
+def test_views_do_not_depend_on_where_the_data_lies(root, tmp_path):
+    """The same data tree copied elsewhere gives the same augmented training views (seeds use paths relative to
+    DATASET.ROOT), and another view index gives another seed."""
+    import shutil
+
+    from dassl.engine.feature_cache import view_seed
+
+    moved = str(tmp_path / "elsewhere" / "data")
+    shutil.copytree(root, moved)
+    feats = []
+    for r, tag in ((root, "a"), (moved, "b")):
+        cache = str(tmp_path / f"fc_{tag}")
+        run_cli(_args(r, str(tmp_path / tag), cache, extra=["OPTIM.MAX_EPOCH", "1"]))
+        (key,) = os.listdir(cache)
+        feats.append(_load(os.path.join(cache, key), "train_v1")["feats"])
+    assert torch.equal(feats[0], feats[1])
+    img = os.path.join(root, "PACS", "x.png")
+    assert view_seed(1, img, root) == view_seed(1, os.path.join(moved, "PACS", "x.png"), moved)
+    assert view_seed(1, img, root) != view_seed(2, img, root)

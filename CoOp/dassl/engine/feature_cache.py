@@ -60,14 +60,22 @@ def open_store(cache_dir: str, kind: str) -> FeatureStore:
     return store
 
 
-class _SeededViews(Dataset):
-    """Images under a transform; augmented view ``v`` of an image is drawn with a seed of (v, path), so it is
-    the same whatever else is encoded with it, in which order, or on which rank."""
+def view_seed(view: int, path: str, root: str) -> int:
+    """Seed of augmented view ``view`` of an image: from the view and the image path relative to the data root
+    (``DATASET.ROOT``), so the same data tree gives the same views wherever it lies."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if root else path
+    return int.from_bytes(hashlib.sha1(f"{view}:{rel}".encode()).digest()[:8], "little") % (2 ** 63)
 
-    def __init__(self, paths: list[str], transform: Any, view: Optional[int]) -> None:
+
+class _SeededViews(Dataset):
+    """Images under a transform; augmented view ``v`` of an image is drawn with a seed of (v, path relative to
+    the data root), so it is the same whatever else is encoded with it, in which order, or on which rank."""
+
+    def __init__(self, paths: list[str], transform: Any, view: Optional[int], root: str = "") -> None:
         self.paths = paths
         self.transform = transform
         self.view = view
+        self.root = root
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,7 +85,7 @@ class _SeededViews(Dataset):
         img = read_image(path)
         if self.view is None:
             return self.transform(img), path
-        seed = int.from_bytes(hashlib.sha1(f"{self.view}:{path}".encode()).digest()[:8], "little") % (2 ** 63)
+        seed = view_seed(self.view, path, self.root)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(img), path
@@ -120,8 +128,8 @@ class FeatureCache:
         if not todo:
             return
         tr = self.trainer
-        loader = DataLoader(_SeededViews(todo, transform, view), batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE,
-                            shuffle=False, num_workers=0)
+        loader = DataLoader(_SeededViews(todo, transform, view, tr.cfg.DATASET.ROOT),
+                            batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False, num_workers=0)
         paths_new: list[str] = []
         feats_new: list[torch.Tensor] = []
         dtype = next(tr.image_encoder.parameters()).dtype
