@@ -13,7 +13,8 @@ from synthetic_openset import write_dtd_like
 
 CONFIGS = {"CLIP_Adapter": "configs/trainers/CLIP_Adapter/rn50_ep30.yaml",
            "TIP_ADAPTER": "configs/trainers/TIP_ADAPTER/rn50_ep30.yaml"}
-FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "12", "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH", "2"]
+FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "12", "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH", "2",
+        "TRAINER.TIP_ADAPTER.CACHE_MODE", "fixed"]
 FEWSHOT = ["DATASET.NUM_SHOTS", "3", "DATASET.FEWSHOT_SAMPLER", "per_class_domain"]
 
 
@@ -200,6 +201,43 @@ def test_tip_eval_on_openset_dataset_with_other_train_list(data_root, tmp_path):
                            flags=["--eval-only", "--model-dir", out, "--load-epoch", "1"]))
     assert 0 <= rec["metrics"]["ood"]["energy"]["auroc"] <= 1 and "knn" in rec["metrics"]["ood"]
     assert not os.path.exists(os.path.join(ev, "tip_cache"))
+
+
+def test_tip_official_cache_shuffled_drop_last_shared_file(data_root, tmp_path):
+    """Official cache: passes of the shuffled, drop-last training loader; one file per shots/seed for all datasets."""
+    cache = str(tmp_path / "shared")
+    common = FEWSHOT + ["TRAINER.TIP_ADAPTER.CACHE_MODE", "official", "TRAINER.TIP_ADAPTER.CACHE_DIR", cache,
+                        "DATALOADER.TRAIN_X.BATCH_SIZE", "4"]
+    tr = build(data_root, tmp_path / "o", "TIP_ADAPTER", extra=common)
+    import train
+    from dassl.config import get_cfg_default
+
+    default = get_cfg_default()
+    train.extend_cfg(default)
+    assert default.TRAINER.TIP_ADAPTER.CACHE_MODE == "official"
+    n, dim = len(tr.dm.dataset.train_x), feature_dim(tr)
+    base = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    seen, returned = [], []
+
+    def provider(images, batch):
+        seen.append(batch["index"].tolist())
+        returned.append(base[batch["index"]])
+        return base[batch["index"]]
+
+    tr.feature_provider = provider
+    tr.prepare_cache()
+    assert n == 9 and tr.adapter.n_cache == 8                      # 9 images, batch 4, last batch dropped
+    first, second = sum(seen[:2], []), sum(seen[2:], [])
+    assert len(seen) == 4 and first != second                      # two shuffled passes
+    expected = (base[first] + base[second]) / 2
+    torch.testing.assert_close(tr.adapter.weight.detach(), expected / expected.norm(dim=-1, keepdim=True))
+    labels = torch.tensor([tr.dm.dataset.train_x[i].label for i in first])   # values: the first pass
+    assert torch.equal(tr.adapter.cache_values, torch.nn.functional.one_hot(labels, tr.num_classes).float())
+    assert os.listdir(cache) == ["keys_3shotsseed1.pt"]
+    vlcs = build(data_root, tmp_path / "v", "TIP_ADAPTER", extra=common, dataset="VLCS")
+    vlcs.feature_provider = lambda images, batch: (_ for _ in ()).throw(AssertionError("cache rebuilt"))
+    vlcs.prepare_cache()                                           # the PACS keys, as in the official code
+    torch.testing.assert_close(vlcs.adapter.weight.detach(), tr.adapter.weight.detach())
 
 
 # ------------------------------------------------------------------ Tip-Adapter cache files

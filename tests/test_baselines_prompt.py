@@ -1,6 +1,7 @@
 """Prompt-learning baselines (CoOp, CoCoOp, DPLCLIP) on the tiny random CLIP and synthetic PACS trees."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -12,8 +13,8 @@ from helpers import COOP, cli_args, run_cli
 from synthetic import write_lodo_tree
 
 NAMES = ("CoOp", "CoCoOp", "DPLCLIP")
-NODES = {"CoOp": "COOP", "CoCoOp": "COCOOP", "DPLCLIP": "DPLCLIP"}
-MODEL_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner", "DPLCLIP": "DPL"}
+NODES = {"CoOp": "COOP", "CoCoOp": "COCOOP", "DPLCLIP": "DPLCLIP", "BCAL": "BCAL"}
+MODEL_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner", "DPLCLIP": "DPL", "BCAL": "prompt_learner"}
 FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "8"]
 
 try:
@@ -144,7 +145,8 @@ def test_cocoop_zero_bias_is_the_plain_prompt(tiny_clip):
 
 @pytest.mark.parametrize("pool", ["mean_of_mlp", "mlp_of_mean"])
 def test_dplclip_scores_each_image_against_its_own_domain_group(pool, data_root, tmp_path):
-    tr = build(data_root, tmp_path / "o", "DPLCLIP", extra=["TRAINER.DPLCLIP.DOMAIN_POOL", pool])
+    tr = build(data_root, tmp_path / "o", "DPLCLIP", extra=["TRAINER.DPLCLIP.DOMAIN_POOL", pool,
+                                                            "TRAINER.DPLCLIP.LOGITS", "per_group"])
     tr.set_model_mode("eval")
     feats = F.normalize(torch.randn(7, 32), dim=-1)
     raw = 3 * feats
@@ -160,6 +162,78 @@ def test_dplclip_scores_each_image_against_its_own_domain_group(pool, data_root,
         tokens = tr.domain_tokens(feats, raw, torch.unique(domains, return_inverse=True)[1], 3)
     assert tokens.shape == (3, 16, 32) and not torch.allclose(tokens[0], tokens[1])
     assert set(tr._models) == {"DPL"} and not any("token" in k for k in tr._models["DPL"].state_dict())
+
+
+def test_dplclip_official_concat_logits(data_root, tmp_path):
+    """Official default: every image against all groups' classes (N x G*C), cross-entropy labels 0..C-1."""
+    tr = build(data_root, tmp_path / "o", "DPLCLIP", extra=["TRAINER.DPLCLIP.MLP_DROPOUT", "0"])
+    assert tr.cfg.TRAINER.DPLCLIP.LOGITS == "concat"
+    fix = build(data_root, tmp_path / "p", "DPLCLIP", extra=["TRAINER.DPLCLIP.MLP_DROPOUT", "0",
+                                                             "TRAINER.DPLCLIP.LOGITS", "per_group"])
+    fix.mlp.load_state_dict(tr.mlp.state_dict())
+    feats = F.normalize(torch.randn(7, 32), dim=-1)
+    raw = 3 * feats
+    domains = torch.tensor([2, 0, 2, 1, 0, 2, 1])
+    C = tr.num_classes
+    with torch.no_grad():
+        logits = tr.forward_logits(feats, raw, domains)
+        own = fix.forward_logits(feats, raw, domains)
+        assert logits.shape == (7, 3 * C)
+        for n, d in enumerate(domains.tolist()):   # block g of row n = row n scored against group g's classes
+            torch.testing.assert_close(logits[n, d * C:(d + 1) * C], own[n], rtol=1e-5, atol=1e-5)
+        one = domains.new_zeros(7)
+        torch.testing.assert_close(tr.forward_logits(feats, raw, one), fix.forward_logits(feats, raw, one))
+    # training: the loss is the cross-entropy of the N x G*C logits against labels 0..C-1
+    batch = next(iter(tr.train_loader_x))
+    assert len(set(batch["domain"].tolist())) > 1
+    tr.feature_provider = separable_provider(tr, batch)
+    tr.set_model_mode("train")
+    with torch.no_grad():
+        f, r = tr.image_features(batch["img"], batch)
+        expect = F.cross_entropy(tr.forward_logits(f, r, batch["domain"]), batch["label"]).item()
+    tr.batch_idx, tr.num_batches = 0, 10 ** 9
+    assert tr.forward_backward(batch)["loss"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_ragged_logits_are_padded_with_minus_inf(data_root, tmp_path):
+    """Val batches with different numbers of domains give different widths; padding keeps energy and argmax."""
+    import numpy as np
+
+    from dassl.engine.ragged import cat_padded
+
+    a, b = torch.tensor([[1.0, 2.0, 3.0, 0.5]]), torch.tensor([[-1.0, -2.0]])
+    got = cat_padded([a, b])
+    assert got.shape == (2, 4) and torch.isneginf(got[1, 2:]).all()
+    assert torch.logsumexp(got[1], 0).item() == pytest.approx(math.log(math.exp(-1) + math.exp(-2)), rel=1e-6)
+    tr = build(data_root, tmp_path / "o", "DPLCLIP", extra=["DATALOADER.TEST.BATCH_SIZE", "4"])
+    out = tr.collect_outputs("val")
+    widths = {int(np.isfinite(row).sum()) for row in out["logits"]}
+    assert out["logits"].shape[1] == max(widths) and len(widths) > 1
+    np.testing.assert_allclose(out["score"], torch.logsumexp(torch.from_numpy(out["logits"]), 1).numpy(),
+                               rtol=1e-5)
+
+
+def test_domain_match_substring_merges_upper_case_vlcs(tmp_path):
+    """Official substring matching: upper-case VLCS folders all become 'sun'; ``folder`` keeps the four."""
+    import train
+    from dassl.data.datasets import DATASET_REGISTRY
+
+    root = str(tmp_path)
+    write_lodo_tree(root, folder="VLCS", domains=("CALTECH", "LABELME", "PASCAL", "SUN"), classes=("bird", "car"),
+                    per_class=2)
+    write_lodo_tree(root, folder="PACS", per_class=2)
+    seen = {}
+    for match in ("substring", "folder"):
+        for name, env in (("VLCS", "SUN"), ("PACS", "sketch")):
+            args = cli_args(root, str(tmp_path / "o"), "CoOp", config=os.path.join(COOP, config("CoOp")),
+                            dataset_cfg=os.path.join(COOP, f"configs/datasets/{name}.yaml"),
+                            extra=["DATASET.DOMAIN_MATCH", match])
+            args[args.index("TEST_ENV") + 1] = env
+            ds = DATASET_REGISTRY.get(name)(train.setup_cfg(train.get_parser().parse_args(args)))
+            seen[match, name] = sorted({(d.domain, d.domainname) for d in ds.train_x + ds.val})
+    assert seen["substring", "VLCS"] == [(3, "sun")]
+    assert seen["folder", "VLCS"] == [(0, "caltech"), (1, "labelme"), (2, "pascal")]
+    assert seen["substring", "PACS"] == seen["folder", "PACS"] == [(0, "art_painting"), (1, "cartoon"), (2, "photo")]
 
 
 # ------------------------------------------------------------------ optimisation
@@ -208,7 +282,8 @@ def test_checkpoint_save_reload_gives_identical_eval_outputs(name, data_root, tm
         tr.forward_backward(train_batch)
     batch = next(iter(tr.val_loader))          # source domains: DPLCLIP groups by domain here
     ref = infer(tr, batch)
-    assert ref[0].shape == (len(batch["label"]), tr.num_classes)
+    groups = len(set(batch["domain"].tolist())) if name == "DPLCLIP" else 1   # official concatenated logits
+    assert ref[0].shape == (len(batch["label"]), groups * tr.num_classes)
     torch.testing.assert_close(ref[2], torch.logsumexp(ref[0], dim=1))
     torch.testing.assert_close(ref[1].norm(dim=1), torch.ones(len(batch["label"])))
     tr.save_model(0, str(tmp_path / "ckpt"))
@@ -235,18 +310,25 @@ def test_reduced_precision_on_cpu_runs_in_fp32(name, prec, data_root, tmp_path):
     assert infer(tr, next(iter(tr.test_loader)))[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("name,prec", [("CoOp", "fp16"), ("CoCoOp", "bf16"), ("CoCoOp", "amp"), ("DPLCLIP", "fp16"),
-                                       ("DPLCLIP", "amp")])
-def test_reduced_precision_code_paths_forced_on_cpu(name, prec, data_root, tmp_path, monkeypatch):
-    """The GPU precision paths (CLIP cast to fp16/bf16 with fp32 learnable parts; autocast) run end to end when
-    the CPU fallback is switched off (no GradScaler off CUDA)."""
+@pytest.mark.parametrize("name,prec,fp32_params", [("CoOp", "fp16", False), ("CoOp", "fp16", True),
+                                                    ("CoCoOp", "bf16", False), ("CoCoOp", "amp", False),
+                                                    ("DPLCLIP", "fp16", False), ("DPLCLIP", "fp16", True),
+                                                    ("DPLCLIP", "amp", False), ("BCAL", "fp16", False)])
+def test_reduced_precision_code_paths_forced_on_cpu(name, prec, fp32_params, data_root, tmp_path, monkeypatch):
+    """The GPU precision paths run end to end when the CPU fallback is switched off (no GradScaler off CUDA):
+    CLIP cast to fp16/bf16 with the learnable parameters in CLIP's dtype (official) or fp32 (FP32_PARAMS);
+    autocast over fp32 weights."""
     from dassl.engine.trainer import SimpleTrainer
 
     monkeypatch.setattr(SimpleTrainer, "resolve_precision", lambda self, p: p)
-    tr = build(data_root, tmp_path / "o", name, extra=[f"TRAINER.{NODES[name]}.PREC", prec])
+    node = NODES[name]
+    tr = build(data_root, tmp_path / "o", name, extra=[f"TRAINER.{node}.PREC", prec,
+                                                       f"TRAINER.{node}.FP32_PARAMS", str(fp32_params)])
     clip_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "amp": torch.float32}[prec]
     assert tr.prec == prec and tr.clip_model.token_embedding.weight.dtype == clip_dtype
-    assert all(p.dtype == torch.float32 for p in tr._models[MODEL_NAMES[name]].parameters())
+    param_dtype = torch.float32 if fp32_params else clip_dtype
+    assert all(p.dtype == param_dtype for p in tr._models[MODEL_NAMES[name]].parameters())
+    assert tr.precision_info["learnable_params"] == str(param_dtype).replace("torch.", "")
     tr.set_model_mode("train")
     tr.batch_idx, tr.num_batches = 0, 10 ** 9
     before = [p.detach().clone() for p in tr._models[MODEL_NAMES[name]].parameters()]
@@ -268,7 +350,8 @@ def test_official_script_overrides_are_accepted(name, data_root, tmp_path):
 
 @pytest.mark.parametrize("key,value", [("TRAINER.COOP.PREC", "fp8"), ("TRAINER.COOP.CLASS_TOKEN_POSITION", "side"),
                                        ("TRAINER.COCOOP.CSC", "True"), ("TRAINER.DPLCLIP.CTX_INIT", "a photo"),
-                                       ("TRAINER.DPLCLIP.MLP_DEPTH", "1"), ("TRAINER.DPLCLIP.DOMAIN_POOL", "max")])
+                                       ("TRAINER.DPLCLIP.MLP_DEPTH", "1"), ("TRAINER.DPLCLIP.DOMAIN_POOL", "max"),
+                                       ("TRAINER.DPLCLIP.LOGITS", "sum")])
 def test_bad_config_values_are_config_errors(key, value, data_root, tmp_path):
     from dassl.utils.errors import ConfigError
 

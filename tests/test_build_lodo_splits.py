@@ -207,6 +207,7 @@ def make_cfg(root: str, name: str, env: str, shots: int = 2):
     cfg.DATASET.ROOT = root
     cfg.DATASET.NAME = name
     cfg.DATASET.NUM_SHOTS = shots
+    cfg.DATASET.DOMAIN_MATCH = "folder"  # named fix: upper-case VLCS folders keep their four domains
     cfg.TEST_ENV = env
     cfg.INPUT.SIZE = (32, 32)
     cfg.DATALOADER.TRAIN_X.BATCH_SIZE = 4

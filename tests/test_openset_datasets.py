@@ -51,6 +51,7 @@ def make_cfg(root: str, name: str, id_cap: int = 5, ood_cap: int = 3, shots: int
     cfg.DATASET.NUM_SHOTS = shots
     cfg.DATASET.ID_PER_CLASS_CAP = id_cap
     cfg.DATASET.OOD_PER_CLASS_CAP = ood_cap
+    cfg.DATASET.DOMAIN_MATCH = "folder"  # named fix: upper-case VLCS folders keep their four domains
     cfg.TEST_ENV = env or ENV[name.split("_")[0]]
     cfg.VERBOSE = False
     return cfg
@@ -172,6 +173,10 @@ def test_vlcs_uppercase_domains(root):
     assert {d.domainname for d in ds.test} == {"caltech"}
     assert {d.domainname for d in ds.val} == {"labelme", "pascal", "sun"}
     assert all("/CALTECH/" in d.impath for d in ds.test)
+    official = make_cfg(root, "VLCS_Food101", env="caltech")
+    official.DATASET.DOMAIN_MATCH = "substring"   # official: case-sensitive substrings -> every image is 'sun'
+    ds = build(official)
+    assert {(d.domain, d.domainname) for d in ds.test + ds.val} == {(3, "sun")}
 
 
 def test_missing_ood_folder_and_split(tmp_path):

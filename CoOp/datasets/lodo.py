@@ -6,8 +6,12 @@ Layout under ``DATASET.ROOT``::
     <dataset_dir>/test_on_<domain>.json     # {"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}
 
 ``TEST_ENV`` selects the json (``sketch``, ``test_on_sketch`` or ``test_on_sketch.json``). ``test`` is the
-held-out domain, ``train``/``val`` come from the source domains. The domain of an image is the first folder of
-its relative path, matched case-insensitively (so upper-case VLCS folders work).
+held-out domain, ``train``/``val`` come from the source domains. The domain of an image (``DATASET.DOMAIN_MATCH``):
+
+* ``substring`` (official): the first domain of the official order (PACS art_painting, cartoon, photo, else
+  sketch; VLCS caltech, pascal, labelme, else sun) that is a case-sensitive substring of the image's relative path,
+  else the last one -- so upper-case VLCS folders all become ``sun`` (one domain, as in the official code);
+* ``folder`` (named fix): the first folder of the relative path, matched case-insensitively.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dassl.utils.errors import ConfigError, DataError
 from dassl.utils.tools import listdir_nohidden, read_json
 
 FEWSHOT_SAMPLERS = ("official", "per_class_domain", "plain")
+DOMAIN_MATCHES = ("substring", "folder")
 
 
 def split_file_name(test_env: str) -> str:
@@ -42,6 +47,7 @@ class LODODataset(DatasetBase):
 
     dataset_dir = ""
     domains: list[str] = []
+    official_domain_order: list[str] = []   # the official substring tests, in order (default: ``domains``)
     official_sampler = "plain"
 
     def __init__(self, cfg: Any) -> None:
@@ -75,7 +81,12 @@ class LODODataset(DatasetBase):
         if not os.path.isfile(self.split_path):
             raise DataError(f"split file not found: {self.split_path} (available: "
                             f"{', '.join(self.split_files()) or 'none'}; build them with tools/build_lodo_splits.py)")
-        self.domain_list = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir))]
+        self.domain_match = cfg.DATASET.DOMAIN_MATCH
+        if self.domain_match not in DOMAIN_MATCHES:
+            raise ConfigError(f"DATASET.DOMAIN_MATCH must be one of {DOMAIN_MATCHES}, got {self.domain_match!r}")
+        folders = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir, sort=True))]
+        official = list(self.official_domain_order or folders)
+        self.domain_list = official if self.domain_match == "substring" else folders
         split = read_json(self.split_path)
         for key in ("train", "val", "test"):
             if key not in split:
@@ -91,7 +102,12 @@ class LODODataset(DatasetBase):
         return [f for f in sorted(os.listdir(root)) if f.startswith("test_on_") and f.endswith(".json")]
 
     def domain_of(self, relpath: str) -> tuple[int, str]:
-        """Domain index and name of an image path (first folder, case-insensitive; else substring)."""
+        """Domain index and name of an image path (see ``DATASET.DOMAIN_MATCH`` in the module docstring)."""
+        if self.domain_match == "substring":
+            for i, d in enumerate(self.domain_list[:-1]):
+                if d in relpath:
+                    return i, d
+            return len(self.domain_list) - 1, self.domain_list[-1]
         parts = relpath.replace("\\", "/").lower().split("/")
         if parts[0] in self.domain_list:
             return self.domain_list.index(parts[0]), parts[0]
@@ -145,12 +161,13 @@ class VLCS(LODODataset):
 
     dataset_dir = "VLCS"
     domains = ["caltech", "labelme", "pascal", "sun"]
+    official_domain_order = ["caltech", "pascal", "labelme", "sun"]
     official_sampler = "plain"
 
 
 @DATASET_REGISTRY.register()
 class DigitsDG(LODODataset):
-    """DigitsDG-mini (built by ``tools/build_digitsdg_mini.py``); domains are the folders of ``images/``."""
+    """DigitsDG-mini (built by ``python -m demo.data``); domains are the folders of ``images/``."""
 
     dataset_dir = "DigitsDG"
     domains: list[str] = []

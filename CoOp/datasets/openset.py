@@ -126,7 +126,8 @@ class LODOOpenSet(LODODataset):
     Class attributes:
 
     - ``id_dataset``: the ID :class:`LODODataset` (``PACS``, ``VLCS``, ``DigitsDG``); its ``dataset_dir``,
-      ``domains`` and ``official_sampler`` are copied onto the subclass unless it sets them itself.
+      ``domains``, ``official_domain_order`` and ``official_sampler`` are copied onto the subclass unless it sets
+      them itself.
     - ``ood_folder`` / ``ood_image_subdir`` / ``ood_split_file``: the open-set folder under ``DATASET.ROOT``, its
       image sub-folder and its CoOp split file (in ``ood_folder``).
     - ``ood_exclude``: open-set class names to drop (exact match on the split's class-name field).
@@ -142,7 +143,7 @@ class LODOOpenSet(LODODataset):
         super().__init_subclass__(**kwargs)
         idc = cls.__dict__.get("id_dataset")
         if idc is not None:
-            for attr in ("dataset_dir", "domains", "official_sampler"):
+            for attr in ("dataset_dir", "domains", "official_domain_order", "official_sampler"):
                 if attr not in cls.__dict__:
                     setattr(cls, attr, getattr(idc, attr))
 
@@ -232,7 +233,7 @@ class VLCS_food101(VLCS_Food101):
 # ----------------------------------------------------------------------------- DigitsDG-mini (the demo)
 @DATASET_REGISTRY.register()
 class DigitsDG_FashionMNIST(LODOOpenSet):
-    """DigitsDG-mini as ID, Fashion-MNIST (built by ``tools/build_digitsdg_mini.py``) as open-set."""
+    """DigitsDG-mini as ID, Fashion-MNIST (built by ``python -m demo.data``) as open-set."""
 
     id_dataset = DigitsDG
     ood_folder = "fashion-mnist"

@@ -1,19 +1,15 @@
 """Restartable sweeps: a list of ``train.py`` jobs, skipped when their ``done`` marker exists.
 
-Launchers (DomainBed style): ``subprocess`` (one ``python train.py`` per job, the default), ``inprocess``
-(jobs run inside this process, which saves the ~5 s of imports per job that tiny CPU runs would otherwise pay)
-and ``--jobs N`` worker processes (each runs jobs in-process; ``--devices 0,1`` pins each worker to one GPU
-through ``CUDA_VISIBLE_DEVICES``). A failing job never stops the sweep; failures are listed at the end and the
-exit code is non-zero. Every sweep writes a manifest (``<output_root>/sweeps/<name>.json``) naming all
+Jobs are executed by a launcher chosen by name (:mod:`launch.launchers`: ``workers``, the default persistent
+worker processes; ``process``, one ``python train.py`` per job; ``inprocess``; plug-ins such as ``slurm``).
+A failing job never stops the sweep; failures are listed at the end and the exit code is non-zero. Every sweep writes a manifest (``<output_root>/sweeps/<name>.json``) naming all
 planned run directories, so collectors can report missing runs by name.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import argparse
 import os
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -22,6 +18,7 @@ if COOP_DIR not in sys.path:
     sys.path.insert(0, COOP_DIR)
 
 from dassl.utils.tools import atomic_write_json, read_json  # noqa: E402
+from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args, make_launcher  # noqa: E402,F401
 
 
 @dataclass
@@ -66,59 +63,10 @@ def read_manifests(output_root: str) -> list[dict[str, Any]]:
     return jobs
 
 
-def _run_inprocess(job: Job, quiet: bool) -> tuple[bool, str]:
-    import contextlib
-    import io
-
-    import train
-    from dassl.utils.errors import UserError
-    from dassl.utils.logger import restore_stdout
-
-    sink = io.StringIO()
-    if quiet:
-        os.environ["CROFT_NO_PROGRESS"] = "1"
-    try:
-        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-            train.main(job.argv)
-        return True, ""
-    except UserError as err:
-        return False, f"error: {err}"
-    except Exception as err:  # a failing job must not stop the sweep
-        return False, f"{type(err).__name__}: {err}"
-    finally:
-        restore_stdout()
-
-
-def _run_subprocess(job: Job, quiet: bool, env: Optional[dict[str, str]] = None) -> tuple[bool, str]:
-    os.makedirs(os.path.dirname(os.path.abspath(job.output_dir)), exist_ok=True)
-    env = dict(env if env is not None else os.environ)
-    if quiet:
-        env["CROFT_NO_PROGRESS"] = "1"
-    res = subprocess.run(job.command(), cwd=COOP_DIR, env=env, text=True,
-                         stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE)
-    if not quiet and res.stderr:
-        sys.stderr.write(res.stderr)
-    if res.returncode == 0:
-        return True, ""
-    tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-1:] if res.stderr else []
-    return False, f"exit code {res.returncode}" + (f": {tail[0]}" if tail else "")
-
-
-def _worker(args: tuple[Job, bool, Optional[str], int]) -> tuple[str, bool, str, float]:
-    job, quiet, device, threads = args
-    if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-    t0 = time.time()
-    ok, msg = _run_inprocess(job, quiet)
-    return job.name, ok, msg, time.time() - t0
-
-
-def run_jobs(jobs: list[Job], launcher: str = "subprocess", num_workers: int = 1,
-             devices: Optional[Sequence[str]] = None, dry_run: bool = False, quiet: bool = True) -> int:
-    """Run the unfinished jobs; return the number of failures."""
+def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int = 1,
+             devices: Optional[Sequence[str]] = None, dry_run: bool = False, quiet: bool = True,
+             retry: bool = False, sweep_dir: str = "", args: Any = None) -> int:
+    """Run the unfinished jobs with the named launcher (:mod:`launch.launchers`); return the number of failures."""
     todo = [j for j in jobs if not j.done()]
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if dry_run:
@@ -128,6 +76,9 @@ def run_jobs(jobs: list[Job], launcher: str = "subprocess", num_workers: int = 1
         return 0
     if not todo:
         return 0
+    options = LaunchOptions(jobs=max(1, num_workers), devices=list(devices) if devices else None, quiet=quiet,
+                            retry=retry, sweep_dir=sweep_dir, args=args if args is not None else argparse.Namespace())
+    runner = make_launcher(launcher, options)
     failures: list[tuple[str, str]] = []
     try:
         from tqdm import tqdm
@@ -135,31 +86,14 @@ def run_jobs(jobs: list[Job], launcher: str = "subprocess", num_workers: int = 1
         tqdm = None
     bar = tqdm(total=len(todo), desc="runs", unit="run", file=sys.stderr) if tqdm else None
 
-    def report(name: str, ok: bool, msg: str) -> None:
+    def report(job: Job, ok: bool, msg: str) -> None:
         if not ok:
-            failures.append((name, msg))
-            print(f"FAILED {name}: {msg}", file=sys.stderr)
+            failures.append((job.name, msg))
+            print(f"FAILED {job.name}: {msg}", file=sys.stderr)
         if bar is not None:
             bar.update(1)
 
-    if num_workers > 1:
-        devs = list(devices) if devices else [None]
-        threads = max(1, (os.cpu_count() or 1) // num_workers)
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        tasks = [(j, quiet, devs[i % len(devs)], threads) for i, j in enumerate(todo)]
-        with ctx.Pool(num_workers, maxtasksperchild=None) as pool:
-            for name, ok, msg, _ in pool.imap_unordered(_worker, tasks):
-                report(name, ok, msg)
-    else:
-        for j in todo:
-            if launcher == "inprocess":
-                ok, msg = _run_inprocess(j, quiet)
-            else:
-                env = dict(os.environ)
-                if devices:
-                    env["CUDA_VISIBLE_DEVICES"] = devices[0]
-                ok, msg = _run_subprocess(j, quiet, env)
-            report(j.name, ok, msg)
+    runner.run(todo, report)
     if bar is not None:
         bar.close()
     if failures:
@@ -193,10 +127,14 @@ def runnable(jobs: list[Job], evaluate: bool) -> list[Job]:
 
 def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> int:
     """Record the planned jobs in the manifest, run the runnable ones; exit code 1 if any failed."""
+    root = args.eval_root if evaluate else args.output_root
     if not args.dry_run:
-        write_manifest(args.eval_root if evaluate else args.output_root, manifest_name, jobs)
-    failures = run_jobs(runnable(jobs, evaluate), launcher=args.launcher, num_workers=args.jobs,
-                        devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose)
+        write_manifest(root, manifest_name, jobs)
+    todo = jobs if args.dry_run else runnable(jobs, evaluate)  # a dry run lists every planned job
+    failures = run_jobs(todo, launcher=args.launcher, num_workers=args.jobs,
+                        devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose,
+                        retry=getattr(args, "retry", False), sweep_dir=os.path.join(root, "sweeps", manifest_name),
+                        args=args)
     return 1 if failures else 0
 
 
@@ -211,8 +149,10 @@ def plan_sweep(module: Any, argv: Optional[Sequence[str]], trainer: Optional[str
     args.opts = opts
     if not args.root:
         raise SystemExit("error: no data root: pass --root DIR or set DATA=DIR")
-    os.chdir(COOP_DIR)
     args.root = os.path.abspath(os.path.expanduser(args.root))
+    for key in ("output_root", "eval_root"):  # relative roots are relative to the CoOp folder (as before)
+        if getattr(args, key, None):
+            setattr(args, key, os.path.join(COOP_DIR, os.path.expanduser(getattr(args, key))))
     make = module.eval_jobs if evaluate else module.train_jobs
     return args, [j for t in args.trainer for j in make(args, t)]
 
@@ -228,13 +168,3 @@ def sweep_main(module: Any, name: str, argv: Optional[Sequence[str]], trainer: O
             return 2
         raise
     return drive(args, jobs, evaluate, f"{name}_eval" if evaluate else f"{name}_train")
-
-
-def add_launcher_args(p: Any) -> None:
-    """The launcher flags every driver shares (how runs are executed, not what they compute)."""
-    p.add_argument("--launcher", choices=["subprocess", "inprocess"], default="subprocess")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (each runs jobs in-process)")
-    p.add_argument("--devices", nargs="+", help="GPU ids assigned round-robin to workers")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    p.add_argument("--verbose", action="store_true", help="show each run's log on the console")
-    p.epilog = "Extra yacs overrides for every run go after '--', e.g. -- OPTIM.MAX_EPOCH 5 DEVICE cuda"

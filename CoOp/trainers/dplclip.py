@@ -10,12 +10,16 @@ group gets its own domain tokens, hence its own C class text features:
   mean over the group's images of ``F(raw image feature)``.
 * ``DOMAIN_POOL mlp_of_mean``: tokens = ``F(mean of the group's L2-normalised image features)``.
 
-**Deviation from the official code (deliberate; listed in the README).** The official ``CustomCLIP.forward``
-scores every image against the *concatenation* of all groups' class features (logits ``N x (G*C)``) while the
-cross-entropy labels stay in ``0..C-1``, so with more than one domain in a batch (every PACS training batch: three
-source domains) an image of the second or third domain is trained to match the *first* domain's prompts and the
-other groups' columns act as extra negatives. Here each image is scored against **its own domain group's** C class
-features (logits ``N x C``), which is what the DPL paper describes; with a single group both are identical.
+Logits (``LOGITS``):
+
+* ``concat`` (official default): every image is scored against the *concatenation* of all groups' class
+  features (logits ``N x (G*C)``, groups in ascending domain-label order) while the cross-entropy labels stay in
+  ``0..C-1``, so with more than one domain in a batch (every PACS training batch: three source domains) an image
+  of the second or third domain is trained to match the *first* domain's prompts and the other groups' columns
+  act as extra negatives. At evaluation a batch with several domains gives wider logits; collected logits of
+  batches of different widths are padded with ``-inf`` (no effect on softmax, energy or argmax).
+* ``per_group`` (named fix, what the DPL paper describes): each image is scored against its own domain group's
+  C class features (logits ``N x C``). With a single group both modes are identical.
 
 At inference the domain tokens come from the test batch itself (transductive, as in the official code): the
 images of the batch are grouped by ``domain`` label (``TEST_GROUP_BY_DOMAIN True``, as the official
@@ -36,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, Range, count
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -43,6 +48,7 @@ from .prompt_trainer import PromptCLIPTrainer
 from .prompting import PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings
 
 DOMAIN_POOLS = ("mean_of_mlp", "mlp_of_mean")
+LOGIT_MODES = ("concat", "per_group")
 
 
 class DomainPromptMLP(nn.Module):
@@ -96,6 +102,10 @@ def group_means(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> to
 class DPLCLIP(PromptCLIPTrainer):
     """Domain prompt learning: an MLP generates per-domain prompt tokens from the batch's image features."""
 
+    CFG_RANGES = {"TRAINER.DPLCLIP.N_CTX": count(1), "TRAINER.DPLCLIP.PREC": PREC,
+                  "TRAINER.DPLCLIP.MLP_DEPTH": count(2, "input and output layer"), "TRAINER.DPLCLIP.MLP_WIDTH": count(1),
+                  "TRAINER.DPLCLIP.MLP_DROPOUT": Range(0.0, 1.0, hi_open=True)}
+
     cfg_node = "DPLCLIP"
     model_name = "DPL"
     unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
@@ -105,11 +115,13 @@ class DPLCLIP(PromptCLIPTrainer):
         c = cfg.TRAINER.DPLCLIP = CN()
         c.N_CTX = 16                     # number of domain tokens
         c.PREC = "fp16"                  # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.MLP_DEPTH = 3                  # official mlp_depth
         c.MLP_WIDTH = 512                # official mlp_width
         c.MLP_DROPOUT = 0.1              # official mlp_dropout
         c.DOMAIN_POOL = "mean_of_mlp"    # mean_of_mlp (official, paper) | mlp_of_mean
         c.TEST_GROUP_BY_DOMAIN = True    # inference: one group per domain label in the batch (official)
+        c.LOGITS = "concat"              # concat (official: all groups' classes, labels 0..C-1) | per_group (fix)
         # official keys passed by the official scripts; only the defaults are supported (the MLP makes the context)
         c.CTX_INIT = ""
         c.CSC = False
@@ -118,14 +130,10 @@ class DPLCLIP(PromptCLIPTrainer):
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
         c = cfg.TRAINER.DPLCLIP
-        if int(c.MLP_DEPTH) < 2:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DEPTH must be >= 2 (input and output layer), got {c.MLP_DEPTH}")
-        if int(c.MLP_WIDTH) < 1:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_WIDTH must be >= 1, got {c.MLP_WIDTH}")
-        if not 0.0 <= float(c.MLP_DROPOUT) < 1.0:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DROPOUT must be in [0, 1), got {c.MLP_DROPOUT}")
         if c.DOMAIN_POOL not in DOMAIN_POOLS:
             raise ConfigError(f"TRAINER.DPLCLIP.DOMAIN_POOL must be one of {DOMAIN_POOLS}, got {c.DOMAIN_POOL!r}")
+        if c.LOGITS not in LOGIT_MODES:
+            raise ConfigError(f"TRAINER.DPLCLIP.LOGITS must be one of {LOGIT_MODES}, got {c.LOGITS!r}")
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.DPLCLIP
@@ -133,7 +141,7 @@ class DPLCLIP(PromptCLIPTrainer):
         self.width = clip_model.token_embedding.weight.shape[1]
         self.prompt_tokens = DomainPromptTokens(clip_model, self.context_length, classnames, n_ctx).to(self.device)
         print(f"DPLCLIP: {n_ctx} domain tokens, MLP depth {int(c.MLP_DEPTH)} width {int(c.MLP_WIDTH)} dropout "
-              f"{float(c.MLP_DROPOUT)}, pooling {c.DOMAIN_POOL}, per-group logits (see the module docstring)")
+              f"{float(c.MLP_DROPOUT)}, pooling {c.DOMAIN_POOL}, logits {c.LOGITS} (see the module docstring)")
         self.mlp = DomainPromptMLP(clip_embed_dim(clip_model), n_ctx * self.width, int(c.MLP_DEPTH),
                                    int(c.MLP_WIDTH), float(c.MLP_DROPOUT))
         return self.mlp
@@ -151,9 +159,10 @@ class DPLCLIP(PromptCLIPTrainer):
                       n_groups: int) -> torch.Tensor:
         """Domain tokens ``[G, M, w]`` of each group."""
         if self.cfg.TRAINER.DPLCLIP.DOMAIN_POOL == "mean_of_mlp":
-            tokens = group_means(self.mlp(raw.float()), groups, n_groups)
+            dtype = self.mlp.output.weight.dtype
+            tokens = group_means(self.mlp(raw.to(dtype)), groups, n_groups)
         else:
-            tokens = self.mlp(group_means(feats.float(), groups, n_groups))
+            tokens = self.mlp(group_means(feats.float(), groups, n_groups).to(self.mlp.output.weight.dtype))
         return tokens.reshape(n_groups, self.prompt_tokens.n_ctx, self.width)
 
     def group_text_features(self, domain_tokens: torch.Tensor) -> torch.Tensor:
@@ -164,7 +173,8 @@ class DPLCLIP(PromptCLIPTrainer):
 
     def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``logits[n, c] = s * cos(x_n, t_c(group of n))`` -- each image against its own group's C classes."""
+        """``concat``: ``logits[n, g*C + c] = s * cos(x_n, t_c(group g))``; ``per_group``: ``logits[n, c] =
+        s * cos(x_n, t_c(group of n))``."""
         if domains is None:
             groups = torch.zeros(feats.shape[0], dtype=torch.long, device=feats.device)
             n_groups = 1
@@ -172,4 +182,7 @@ class DPLCLIP(PromptCLIPTrainer):
             _, groups = torch.unique(domains, return_inverse=True)
             n_groups = int(groups.max().item()) + 1
         tf = self.group_text_features(self.domain_tokens(feats, raw, groups, n_groups))   # [G, C, D]
-        return self.logit_scale * torch.einsum("nd,ncd->nc", feats.to(tf.dtype), tf[groups])
+        x = feats.to(tf.dtype)
+        if self.cfg.TRAINER.DPLCLIP.LOGITS == "concat":
+            return self.logit_scale * x @ tf.reshape(-1, tf.shape[-1]).t()
+        return self.logit_scale * torch.einsum("nd,ncd->nc", x, tf[groups])

@@ -5,15 +5,27 @@ Model (``x`` = L2-normalised frozen CLIP image feature, ``W`` = 7-template ensem
 
     logits = s * x W^T + ALPHA * exp(-BETA * (1 - x K^T)) V
 
-Cache: keys are the CLIP features of the few-shot training set (``train_x``) averaged over ``AUGMENT_EPOCH``
-passes with the training augmentation through an **unshuffled** loader, then L2-normalised (the original
-Tip-Adapter's ``build_cache_model``); values are the one-hot labels. ``K`` is a ``Linear(D -> N_cache, no bias)``
+Cache (``CACHE_MODE``):
+
+* ``official`` (default, as the official ``TIP_ADAPTER.py``): ``AUGMENT_EPOCH`` passes of the *training* loader
+  (shuffled, training augmentation, last incomplete batch dropped: e.g. 96 of ~105 PACS images with batch 32);
+  key i is the mean of the i-th feature of every pass (so with ``AUGMENT_EPOCH > 1`` it mixes different images),
+  L2-normalised; the values are the one-hot labels of the first pass. The keys and labels are stored in ONE file
+  per shots/seed, ``<CACHE_DIR>/keys_<K>shotsseed<S>.pt``, reused whenever it exists, whatever the dataset: runs
+  that share ``CACHE_DIR`` share (and, across datasets, corrupt) the cache, as officially with ``cache/``. A
+  stored cache whose labels or feature size do not fit the current run is a one-line error naming the file.
+  The passes draw from the run's RNG stream like any training epoch.
+* ``fixed`` (named fix): keys are the CLIP features of the whole few-shot training set (``train_x``) averaged
+  over ``AUGMENT_EPOCH`` passes with the training augmentation through an **unshuffled** loader, then
+  L2-normalised (the original Tip-Adapter's ``build_cache_model``); values are the one-hot labels; the file is
+  per dataset/env/backbone/shots/seed with a content hash (below). ``K`` is a ``Linear(D -> N_cache, no bias)``
 initialised with the keys; it is the only trained module (checkpoint model name ``adapter``). Its checkpoint also
 holds the cache values (buffer ``cache_values``), so a saved model is self-contained: evaluation (``--eval-only
 --model-dir``) never reads the training images, even when the evaluation dataset's ``train_x`` differs (e.g.
 ``PACS_DTD`` with ``NUM_SHOTS -1``). Inference returns ``InferenceOutput(logits, normalised image features)``.
 
-Cache file (``TRAINER.TIP_ADAPTER.CACHE_DIR``, default ``<OUTPUT_DIR>/tip_cache``)::
+Cache file of ``CACHE_MODE fixed`` (``TRAINER.TIP_ADAPTER.CACHE_DIR``, default ``<OUTPUT_DIR>/tip_cache`` in both
+modes)::
 
     keys_<dataset>[-<test env>]_<backbone>_<K>shots_seed<S>_<hash8>.pt
 
@@ -24,21 +36,19 @@ pipeline and the augmentation seed. The file is written atomically and reused
 when its stored description matches (otherwise it is rebuilt and replaced). The cache is prepared when first
 needed (start of training, or the first forward when no checkpoint was loaded), not at build time.
 
-Randomness: the augmented passes draw from torch's global RNG, re-seeded with the run seed (``SEED``; 0 when
+Randomness (``fixed``): the augmented passes draw from torch's global RNG, re-seeded with the run seed (``SEED``; 0 when
 ``SEED < 0``) and restored afterwards (python, numpy, torch and CUDA states). Building the cache therefore
 leaves the training RNG stream untouched, so a run that builds the cache and a rerun that reuses it train
 identically, and the keys are deterministic for a given seed.
 
 Differences from the official ``TIP_ADAPTER.py`` (see spec section 3):
 
-* unshuffled cache loader (official: the shuffled training loader, so with ``AUGMENT_EPOCH > 1`` each key
-  averaged features of *different* images while the values came from the first pass only) [bug fixed];
-* per dataset/env/backbone/shots/seed cache files with a content hash (official: one shared
-  ``cache/keys_<shots>shotsseed<S>.pt``, so PACS, VLCS and ImageNet46 runs overwrite each other's caches)
-  [bug fixed]; ``AUGMENT_EPOCH`` is declared (official: undeclared key, crash unless the cache exists) [bug fixed];
+* ``CACHE_MODE fixed`` (not the default): unshuffled cache loader and per-run cache files, see above;
+* ``AUGMENT_EPOCH`` is declared (official: undeclared key, crash unless the cache exists) [bug fixed];
 * the CLIP logit scale ``s`` instead of a literal 100 (identical for OpenAI weights);
 * one-hot values use the dataset's class count (official ``F.one_hot`` infers it from the labels present);
-* ``PREC`` defaults to fp32 (official: fp16 on GPU); CPU always runs fp32.
+* ``PREC`` (official default fp16) casts the image encoder only; the text classifier is encoded in fp32 (official:
+  fp16 CLIP throughout); CPU always runs fp32.
 """
 from __future__ import annotations
 
@@ -59,6 +69,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from dassl.data.data_manager import build_data_loader
+from dassl.config.validate import PREC, count, nonneg
 from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError, UserError
@@ -68,6 +79,7 @@ from dassl.utils.torchtools import load_checkpoint
 from .clip_common import FeatureHeadTrainer, setup_frozen_clip, single_template, text_features
 
 CACHE_FORMAT = 1
+CACHE_MODES = ("official", "fixed")
 
 
 class TipCache(nn.Module):
@@ -126,21 +138,23 @@ def _token(text: str) -> str:
 class TIP_ADAPTER(FeatureHeadTrainer):
     """Tip-Adapter-F: a learnable few-shot feature cache added to the zero-shot CLIP classifier."""
 
+    CFG_RANGES = {"TRAINER.TIP_ADAPTER.ALPHA": nonneg(), "TRAINER.TIP_ADAPTER.BETA": nonneg(),
+                  "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH": count(1), "TRAINER.TIP_ADAPTER.PREC": PREC}
+
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER = CN()
         c.ALPHA = 1.0          # cache residual weight (Setup-I scripts: 1.17; Setup-II: 1)
         c.BETA = 1.0           # affinity sharpness (Setup-I scripts: 1.0; Setup-II: 10)
         c.AUGMENT_EPOCH = 10   # augmented passes averaged into the cache keys
-        c.PREC = "fp32"        # precision of the frozen image encoder (official default fp16); the cache is fp32
+        c.PREC = "fp16"        # precision of the frozen image encoder (official fp16; CPU: fp32); the cache is fp32
         c.CACHE_DIR = ""       # where cache files live ("" = <OUTPUT_DIR>/tip_cache)
+        c.CACHE_MODE = "official"  # official (shuffled, drop-last, one shared file per shots/seed) | fixed
 
     def check_cfg(self, cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER
-        if int(c.AUGMENT_EPOCH) < 1:
-            raise ConfigError(f"TRAINER.TIP_ADAPTER.AUGMENT_EPOCH must be >= 1, got {c.AUGMENT_EPOCH}")
-        if float(c.BETA) < 0:
-            raise ConfigError(f"TRAINER.TIP_ADAPTER.BETA must be >= 0, got {c.BETA}")
+        if c.CACHE_MODE not in CACHE_MODES:
+            raise ConfigError(f"TRAINER.TIP_ADAPTER.CACHE_MODE must be one of {CACHE_MODES}, got {c.CACHE_MODE!r}")
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> None:
@@ -252,8 +266,50 @@ class TIP_ADAPTER(FeatureHeadTrainer):
             return None
         return keys
 
+    @torch.no_grad()
+    def compute_official_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Official keys/labels: ``AUGMENT_EPOCH`` passes of the shuffled, drop-last training loader."""
+        n_aug = int(self.cfg.TRAINER.TIP_ADAPTER.AUGMENT_EPOCH)
+        total: Optional[torch.Tensor] = None
+        labels: Optional[torch.Tensor] = None
+        for aug in range(n_aug):
+            print(f"Tip-Adapter cache (official): augment epoch {aug + 1}/{n_aug}")
+            feats, labs = [], []
+            for b in self.train_loader_x:
+                feats.append(self.encode_images(b["img"].to(self.device), b).float())
+                labs.append(b["label"])
+            epoch = torch.cat(feats)
+            total = epoch if total is None else total + epoch
+            labels = torch.cat(labs) if labels is None else labels
+        keys = total / n_aug
+        return (keys / keys.norm(dim=-1, keepdim=True)).cpu(), labels.long().cpu()
+
+    def official_cache_path(self) -> str:
+        return os.path.join(self.cache_dir(), f"keys_{int(self.cfg.DATASET.NUM_SHOTS)}shotsseed{int(self.cfg.SEED)}.pt")
+
+    def load_or_build_official_cache(self) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
+        path = self.official_cache_path()
+        if os.path.isfile(path):
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+            keys, labels = obj["keys"], obj["labels"]
+            if keys.shape[1] != self.dim or int(labels.max()) >= self.num_classes:
+                raise UserError(f"shared Tip-Adapter cache {path} ({keys.shape[0]} keys of size {keys.shape[1]}, "
+                                f"labels up to {int(labels.max())}) does not fit this run ({self.num_classes} "
+                                f"classes, features of size {self.dim}); use another CACHE_DIR or CACHE_MODE fixed")
+            print(f"Loaded the shared Tip-Adapter cache from {path} (official: whatever run wrote it)")
+            return keys, labels, path, True
+        keys, labels = self.compute_official_cache()
+        buf = io.BytesIO()
+        torch.save({"keys": keys, "labels": labels, "meta": {"mode": "official", "dataset": self.cfg.DATASET.NAME}},
+                   buf)
+        atomic_write_bytes(path, buf.getvalue())
+        print(f"Built the shared Tip-Adapter cache ({len(labels)} x {self.dim}) -> {path}")
+        return keys, labels, path, False
+
     def load_or_build_cache(self) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
         """Return ``(keys, labels, path, reused)``; builds and writes the cache file when absent or stale."""
+        if self.cfg.TRAINER.TIP_ADAPTER.CACHE_MODE == "official":
+            return self.load_or_build_official_cache()
         desc = self.cache_description()
         path = self.cache_path(desc)
         labels = torch.tensor([lab for _, lab in desc["train"]], dtype=torch.long)

@@ -30,6 +30,7 @@ from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
 from . import guards
+from .ragged import cat_padded
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
@@ -271,10 +272,12 @@ class SimpleTrainer(TrainerBase):
         """The precision actually used: CPU always runs fp32."""
         if prec not in PRECISIONS:
             raise ConfigError(f"invalid PREC {prec!r} (choose from {', '.join(PRECISIONS)})")
+        used = prec
         if self.device.type == "cpu" and prec != "fp32":
             print(f"Note: PREC {prec} requested on CPU -> using fp32")
-            return "fp32"
-        return prec
+            used = "fp32"
+        self.precision_info = {"requested": prec, "used": used, "device": self.device.type}
+        return used
 
     # ----------------------------------------------------------------- data and features
     def build_data_loader(self) -> None:
@@ -400,7 +403,8 @@ class SimpleTrainer(TrainerBase):
         ragged = [k for k, v in rows.items() if len(v) != n]
         if ragged:
             raise TypeError(f"{type(self).__name__}.model_inference set {ragged} for some batches only")
-        out_dict = {k: torch.cat(v).numpy() for k, v in rows.items()}
+        # ragged logits (DPLCLIP's official concatenation grows with the domains in a batch): -inf padding
+        out_dict = {k: (cat_padded(v) if k == "logits" else torch.cat(v)).numpy() for k, v in rows.items()}
         out_dict["impaths"] = np.asarray(paths)
         return out_dict
 
@@ -416,6 +420,10 @@ class SimpleTrainer(TrainerBase):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def model_inference(self, input: torch.Tensor) -> InferenceOutput:
+        """Dassl's default ``self.model(input)`` as logits; trainers that set a frozen ``image_encoder`` get
+        ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
+        if self.image_encoder is None:
+            return InferenceOutput(logits=self.model(input))
         return InferenceOutput(logits=self.model(self.encode_images(input)))
 
 

@@ -1,0 +1,132 @@
+"""Launchers: persistent workers give the records of one process per run; a killed worker fails only its job."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import COOP
+from synthetic import write_lodo_tree
+
+OPTS = ["MODEL.BACKBONE.NAME", "tiny-rn-test", "MODEL.BACKBONE.WEIGHTS", "random", "INPUT.SIZE", "(32, 32)",
+        "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DEVICE", "cpu"]
+
+
+def _jobs(data: str, out: str, names_epochs: list[tuple[str, int, int]]) -> list:
+    from launch.sweep import Job
+
+    base = ["--root", data, "--trainer", "CRoFT", "--dataset-config-file", os.path.join(COOP, "configs", "datasets",
+            "PACS.yaml"), "--config-file", os.path.join(COOP, "configs", "trainers", "CRoFT", "rn50_ep30.yaml")]
+    return [Job(name, os.path.join(out, name), [*base, "--seed", str(seed), "--output-dir", os.path.join(out, name),
+                                                *OPTS, "OPTIM.MAX_EPOCH", str(epochs), "DATASET.NUM_SHOTS", "2",
+                                                "TEST_ENV", "sketch"])
+            for name, epochs, seed in names_epochs]
+
+
+def _comparable(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "record.json")) as f:
+        rec = json.load(f)
+    rec["config"].pop("OUTPUT_DIR")
+    rec["args"].pop("output_dir")
+    return {k: rec[k] for k in ("metrics", "config", "args", "seed", "best_epoch")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("wdata") / "d")
+    write_lodo_tree(root, per_class=3)
+    return root
+
+
+@pytest.mark.slow
+def test_workers_records_equal_one_process_per_run(data, tmp_path):
+    from launch.sweep import run_jobs
+
+    spec = [("a", 2, 1), ("b", 1, 2), ("c", 2, 3)]
+    assert run_jobs(_jobs(data, str(tmp_path / "proc"), spec), launcher="process") == 0
+    assert run_jobs(_jobs(data, str(tmp_path / "work"), spec), launcher="workers", num_workers=2) == 0
+    for name, _, _ in spec:
+        proc, work = _comparable(str(tmp_path / "proc" / name)), _comparable(str(tmp_path / "work" / name))
+        assert proc["metrics"]["test"]["accuracy"] >= 0
+        assert proc == work
+        assert os.path.isfile(tmp_path / "work" / name / "log.txt")
+
+
+def _kill_worker_when(path: str, stop: threading.Event) -> None:
+    """Wait for ``path`` (the victim job's log) and SIGKILL the worker process running it (the only one)."""
+    while not stop.is_set():
+        if os.path.exists(path):
+            for child in mp.active_children():
+                if child.name.startswith("croft-worker"):
+                    os.kill(child.pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("retry", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_killed_worker_fails_only_its_job(data, tmp_path, capsys, retry):
+    from launch.sweep import run_jobs
+
+    jobs = _jobs(data, str(tmp_path), [("victim", 40, 1), ("next", 1, 1)])
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_worker_when, args=(str(tmp_path / "victim" / "log.txt"), stop))
+    killer.start()
+    try:
+        failures = run_jobs(jobs, launcher="workers", num_workers=1, retry=retry)
+    finally:
+        stop.set()
+        killer.join()
+    err = capsys.readouterr().err
+    assert "killed by SIGKILL" in err
+    assert jobs[1].done()  # the replacement worker ran the next job
+    if retry:
+        assert failures == 0 and jobs[0].done() and "retrying victim" in err
+    else:
+        assert failures == 1 and not jobs[0].done() and "FAILED victim: worker died (killed by SIGKILL)" in err
+
+
+def test_workers_die_with_the_driver(tmp_path):
+    script = ("import multiprocessing as mp, sys, time\n"
+              f"sys.path.insert(0, {COOP!r})\n"
+              "from launch.workers import _Worker\n"
+              "if __name__ == '__main__':\n"
+              "    w = _Worker(mp.get_context('spawn'), 0, None, 1, True)\n"
+              "    print(w.process.pid, flush=True)\n"
+              "    time.sleep(600)\n")
+    path = tmp_path / "driver.py"
+    path.write_text(script)
+    driver = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(driver.stdout.readline())
+        time.sleep(1.0)
+        driver.kill()
+        driver.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and _alive(worker_pid):
+            time.sleep(0.1)
+        assert not _alive(worker_pid)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_unknown_launcher_names_the_choices():
+    from launch.launchers import get_launcher
+
+    with pytest.raises(ValueError, match="unknown launcher 'nope' \\(choose from .*inprocess.*process.*workers"):
+        get_launcher("nope")
