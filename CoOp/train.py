@@ -26,6 +26,7 @@ import trainers  # noqa: F401  (registers the trainer classes)
 from dassl.config import cfg_to_dict, get_cfg_default
 from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
+from dassl.engine.protocol import protocol_block
 from dassl.engine.guards import NonFiniteError
 from dassl.engine.ood_eval import run_evaluation
 from dassl.utils import collect_env_info, set_random_seed
@@ -211,6 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if callable(split_record):  # e.g. the ImageNet46 class split of this seed
             atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
         record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
+        notes = getattr(trainer.dm.dataset, "protocol_notes", None)
+        record.set("protocol", protocol_block(record.data["config"], notes() if callable(notes) else None))
         # precision requested vs used (CPU always fp32); trainers that never take PREC run fp32
         record.set("precision", getattr(trainer, "precision_info", {"requested": "fp32", "used": "fp32"}))
         t0 = time.time()
