@@ -48,11 +48,27 @@ def test_slurm_flags_make_one_sbatch_array():
         assert line in text, line
 
 
-def test_bad_slurm_extra_is_one_clear_error():
-    from launch.slurm import parse_extra
+def test_slurm_flag_defaults():
+    from launch.launchers import add_launcher_args
+    from launch.slurm import executor_parameters
 
-    with pytest.raises(ValueError, match="--slurm-extra 'account': expected KEY=VAL"):
-        parse_extra(["account"])
+    p = argparse.ArgumentParser()
+    add_launcher_args(p)
+    params = executor_parameters(p.parse_args(["--launcher", "slurm"]))
+    assert (params["gpus_per_node"], params["cpus_per_task"], params["time"], params["array_parallelism"]) == \
+        (1, 4, 180, 64)
+    assert "partition" not in params and params["additional_parameters"] == {"requeue": True}
+
+
+def test_bad_slurm_extra_is_one_clear_error(capsys):
+    from launch.launchers import add_launcher_args
+
+    p = argparse.ArgumentParser()
+    add_launcher_args(p)
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(["--launcher", "slurm", "--slurm-extra", "account"])
+    assert exc.value.code == 2
+    assert "--slurm-extra 'account': expected KEY=VAL" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
