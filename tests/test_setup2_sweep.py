@@ -268,7 +268,7 @@ def test_failing_run_does_not_stop_the_sweep(tmp_path):
     assert jobs[1].done() and not jobs[0].done() and not os.path.exists(tmp_path / "bad")
 
 
-ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "CRoFT"]
+ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "BCAL", "CRoFT"]
 
 
 def test_every_method_in_one_table(tmp_path, capsys):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..data import DataManager
 from ..evaluation import build_evaluator
 from ..utils.errors import ConfigError, UserError
+from .inference import InferenceOutput, as_inference_output
 from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
@@ -370,41 +371,41 @@ class SimpleTrainer(TrainerBase):
         for batch_idx, batch in enumerate(tqdm(loader, desc=f"eval {split}", leave=False,
                                                disable=not progress_enabled(self.cfg.VERBOSE))):
             input, label = self.parse_batch_test(batch)
-            output = self.model_inference(input)
-            guards.check_logits(self.logits_of(output), split, batch_idx)
-            self.evaluator.process(self.logits_of(output), label)
+            logits = self.inference_output(input).logits
+            guards.check_logits(logits, split, batch_idx)
+            self.evaluator.process(logits, label)
         results = self.evaluator.evaluate()
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         return results
 
-    @staticmethod
-    def logits_of(output: Any) -> torch.Tensor:
-        return output[0] if isinstance(output, (list, tuple)) else output
+    def inference_output(self, input: Any) -> InferenceOutput:
+        """``model_inference(input)`` read as an :class:`InferenceOutput` (a list is a clear error)."""
+        return as_inference_output(self.model_inference(input), f"{type(self).__name__}.model_inference")
 
     @torch.no_grad()
     def collect_outputs(self, split: str) -> dict[str, np.ndarray]:
-        """Run inference on a split and keep logits, labels, the trainer's score, features and image paths."""
+        """Run inference on a split: logits, labels, the trainer's score, features, extras and image paths."""
         self.set_model_mode("eval")
-        logits, labels, scores, feats, paths = [], [], [], [], []
+        rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "score": []}
+        paths: list[str] = []
         for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
                           disable=not progress_enabled(self.cfg.VERBOSE)):
             input, label = self.parse_batch_test(batch)
-            out = self.model_inference(input)
-            lg = self.logits_of(out).float()
-            logits.append(lg.cpu())
-            labels.append(label.cpu())
-            if isinstance(out, (list, tuple)) and len(out) >= 2:
-                scores.append(out[-1].float().cpu())
-                if len(out) >= 3:
-                    feats.append(out[1].float().cpu())
-            else:
-                scores.append(torch.logsumexp(lg, dim=1).cpu())
+            out = self.inference_output(input)
+            fields = {"logits": out.logits, "labels": label, "score": out.score, "features": out.features,
+                      **{f"extra_{k}": v for k, v in out.extras.items()}}
+            for key, val in fields.items():
+                if val is not None:
+                    rows.setdefault(key, []).append(val.detach().cpu() if key == "labels" else val.detach().float().cpu())
             paths.extend(batch["impath"])
-        out_dict = {"logits": cat_padded(logits).numpy(), "labels": torch.cat(labels).numpy(),
-                    "score": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
-        if feats:
-            out_dict["features"] = torch.cat(feats).numpy()
+        n = len(rows["labels"])
+        ragged = [k for k, v in rows.items() if len(v) != n]
+        if ragged:
+            raise TypeError(f"{type(self).__name__}.model_inference set {ragged} for some batches only")
+        # ragged logits (DPLCLIP's official concatenation grows with the domains in a batch): -inf padding
+        out_dict = {k: (cat_padded(v) if k == "logits" else torch.cat(v)).numpy() for k, v in rows.items()}
+        out_dict["impaths"] = np.asarray(paths)
         return out_dict
 
     def logit_scale_value(self) -> float:
@@ -418,12 +419,12 @@ class SimpleTrainer(TrainerBase):
     def parse_batch_test(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
-    def model_inference(self, input: torch.Tensor) -> Any:
-        """Dassl's default ``self.model(input)``; trainers that set a frozen ``image_encoder`` get
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
+        """Dassl's default ``self.model(input)`` as logits; trainers that set a frozen ``image_encoder`` get
         ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
         if self.image_encoder is None:
-            return self.model(input)
-        return self.model(self.encode_images(input))
+            return InferenceOutput(logits=self.model(input))
+        return InferenceOutput(logits=self.model(self.encode_images(input)))
 
 
 class TrainerX(SimpleTrainer):
