@@ -225,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             trainer.train(trainer.start_epoch, trainer.max_epoch)
             metrics = trainer.metrics
             record.set("best_epoch", trainer.best_epoch)
+            record.set("val_history", trainer.val_history)
         else:
             metrics = {}
         record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
