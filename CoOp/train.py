@@ -23,7 +23,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from dassl.config import add_coop_config, cfg_to_dict, get_cfg_default
+from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
+from dassl.engine.protocol import protocol_block
 from dassl.engine.guards import NonFiniteError
 from dassl.engine.ood_eval import run_evaluation
 from dassl.utils import collect_env_info, set_random_seed
@@ -153,6 +155,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
     if not cfg.TRAINER.NAME:
         raise ConfigError("no trainer given: use --trainer NAME")
     TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # fail early with suggestions
+    validate_cfg(cfg)  # value ranges of the engine and of this trainer (one line naming key and range)
     cfg.freeze()
     return cfg
 
@@ -219,6 +222,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if callable(split_record):  # e.g. the ImageNet46 class split of this seed
             atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
         record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
+        notes = getattr(trainer.dm.dataset, "protocol_notes", None)
+        record.set("protocol", protocol_block(record.data["config"], notes() if callable(notes) else None))
+        # precision requested vs used (CPU always fp32); trainers that never take PREC run fp32
+        record.set("precision", getattr(trainer, "precision_info", {"requested": "fp32", "used": "fp32"}))
         t0 = time.time()
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)
@@ -228,6 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             trainer.train(trainer.start_epoch, trainer.max_epoch)
             metrics = trainer.metrics
             record.set("best_epoch", trainer.best_epoch)
+            record.set("val_history", trainer.val_history)
         else:
             metrics = {}
         record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
