@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dassl.engine.inference import InferenceOutput
 from helpers import COOP, cli_args, run_cli
 from synthetic import write_lodo_tree
 
 NAMES = ("CoOp", "CoCoOp", "DPLCLIP")
-NODES = {"CoOp": "COOP", "CoCoOp": "COCOOP", "DPLCLIP": "DPLCLIP"}
-MODEL_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner", "DPLCLIP": "DPL"}
+NODES = {"CoOp": "COOP", "CoCoOp": "COCOOP", "DPLCLIP": "DPLCLIP", "BCAL": "BCAL"}
+MODEL_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner", "DPLCLIP": "DPL", "BCAL": "prompt_learner"}
 FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "8"]
 
 try:
@@ -62,7 +63,9 @@ def infer(tr, batch):
     tr.set_model_mode("eval")
     inp, _ = tr.parse_batch_test(batch)
     with torch.no_grad():
-        return tr.model_inference(inp)
+        out = tr.model_inference(inp)
+    assert isinstance(out, InferenceOutput) and out.features is not None
+    return out.logits, out.features, out.score
 
 
 # ------------------------------------------------------------------ configs
@@ -280,7 +283,7 @@ def test_checkpoint_save_reload_gives_identical_eval_outputs(name, data_root, tm
     batch = next(iter(tr.val_loader))          # source domains: DPLCLIP groups by domain here
     ref = infer(tr, batch)
     groups = len(set(batch["domain"].tolist())) if name == "DPLCLIP" else 1   # official concatenated logits
-    assert len(ref) == 3 and ref[0].shape == (len(batch["label"]), groups * tr.num_classes)
+    assert ref[0].shape == (len(batch["label"]), groups * tr.num_classes)
     torch.testing.assert_close(ref[2], torch.logsumexp(ref[0], dim=1))
     torch.testing.assert_close(ref[1].norm(dim=1), torch.ones(len(batch["label"])))
     tr.save_model(0, str(tmp_path / "ckpt"))
@@ -307,18 +310,25 @@ def test_reduced_precision_on_cpu_runs_in_fp32(name, prec, data_root, tmp_path):
     assert infer(tr, next(iter(tr.test_loader)))[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("name,prec", [("CoOp", "fp16"), ("CoCoOp", "bf16"), ("CoCoOp", "amp"), ("DPLCLIP", "fp16"),
-                                       ("DPLCLIP", "amp")])
-def test_reduced_precision_code_paths_forced_on_cpu(name, prec, data_root, tmp_path, monkeypatch):
-    """The GPU precision paths (CLIP cast to fp16/bf16 with fp32 learnable parts; autocast) run end to end when
-    the CPU fallback is switched off (no GradScaler off CUDA)."""
+@pytest.mark.parametrize("name,prec,fp32_params", [("CoOp", "fp16", False), ("CoOp", "fp16", True),
+                                                    ("CoCoOp", "bf16", False), ("CoCoOp", "amp", False),
+                                                    ("DPLCLIP", "fp16", False), ("DPLCLIP", "fp16", True),
+                                                    ("DPLCLIP", "amp", False), ("BCAL", "fp16", False)])
+def test_reduced_precision_code_paths_forced_on_cpu(name, prec, fp32_params, data_root, tmp_path, monkeypatch):
+    """The GPU precision paths run end to end when the CPU fallback is switched off (no GradScaler off CUDA):
+    CLIP cast to fp16/bf16 with the learnable parameters in CLIP's dtype (official) or fp32 (FP32_PARAMS);
+    autocast over fp32 weights."""
     from dassl.engine.trainer import SimpleTrainer
 
     monkeypatch.setattr(SimpleTrainer, "resolve_precision", lambda self, p: p)
-    tr = build(data_root, tmp_path / "o", name, extra=[f"TRAINER.{NODES[name]}.PREC", prec])
+    node = NODES[name]
+    tr = build(data_root, tmp_path / "o", name, extra=[f"TRAINER.{node}.PREC", prec,
+                                                       f"TRAINER.{node}.FP32_PARAMS", str(fp32_params)])
     clip_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "amp": torch.float32}[prec]
     assert tr.prec == prec and tr.clip_model.token_embedding.weight.dtype == clip_dtype
-    assert all(p.dtype == torch.float32 for p in tr._models[MODEL_NAMES[name]].parameters())
+    param_dtype = torch.float32 if fp32_params else clip_dtype
+    assert all(p.dtype == param_dtype for p in tr._models[MODEL_NAMES[name]].parameters())
+    assert tr.precision_info["learnable_params"] == str(param_dtype).replace("torch.", "")
     tr.set_model_mode("train")
     tr.batch_idx, tr.num_batches = 0, 10 ** 9
     before = [p.detach().clone() for p in tr._models[MODEL_NAMES[name]].parameters()]

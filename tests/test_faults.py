@@ -156,3 +156,90 @@ def test_unreadable_used_image_is_one_line(case, root, tmp_path):
     out = str(tmp_path / "o")
     refused(run_train_forked(args(data, out, trainer="ZeroshotCLIP", config="configs/trainers/ZeroshotCLIP/rn50_ep30.yaml",
                                   flags=["--eval-only"]), str(tmp_path)), out, needle="dog_001.png")
+
+
+# ------------------------------------------------------------------ bad settings and missing files
+@pytest.mark.parametrize("case,extra,needle", [
+    ("croft_ratio_7", ["TRAINER.CRoFT.ratio", "7"], "TRAINER.CRoFT.ratio = 7.0 is out of range: expected a finite "
+                                                    "number in [0, 1]"),
+    ("negative_lambda", ["TRAINER.CRoFT.lambda2", "-5"], "TRAINER.CRoFT.lambda2 = -5.0 is out of range"),
+    ("lr_zero", ["OPTIM.LR", "0.0"], "OPTIM.LR = 0.0 is out of range: expected a finite number > 0"),
+    ("lr_infinite", ["OPTIM.LR", "1e999"], "OPTIM.LR = inf is out of range"),
+    ("batch_size_zero", ["DATALOADER.TRAIN_X.BATCH_SIZE", "0"], "DATALOADER.TRAIN_X.BATCH_SIZE = 0"),
+    ("bad_precision", ["TRAINER.CRoFT.PREC", "fp8"], "expected one of fp32, fp16, amp, bf16"),
+    ("bad_device", ["DEVICE", "gpu0"], "DEVICE = 'gpu0' is out of range"),
+    ("unknown_key", ["TRAINER.CRoFT.ratioo", "0.2"], "TRAINER.CRoFT.ratioo"),
+    ("wrong_type", ["OPTIM.MAX_EPOCH", "'ten'"], "OPTIM.MAX_EPOCH"),
+    ("missing_root", ["DATASET.ROOT", "/nonexistent/data"], "/nonexistent/data"),
+    ("missing_split", ["TEST_ENV", "mars"], "test_on_mars.json"),
+    ("missing_weights", ["MODEL.BACKBONE.WEIGHTS", "/nonexistent/RN50.pt"], "/nonexistent/RN50.pt"),
+])
+def test_bad_setting_is_one_line(case, extra, needle, root, tmp_path):
+    out = str(tmp_path / "o")
+    refused(run_train_forked(args(root, out, extra=extra), str(tmp_path)), out, needle=needle)
+    assert not os.path.exists(out)
+
+
+def test_malformed_split_json(root, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(root, data)
+    with open(os.path.join(data, "PACS", "test_on_sketch.json"), "w") as f:
+        f.write('{"train": [["photo/dog/dog_000.png", 0, "dog"],')
+    out = str(tmp_path / "o")
+    refused(run_train_forked(args(data, out), str(tmp_path)), out, needle="malformed JSON")
+
+
+@pytest.mark.parametrize("case", ["missing_model_dir", "missing_epoch"])
+def test_eval_missing_model(case, root, trained, tmp_path):
+    flags = {"missing_model_dir": ["--model-dir", str(tmp_path / "nowhere")],
+             "missing_epoch": ["--model-dir", trained, "--load-epoch", "9"]}[case]
+    out = str(tmp_path / "o")
+    needle = "nowhere" if case == "missing_model_dir" else "model.pth.tar-9"
+    refused(run_train_forked(args(root, out, flags=["--eval-only", *flags]), str(tmp_path)), out, needle=needle)
+
+
+# ------------------------------------------------------------------ resume
+def _record(out: str) -> dict:
+    with open(os.path.join(out, "record.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def same_run(a: str, b: str) -> None:
+    """Two run directories hold the same result: every epoch checkpoint, best epoch, val history, metrics."""
+    ra, rb = _record(a), _record(b)
+    assert (ra["best_epoch"], ra["val_history"], ra["metrics"]) == (rb["best_epoch"], rb["val_history"],
+                                                                    rb["metrics"])
+    assert os.path.isfile(os.path.join(b, "done"))
+    for model in ("clip_adapter", "generator"):
+        names = sorted(f for f in os.listdir(os.path.join(a, model)) if f.startswith("model"))
+        assert names == sorted(f for f in os.listdir(os.path.join(b, model)) if f.startswith("model"))
+        for f in names:
+            sa = torch.load(os.path.join(a, model, f), weights_only=False)
+            sb = torch.load(os.path.join(b, model, f), weights_only=False)
+            assert sa["epoch"] == sb["epoch"] and sa["best_epoch"] == sb["best_epoch"]
+            for k in sa["state_dict"]:
+                assert torch.equal(sa["state_dict"][k], sb["state_dict"][k]), (f, k)
+
+
+def test_record_has_best_epoch_and_val_history(trained):
+    rec = _record(trained)
+    assert [h["epoch"] for h in rec["val_history"]] == [1, 2]
+    best = max(rec["val_history"], key=lambda h: h["accuracy"])  # first maximum wins (strict improvement)
+    assert rec["best_epoch"] == best["epoch"]
+    assert rec["metrics"]["val"]["best_accuracy"] == best["accuracy"]
+
+
+def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    for f in ("record.json", "done"):
+        os.unlink(os.path.join(out, f))
+    last = os.path.join(out, "clip_adapter", "model.pth.tar-2")
+    raw = open(last, "rb").read()
+    with open(last, "wb") as f:
+        f.write(raw[: len(raw) // 3])
+    res = run_train_forked(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: skipping an unreadable checkpoint" in res.stdout and "model.pth.tar-2" in res.stdout
+    assert "(epoch = 1)" in res.stdout
+    same_run(trained, out)

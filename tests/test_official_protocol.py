@@ -37,8 +37,8 @@ SPEC_NODE = {
     ("BCAL", 2): ("BCAL", {"ALPHA1": 0.01, "ALPHA2": 0.5, "ALPHA3": 0.01, "PREC": "fp16"}),
     ("CRoFT", 1): ("CRoFT", {"ratio": 0.2, "ratio_text": 0.5, "WCCF": True}),
     ("CRoFT", 2): ("CRoFT", {"ratio": 0.2, "ratio_text": 0.5, "WCCF": True}),
-    ("ZeroshotCLIP", 1): (None, {}),
-    ("ZeroshotCLIP", 2): (None, {}),
+    ("ZeroshotCLIP", 1): ("ZSCLIP", {"PREC": "fp16"}),
+    ("ZeroshotCLIP", 2): ("ZSCLIP", {"PREC": "fp16"}),
 }
 SPEC_SHOTS_SETUP1 = {"CLIP_Adapter": 4}
 
@@ -193,8 +193,30 @@ def _check(job, cfg, setup, trainer):
 
 @pytest.mark.parametrize("setup", [1, 2])
 def test_planned_tip_adapter_run_saves_official_config(data, setup):
+    import json
+
     job, cfg = _run_one(data, setup, "TIP_ADAPTER")
     _check(job, cfg, setup, "TIP_ADAPTER")
+    with open(os.path.join(job.output_dir, "record.json")) as f:
+        prot = json.load(f)["protocol"]
+    assert prot["preset"] == "official" and prot["fixed"] == []
+    assert prot["switches"]["TRAINER.TIP_ADAPTER.CACHE_MODE"] == "official"
+    assert prot["switches"]["OPTIM.WEIGHT_DECAY"] == pytest.approx(0.1)
+    assert prot["fpr95_convention"] == {"energy": "fpr95_val_threshold", "knn": "fpr95_tpr_id"}
+    if setup == 1:  # the training class samples its open-set images per seed (seeded official cache)
+        assert prot["dataset"]["setup1_ood_sample"] == "per_seed"
+
+
+def test_protocol_block_names_fixed_switches():
+    from dassl.config import cfg_to_dict, get_cfg_default
+    from dassl.engine.protocol import protocol_block
+
+    cfg = get_cfg_default()
+    cfg.OPTIM.WEIGHT_DECAY = 5e-4
+    cfg.TEST.KNN_ID_CORRECT_ONLY = True
+    block = protocol_block(cfg_to_dict(cfg))
+    assert block["preset"] == "manual" and block["fixed"] == ["OPTIM.WEIGHT_DECAY", "TEST.KNN_ID_CORRECT_ONLY"]
+    assert "TRAINER.CRoFT.FIX_EDR_CONSISTENT" not in block["switches"]  # not a key of this config
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dassl.evaluation.ood import fpr95_convention
 from demo import investigate, selection, tables
 from launch import figures, results
 
@@ -119,7 +120,8 @@ def build(demo_root: str, fig_dir: str, fig_ref: str, select: str = "val", heade
            tables.by_domain_table(chosen, ["acc"], domains), ""]
     for score, name in SCORE_NAMES.items():
         if any(f"{score}_auroc" in r for r in chosen):
-            out += [f"#### Open-set detection with the {name} score: FPR95 / AUROC (%), averaged over the open sets\n",
+            out += [f"#### Open-set detection with the {name} score: FPR95 ({fpr95_convention(score)}) / AUROC (%), "
+                    "averaged over the open sets\n",
                     tables.by_domain_table(chosen, [f"{score}_fpr95", f"{score}_auroc"], domains), ""]
     metrics = [("acc", "accuracy"), ("energy_fpr95", "energy FPR95"), ("mcm_fpr95", "MCM FPR95")]
     for ref in ("CRoFT", "CRoFT (fixed)"):

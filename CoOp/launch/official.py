@@ -107,7 +107,7 @@ def _table() -> dict[tuple[str, int], Protocol]:
         t[(trainer, setup)] = Protocol(trainer, setup, **kw)
 
     for s in (1, 2):
-        add("ZeroshotCLIP", s, note="no training; single template per dataset")
+        add("ZeroshotCLIP", s, opts=("TRAINER.ZSCLIP.PREC", "fp16"), note="no training; single template per dataset")
         add("CoOp", s, opts=("TRAINER.COOP.N_CTX", "16", "TRAINER.COOP.CSC", "False",
                              "TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "TRAINER.COOP.PREC", "fp16"))
         add("CoCoOp", s, cfg_opts=COCOOP_CFGS, opts=("TRAINER.COCOOP.N_CTX", "16", "TRAINER.COCOOP.PREC", "fp16"))

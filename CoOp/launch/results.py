@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from dassl.engine.records import is_done, load_record
+from dassl.evaluation.ood import fpr95_convention
 from launch.sweep import COOP_DIR, read_manifests
 
 SCORES = ("energy", "mcm", "msp", "knn")
@@ -58,7 +59,8 @@ def val_accuracy(run: Run) -> Optional[float]:
 
 
 def rows(eval_root: str) -> list[dict[str, Any]]:
-    """One dict per evaluation run: labels, held-out accuracy, val accuracy and FPR95/AUROC (%) per score."""
+    """One dict per evaluation run: labels, held-out accuracy, val accuracy and FPR95/AUROC (%) per score
+    (FPR95 in each score's official convention, :func:`dassl.evaluation.ood.fpr95_convention`)."""
     out = []
     for r in finished(eval_root, "eval"):
         m = r.record.get("metrics", {})
@@ -67,6 +69,6 @@ def rows(eval_root: str) -> list[dict[str, Any]]:
         for s in SCORES:
             det = m.get("ood", {}).get(s)
             if det:
-                row[f"{s}_fpr95"], row[f"{s}_auroc"] = 100 * det["fpr95_tpr_id"], 100 * det["auroc"]
+                row[f"{s}_fpr95"], row[f"{s}_auroc"] = 100 * det[fpr95_convention(s)], 100 * det["auroc"]
         out.append(row)
     return out

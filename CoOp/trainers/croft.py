@@ -3,7 +3,8 @@
 The maths lives in :mod:`trainers.croft_core` (golden-tested against the official code); this file wires it to
 the engine: config keys, CLIP loading, text features (computed once, not checkpointed), two optimisers and
 schedulers registered as ``clip_adapter`` and ``generator``, and inference returning
-``[logits, X_hat, T_hat, X_zs, T_zs, score]`` like the official ``CustomCLIP``.
+``InferenceOutput(logits, features=X_hat, score, extras={"img_zs": X_zs})`` (the official ``CustomCLIP``
+returns ``[logits, X_hat, T_hat, X_zs, T_zs, score]``; the per-class ``T_hat``/``T_zs`` are not per-image).
 
 Dataset semantics are explicit keys set by the dataset configs (no dataset-name substring tests):
 ``TEXT_PROMPTS`` (``single`` | ``ensemble7``), ``EDR_REDUCTION`` (``mean_sumsq`` Setup-II | ``sum_meansq``
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count, nonneg, unit
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
+from dassl.engine.inference import InferenceOutput
 
 from .clip_common import setup_frozen_clip, single_template, text_features
 from .croft_core import EDR_REDUCTIONS, Adapter, CRoFTOptions, OODImgGen, croft_train_step, forward
@@ -29,6 +32,10 @@ TEXT_MODES = ("single", "ensemble7")
 @TRAINER_REGISTRY.register()
 class CRoFT(TrainerX):
     """Concurrent optimisation for OOD generalisation and open-set OOD detection (Zhu et al., ICML 2024)."""
+
+    CFG_RANGES = {"TRAINER.CRoFT.PREC": PREC, "TRAINER.CRoFT.ratio": unit("image residual ratio"),
+                  "TRAINER.CRoFT.ratio_text": unit("text residual ratio"), "TRAINER.CRoFT.lambda1": nonneg(),
+                  "TRAINER.CRoFT.lambda2": nonneg(), "TRAINER.CRoFT.gen_step": count(0)}
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
@@ -58,8 +65,6 @@ class CRoFT(TrainerX):
         if c.EDR_REDUCTION not in EDR_REDUCTIONS:
             raise ConfigError(f"TRAINER.CRoFT.EDR_REDUCTION must be one of {sorted(EDR_REDUCTIONS)}, "
                               f"got {c.EDR_REDUCTION!r}")
-        if c.gen_step < 0:
-            raise ConfigError("TRAINER.CRoFT.gen_step must be >= 0")
 
     def croft_options(self) -> CRoFTOptions:
         c = self.cfg.TRAINER.CRoFT
@@ -103,7 +108,8 @@ class CRoFT(TrainerX):
             out["gen"] = float(sum(stats["gen_loss"]) / len(stats["gen_loss"]))
         return out
 
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         feats = self.encode_images(input).float()
         out = forward(self.adapter, feats, self.text_feats, self.opts, self.logit_scale)
-        return [out.logits, out.img_feat, out.txt_feat, out.img_zs, out.txt_zs, out.score]
+        return InferenceOutput(logits=out.logits, features=out.img_feat, score=out.score,
+                               extras={"img_zs": out.img_zs})
