@@ -146,6 +146,7 @@ class FeatureCache:
         with torch.random.fork_rng(devices=[]):
             for images, paths in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
                 feats = tr.image_encoder(images.to(tr.device, dtype=dtype)).float().cpu()
+                tr.encoder_images += len(images)
                 new.update(zip(paths, feats))
         store.add(new)
 
