@@ -32,7 +32,7 @@ test-all: venv system-deps
 	cd $(CURDIR) && HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) -m "slow or not slow" tests
 
 demo: venv system-deps
-	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) tools/demo.py
+	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo
 
 clean-demo:
 	rm -rf .cache/demo

@@ -24,7 +24,9 @@ import torch
 import datasets  # noqa: F401  (registers the dataset classes)
 import trainers  # noqa: F401  (registers the trainer classes)
 from dassl.config import cfg_to_dict, get_cfg_default
+from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
+from dassl.engine.protocol import protocol_block
 from dassl.engine.guards import NonFiniteError
 from dassl.engine.ood_eval import run_evaluation
 from dassl.utils import collect_env_info, set_random_seed
@@ -143,6 +145,7 @@ def setup_cfg(args: argparse.Namespace) -> Any:
     if not cfg.TRAINER.NAME:
         raise ConfigError("no trainer given: use --trainer NAME")
     TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # fail early with suggestions
+    validate_cfg(cfg)  # value ranges of the engine and of this trainer (one line naming key and range)
     cfg.freeze()
     return cfg
 
@@ -209,6 +212,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if callable(split_record):  # e.g. the ImageNet46 class split of this seed
             atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
         record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
+        notes = getattr(trainer.dm.dataset, "protocol_notes", None)
+        record.set("protocol", protocol_block(record.data["config"], notes() if callable(notes) else None))
+        # precision requested vs used (CPU always fp32); trainers that never take PREC run fp32
+        record.set("precision", getattr(trainer, "precision_info", {"requested": "fp32", "used": "fp32"}))
         t0 = time.time()
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)

@@ -12,8 +12,8 @@ from helpers import COOP, cli_args, run_cli
 from synthetic import write_lodo_tree
 
 NAMES = ("CoOp", "CoCoOp", "DPLCLIP")
-NODES = {"CoOp": "COOP", "CoCoOp": "COCOOP", "DPLCLIP": "DPLCLIP"}
-MODEL_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner", "DPLCLIP": "DPL"}
+NODES = {"CoOp": "COOP", "CoCoOp": "COCOOP", "DPLCLIP": "DPLCLIP", "BCAL": "BCAL"}
+MODEL_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner", "DPLCLIP": "DPL", "BCAL": "prompt_learner"}
 FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "8"]
 
 try:
@@ -307,18 +307,25 @@ def test_reduced_precision_on_cpu_runs_in_fp32(name, prec, data_root, tmp_path):
     assert infer(tr, next(iter(tr.test_loader)))[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("name,prec", [("CoOp", "fp16"), ("CoCoOp", "bf16"), ("CoCoOp", "amp"), ("DPLCLIP", "fp16"),
-                                       ("DPLCLIP", "amp")])
-def test_reduced_precision_code_paths_forced_on_cpu(name, prec, data_root, tmp_path, monkeypatch):
-    """The GPU precision paths (CLIP cast to fp16/bf16 with fp32 learnable parts; autocast) run end to end when
-    the CPU fallback is switched off (no GradScaler off CUDA)."""
+@pytest.mark.parametrize("name,prec,fp32_params", [("CoOp", "fp16", False), ("CoOp", "fp16", True),
+                                                    ("CoCoOp", "bf16", False), ("CoCoOp", "amp", False),
+                                                    ("DPLCLIP", "fp16", False), ("DPLCLIP", "fp16", True),
+                                                    ("DPLCLIP", "amp", False), ("BCAL", "fp16", False)])
+def test_reduced_precision_code_paths_forced_on_cpu(name, prec, fp32_params, data_root, tmp_path, monkeypatch):
+    """The GPU precision paths run end to end when the CPU fallback is switched off (no GradScaler off CUDA):
+    CLIP cast to fp16/bf16 with the learnable parameters in CLIP's dtype (official) or fp32 (FP32_PARAMS);
+    autocast over fp32 weights."""
     from dassl.engine.trainer import SimpleTrainer
 
     monkeypatch.setattr(SimpleTrainer, "resolve_precision", lambda self, p: p)
-    tr = build(data_root, tmp_path / "o", name, extra=[f"TRAINER.{NODES[name]}.PREC", prec])
+    node = NODES[name]
+    tr = build(data_root, tmp_path / "o", name, extra=[f"TRAINER.{node}.PREC", prec,
+                                                       f"TRAINER.{node}.FP32_PARAMS", str(fp32_params)])
     clip_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "amp": torch.float32}[prec]
     assert tr.prec == prec and tr.clip_model.token_embedding.weight.dtype == clip_dtype
-    assert all(p.dtype == torch.float32 for p in tr._models[MODEL_NAMES[name]].parameters())
+    param_dtype = torch.float32 if fp32_params else clip_dtype
+    assert all(p.dtype == param_dtype for p in tr._models[MODEL_NAMES[name]].parameters())
+    assert tr.precision_info["learnable_params"] == str(param_dtype).replace("torch.", "")
     tr.set_model_mode("train")
     tr.batch_idx, tr.num_batches = 0, 10 ** 9
     before = [p.detach().clone() for p in tr._models[MODEL_NAMES[name]].parameters()]

@@ -177,6 +177,7 @@ def test_cli_train_checkpoint_and_open_set_evaluation(data_root, tmp_path):
     rec = run_cli(cli_args(data_root, out, "BCAL", config="configs/trainers/BCAL/rn50_ep30.yaml",
                            extra=FAST + ["OPTIM.MAX_EPOCH", "1"]))
     assert rec["mode"] == "train" and 0 <= rec["metrics"]["test"]["accuracy"] <= 100
+    assert rec["precision"] == {"requested": "fp16", "used": "fp32", "device": "cpu", "learnable_params": "float32"}
     sd = torch.load(os.path.join(out, "prompt_learner", "model.pth.tar-1"), weights_only=False)["state_dict"]
     assert {"category.ctx_mu", "category.ctx_sigma", "context.ctx_mu", "context.ctx_sigma"} <= set(sd)
     ev = str(tmp_path / "eval")

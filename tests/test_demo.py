@@ -19,21 +19,16 @@ pytestmark = pytest.mark.skipif(bool(NEEDS) or not os.path.isdir(FASHION) or not
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, os.path.join(COOP, "tools"))
-    import demo
+    from demo.run import main
 
     cache = tmp_path / "cache"
     npm_cache = os.path.join(os.path.dirname(COOP), ".cache", "npm")
     if os.path.isdir(npm_cache):  # reuse the fetched npm tarball (sha256-checked by the pretraining tool)
         shutil.copytree(npm_cache, cache / "npm")
     cwd = os.getcwd()
-    try:
-        rc = demo.main(["--cache", str(cache), "--quick", "--per-class", "30", "--pretrain-seconds", "8",
-                        "--methods", "ZS-CLIP", "CoOp", "CRoFT", "--jobs", "1", "--epochs", "2"])
-    finally:
-        os.chdir(cwd)
+    rc = main(["--cache", str(cache), "--quick", "--per-class", "30", "--pretrain-steps", "8",
+               "--methods", "ZS-CLIP", "CoOp", "CRoFT", "--jobs", "1", "--epochs", "2"])
+    assert os.getcwd() == cwd  # no global side effect on the caller's working directory
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     assert "| method | setting | mnist | Avg | seeds |" in out
@@ -44,10 +39,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert any(f.startswith("energy_") and f.endswith(".png") for f in os.listdir(cache / "demo-quick"))
     # a second run re-uses everything and only re-prints
     capsys.readouterr()
-    try:
-        rc = demo.main(["--cache", str(cache), "--quick", "--per-class", "30", "--pretrain-seconds", "8",
-                        "--methods", "ZS-CLIP", "CoOp", "CRoFT", "--jobs", "1", "--epochs", "2"])
-    finally:
-        os.chdir(cwd)
+    rc = main(["--cache", str(cache), "--quick", "--per-class", "30", "--pretrain-steps", "8",
+               "--methods", "ZS-CLIP", "CoOp", "CRoFT", "--jobs", "1", "--epochs", "2"])
     out2 = capsys.readouterr().out
     assert rc == 0 and "0 to run" in out2 and "[reuse]" in out2

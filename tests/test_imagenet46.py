@@ -170,6 +170,33 @@ def test_imagenetood46_same_split_as_training(root):
     assert a.class_split == b.class_split and a.classnames == b.classnames
 
 
+@pytest.mark.parametrize("seed", [2, 3])
+def test_shared_cache_open_set_sample(root, seed):
+    """Official: seed S>1 evaluation groups held-out images by seed 1's labels (spec 4.1, seedless pickle)."""
+    size = 10
+    seed1_id = set(np.random.RandomState(1).permutation(N_CLASSES)[:N_ID].tolist())
+    held = set(range(N_CLASSES)) - set(np.random.RandomState(seed).permutation(N_CLASSES)[:N_ID].tolist())
+    own_group = held & seed1_id  # held out now, ID in seed 1: a labelled group of N_VAL < size images, all kept
+    shared = held - seed1_id     # held out in both: the one -1 group, sampled
+    assert own_group and len(shared) * N_VAL > size
+    ds = build(ImageNetOOD46, make_cfg(root, seed=seed, shots=-1, **{"DATASET.SETUP1_OOD_SIZE": size}))
+    assert ds.protocol_notes()["setup1_ood_sample"] == "shared_cache"
+    got = [class_index(it) for it in ds.ood_test]
+    assert len(got) == len(own_group) * N_VAL + size
+    assert all(got.count(c) == N_VAL for c in own_group)
+    assert sum(c in shared for c in got) == size and all(it.label == -1 for it in ds.ood_test)
+    per_seed = build(ImageNetOOD46, make_cfg(root, seed=seed, shots=-1, **{"DATASET.SETUP1_OOD_SIZE": size,
+                                                                           "DATASET.SETUP1_OOD_SAMPLE": "per_seed"}))
+    assert len(per_seed.ood_test) == size and per_seed.protocol_notes()["setup1_ood_sample"] == "per_seed"
+    # training runs (seeded official cache) and seed 1 always sample per seed
+    train = build(ImageNet46, make_cfg(root, seed=seed, **{"DATASET.SETUP1_OOD_SIZE": size}))
+    assert len(train.ood_test) == size and train.protocol_notes()["setup1_ood_sample"] == "per_seed"
+    one = build(ImageNetOOD46, make_cfg(root, seed=1, shots=-1, **{"DATASET.SETUP1_OOD_SIZE": size}))
+    assert len(one.ood_test) == size and one.protocol_notes()["setup1_ood_sample"] == "per_seed"
+    with pytest.raises(ConfigError, match="SETUP1_OOD_SAMPLE"):
+        build(ImageNetOOD46, make_cfg(root, seed=seed, shots=-1, **{"DATASET.SETUP1_OOD_SAMPLE": "fresh"}))
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_missing_folders(tmp_path):
     with pytest.raises(DataError, match="imagenet"):

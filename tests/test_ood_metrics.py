@@ -50,7 +50,8 @@ def test_metric_utils_parity(ref, suffix):
 
 def test_metric_utils_swapped_parity(ref):
     id_s, ood_s = ref["id_scores"], ref["ood_scores"]
-    assert ood.fpr95_tpr_ood(id_s, ood_s) == pytest.approx(float(ref["mu_swapped_fpr95"]), **EXACT)
+    # metric_utils with the roles swapped (nearest-to-95 % rule, OOD positive); fpr95_tpr_ood is OpenOOD's rule
+    assert ood.fpr95_tpr_id(-ood_s, -id_s) == pytest.approx(float(ref["mu_swapped_fpr95"]), **EXACT)
     assert ood.aupr_out(id_s, ood_s) == pytest.approx(float(ref["mu_swapped_aupr"]), **EXACT)
     assert ood.auroc(id_s, ood_s) == pytest.approx(float(ref["mu_swapped_auroc"]), **EXACT)
 
@@ -74,14 +75,14 @@ def test_strict_greater_not_ge(ref):
 def test_ood_metrics_dict(ref):
     id_s, ood_s = ref["id_scores"], ref["ood_scores"]
     m = ood.ood_metrics(id_s, ood_s)
-    assert set(m) == {"auroc", "aupr_in", "aupr_out", "fpr95_tpr_id", "fpr95_tpr_ood"}
+    assert set(m) == {"auroc", "aupr_in", "aupr_out", "aupr_in_openood", "aupr_out_openood", "fpr95_tpr_id",
+                      "fpr95_tpr_ood"}
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in m.values())
     thr = ood.val_threshold_tpr95(id_s)
     m = ood.ood_metrics(id_s, ood_s, threshold=thr)
     assert m["val_threshold"] == thr
     assert m["fpr95_val_threshold"] == pytest.approx(float(ref["ev_fpr95"]), **EXACT)
     assert m["fpr95_tpr_id"] == pytest.approx(float(ref["mu_fpr95"]), **EXACT)
-    assert m["fpr95_tpr_ood"] == pytest.approx(float(ref["mu_swapped_fpr95"]), **EXACT)
     assert m["aupr_out"] == pytest.approx(float(ref["mu_swapped_aupr"]), **EXACT)
 
 
@@ -119,8 +120,6 @@ def test_random_cross_check(seed, ties):
     assert ood.aupr_in(id_s, ood_s) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert ood.aupr_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - labels, -scores), abs=1e-12)
     assert ood.fpr95_tpr_id(id_s, ood_s) == pytest.approx(_brute_fpr95_tpr_id(id_s, ood_s), abs=1e-15)
-    assert ood.fpr95_tpr_ood(id_s, ood_s) == pytest.approx(_brute_fpr95_tpr_id(-ood_s, -id_s), abs=1e-15)
-    assert ood.fpr95_tpr_ood(id_s, ood_s) == ood.fpr95_tpr_id(-ood_s, -id_s)
     assert ood.val_threshold_tpr95(id_s) == np.percentile(id_s, 5)
 
 

@@ -139,11 +139,15 @@ def test_dry_run_and_missing_root(capsys, monkeypatch):
         assert setup2.main(["--datasets", "PACS"], trainer="CRoFT") == 2
         assert "DATA" in capsys.readouterr().err
         assert setup2.main(["--root", "/nonexistent", "--dry-run"], trainer="CRoFT") == 0
+        out = capsys.readouterr().out
+        assert setup2.main(["--root", "/nonexistent", "--dry-run", "--preset", "grid"], trainer="CRoFT") == 0
+        grid = capsys.readouterr().out
     finally:
         os.chdir(cwd)
-    out = capsys.readouterr().out
-    # the official grid: PACS 5 lambda2 x 2 cfgs + VLCS 5 x 3 lambda1 x 3 ratio pairs x 2 cfgs, x 4 domains x 3 seeds
-    assert "1200 runs planned" in out
+    # the grid: PACS 5 lambda2 x 2 cfgs + VLCS 5 x 3 lambda1 x 3 ratio pairs x 2 cfgs, x 4 domains x 3 seeds;
+    # official: + the selected PACS model (lambda1 5 / lambda2 1000, not in the PACS grid) x 2 cfgs x 4 x 3
+    assert "1200 runs planned" in grid
+    assert "1224 runs planned" in out and "PACS_ViT_ep30_l1-5_l2-1000_r0.2_rt0.5_g1/" in out
 
 
 def test_knn_script(sweep, capsys):
@@ -205,7 +209,7 @@ def test_failing_run_does_not_stop_the_sweep(tmp_path):
     assert jobs[1].done() and not jobs[0].done() and not os.path.exists(tmp_path / "bad")
 
 
-ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "CRoFT"]
+ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "BCAL", "CRoFT"]
 
 
 def test_every_method_in_one_table(tmp_path, capsys):

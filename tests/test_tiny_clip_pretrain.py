@@ -1,4 +1,4 @@
-"""Tiny CLIP pretraining (CoOp/tools/pretrain_tiny_clip.py): a few steps on tiny data, the
+"""Tiny CLIP pretraining (CoOp/demo/pretrain, ``python -m demo.pretrain``): a few steps on tiny data, the
 checkpoint/json contract, strict loading through open_clip and clip_backbone, zero-shot eval,
 and the disjointness of the pretraining digits from DigitsDG-mini."""
 from __future__ import annotations
@@ -8,22 +8,15 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-TOOLS = Path(__file__).resolve().parents[1] / "CoOp" / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-import build_digitsdg_mini as bdm  # noqa: E402
-import pretrain_tiny_clip as ptc  # noqa: E402
+import demo.data as bdm
+import demo.pretrain as ptc
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +30,15 @@ def tiny_digits():
     return images, d.target[idx].astype(np.int64)
 
 
+RECIPE = dict(steps=8, batch_size=30, lr=2e-3, warmup=1, threads=1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_digits):
     cache = tmp_path_factory.mktemp("tinyclip")
     images, labels = tiny_digits
-    summary = ptc.pretrain(cache, images=images, labels=labels, steps=8, batch_size=30, lr=2e-3, warmup=1,
-                           max_seconds=120, threads=1, data_root=None, evaluate=False, verbose=False)
+    summary = ptc.pretrain(cache, images=images, labels=labels, data_root=None, evaluate=False, verbose=False,
+                           **RECIPE)
     return cache, summary
 
 
@@ -65,16 +61,34 @@ def test_model_config_builds_open_clip_clip():
 def test_loss_falls_and_files_written(trained):
     cache, summary = trained
     losses = summary["losses"]
-    assert len(losses) == 8 and summary["training"]["steps"] == 8
+    assert len(losses) == 8 and summary["recipe"]["steps"] == 8
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     ckpt, meta = cache / ptc.CKPT_NAME, cache / ptc.META_NAME
     assert ckpt.is_file() and meta.is_file()
     saved = json.loads(meta.read_text())
     assert saved["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert saved["model_config"] == ptc.load_model_config()
-    for key in ("steps", "train_seconds", "final_loss", "batch_size", "seed", "templates"):
+    assert saved["recipe"] == dict(ptc.Recipe().as_dict(), **RECIPE)
+    for key in ("final_loss", "templates", "determinism"):
         assert key in saved["training"]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_same_recipe_gives_identical_bytes_and_other_seed_differs(trained, tiny_digits, tmp_path):
+    """Deterministic pretraining: a second run of the same recipe writes the same checkpoint bytes;
+    the torch thread setting and deterministic-algorithms flag of the caller are restored."""
+    cache, summary = trained
+    images, labels = tiny_digits
+    threads_before = torch.get_num_threads()
+    again = ptc.pretrain(tmp_path / "a", images=images, labels=labels, data_root=None, evaluate=False,
+                         verbose=False, **RECIPE)
+    assert again["reused"] is False
+    assert (tmp_path / "a" / ptc.CKPT_NAME).read_bytes() == (cache / ptc.CKPT_NAME).read_bytes()
+    assert again["sha256"] == summary["sha256"] and again["losses"] == summary["losses"]
+    assert torch.get_num_threads() == threads_before and not torch.are_deterministic_algorithms_enabled()
+    other = ptc.pretrain(tmp_path / "b", images=images, labels=labels, data_root=None, evaluate=False,
+                         verbose=False, **dict(RECIPE, seed=1))
+    assert other["sha256"] != summary["sha256"]
 
 
 def test_state_dict_loads_strictly(trained):
@@ -98,10 +112,16 @@ def test_cached_checkpoint_is_reused(trained, tiny_digits, tmp_path):
     cache, summary = trained
     images, labels = tiny_digits
     before = (cache / ptc.CKPT_NAME).stat().st_mtime_ns
-    again = ptc.pretrain(cache, images=images, labels=labels, steps=8, batch_size=30,
-                         data_root=None, evaluate=False, verbose=False)
+    again = ptc.pretrain(cache, images=images, labels=labels, data_root=None, evaluate=False, verbose=False,
+                         **RECIPE)
     assert again["reused"] is True and again["sha256"] == summary["sha256"]
     assert (cache / ptc.CKPT_NAME).stat().st_mtime_ns == before
+    # another recipe is not served from the cache
+    other = tmp_path / "r"
+    shutil.copytree(cache, other)
+    changed = ptc.pretrain(other, images=images, labels=labels, data_root=None, evaluate=False, verbose=False,
+                           **dict(RECIPE, steps=9))
+    assert changed["reused"] is False and len(changed["losses"]) == 9
     # a damaged checkpoint is not reused
     copy = tmp_path / "c"
     shutil.copytree(cache, copy)

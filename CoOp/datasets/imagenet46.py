@@ -53,6 +53,15 @@ held-out images keep their 0..999 labels, every held-out class has 50 < 1000 val
 *all* 30,000 held-out val images; written by ``ImageNetOOD46`` itself, they carry -1 and ``ood_test`` is 1,000
 random images. Default here: 1000 (the fresh-cache behaviour); ``DATASET.SETUP1_OOD_SIZE -1`` gives the other.
 
+**Seeds 2 and 3 share seed 1's cache** (``DATASET.SETUP1_OOD_SAMPLE``). ``preprocessed.pkl`` has no seed in its
+name, so in the official sweep (seed 1 first) the evaluation runs of seeds 2 and 3 read the labels written by
+seed 1: a held-out class of seed S that was an ID class of seed 1 keeps its seed-1 label, so its 50 val images
+form their own group and are all kept, while the classes held out in both seeds form the single -1 group from
+which ``SETUP1_OOD_SIZE`` images are drawn (~240 x 50 + 1000 = ~13,000 open-set images). ``shared_cache``
+(default, official) reproduces this for ``ImageNetOOD46``; ``per_seed`` samples every seed as a fresh cache would
+(one -1 group). ``ImageNet46`` (training) always samples per seed: its official cache name carries the seed.
+The record's ``protocol.dataset`` says which sample ran.
+
 **Randomness.** Python's global ``random`` (seeded by ``set_random_seed``), consumed after every folder was
 listed (a missing folder raises before anything is drawn), in this order: ``train_x`` (only when ``K >= 1``),
 ``val``, ``ood_test``.
@@ -76,6 +85,8 @@ from dassl.utils.errors import ConfigError, DataError
 
 TEST_OOD_DEFAULT = "test_id"
 OOD_SIZE_DEFAULT = 1000
+OOD_SAMPLE_MODES = ("shared_cache", "per_seed")
+CACHE_SEED = 1  # the seed whose run writes the official preprocessed.pkl (the sweeps start with seed 1)
 
 # TEST_OOD value -> (folder under DATASET.ROOT, how class folders are named, what belongs there)
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -99,11 +110,15 @@ def add_setup1_config(cfg: Any) -> None:
       ``test`` split of ``ImageNetOOD46`` (the official ``--test_ood`` flag).
     - ``DATASET.SETUP1_OOD_SIZE`` (1000): size of the open-set ``ood_test`` sample of ImageNet46/OOD46; < 1 = all
       held-out val images (the behaviour of an official run whose ``preprocessed.pkl`` came from CoOp's ImageNet).
+    - ``DATASET.SETUP1_OOD_SAMPLE`` (``shared_cache``): ``shared_cache`` (official: evaluation runs of every seed
+      group the held-out images by seed 1's labels) or ``per_seed``.
     """
     if "TEST_OOD" not in cfg:
         cfg.TEST_OOD = TEST_OOD_DEFAULT
     if "SETUP1_OOD_SIZE" not in cfg.DATASET:
         cfg.DATASET.SETUP1_OOD_SIZE = OOD_SIZE_DEFAULT
+    if "SETUP1_OOD_SAMPLE" not in cfg.DATASET:
+        cfg.DATASET.SETUP1_OOD_SAMPLE = OOD_SAMPLE_MODES[0]
 
 
 def imagenet46_class_split(seed: int, n_classes: int = 1000, n_id: int = 400) -> list[int]:
@@ -271,11 +286,34 @@ class ImageNetSetup1(DatasetBase):
         sampled = self.generate_fewshot_dataset(full_train, num_shots=num_shots)
         return [item for item in sampled if item.label >= 0]
 
+    SHARED_CACHE = False  # whether SETUP1_OOD_SAMPLE shared_cache applies (the evaluation class)
+
+    def ood_sample_mode(self, cfg: Any) -> str:
+        """The open-set sample that runs: ``per_seed`` or ``shared_cache`` (only evaluation runs, seed != 1)."""
+        mode = str(getattr(cfg.DATASET, "SETUP1_OOD_SAMPLE", OOD_SAMPLE_MODES[0]))
+        if mode not in OOD_SAMPLE_MODES:
+            raise ConfigError(f"DATASET.SETUP1_OOD_SAMPLE must be one of {OOD_SAMPLE_MODES}, got {mode!r}")
+        shared = mode == "shared_cache" and self.SHARED_CACHE and self.seed != CACHE_SEED
+        return "shared_cache" if shared else "per_seed"
+
     def sample_ood_test(self, ood_val: list[Datum], cfg: Any) -> list[Datum]:
         size = int(getattr(cfg.DATASET, "SETUP1_OOD_SIZE", OOD_SIZE_DEFAULT))
+        self.ood_sample = self.ood_sample_mode(cfg)
         if size < 1:
             return list(ood_val)
-        return self.generate_fewshot_dataset(ood_val, num_shots=size)  # one group (label -1)
+        if self.ood_sample == "per_seed":
+            return self.generate_fewshot_dataset(ood_val, num_shots=size)  # one group (label -1)
+        cache_label = {idx: k for k, idx in enumerate(imagenet46_class_split(CACHE_SEED, len(self.all_classes),
+                                                                              len(self.class_split)))}
+        relabelled = [Datum(impath=d.impath, classname=d.classname, label=cache_label.get(
+            self.wnid_index[os.path.basename(os.path.dirname(d.impath))], -1)) for d in ood_val]
+        sampled = self.generate_fewshot_dataset(relabelled, num_shots=size)
+        return [Datum(impath=d.impath, label=-1, classname=d.classname) for d in sampled]
+
+    def protocol_notes(self) -> dict[str, Any]:
+        """What the run record's ``protocol.dataset`` says about this dataset's sampling."""
+        return {"setup1_ood_sample": getattr(self, "ood_sample", "per_seed"), "setup1_cache_seed": CACHE_SEED,
+                "ood_test_size": len(self.ood_test or [])}
 
     def build(self, cfg: Any) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -301,6 +339,8 @@ class ImageNet46(ImageNetSetup1):
 @DATASET_REGISTRY.register()
 class ImageNetOOD46(ImageNetSetup1):
     """Setup-I evaluation dataset: ``test`` chosen by ``TEST_OOD`` (ID val or an ImageNet variant)."""
+
+    SHARED_CACHE = True
 
     def build(self, cfg: Any) -> None:
         test_ood = str(getattr(cfg, "TEST_OOD", TEST_OOD_DEFAULT))

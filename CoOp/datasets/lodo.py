@@ -84,7 +84,7 @@ class LODODataset(DatasetBase):
         self.domain_match = cfg.DATASET.DOMAIN_MATCH
         if self.domain_match not in DOMAIN_MATCHES:
             raise ConfigError(f"DATASET.DOMAIN_MATCH must be one of {DOMAIN_MATCHES}, got {self.domain_match!r}")
-        folders = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir))]
+        folders = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir, sort=True))]
         official = list(self.official_domain_order or folders)
         self.domain_list = official if self.domain_match == "substring" else folders
         split = read_json(self.split_path)
@@ -167,7 +167,7 @@ class VLCS(LODODataset):
 
 @DATASET_REGISTRY.register()
 class DigitsDG(LODODataset):
-    """DigitsDG-mini (built by ``tools/build_digitsdg_mini.py``); domains are the folders of ``images/``."""
+    """DigitsDG-mini (built by ``python -m demo.data``); domains are the folders of ``images/``."""
 
     dataset_dir = "DigitsDG"
     domains: list[str] = []

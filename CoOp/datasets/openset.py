@@ -233,7 +233,7 @@ class VLCS_food101(VLCS_Food101):
 # ----------------------------------------------------------------------------- DigitsDG-mini (the demo)
 @DATASET_REGISTRY.register()
 class DigitsDG_FashionMNIST(LODOOpenSet):
-    """DigitsDG-mini as ID, Fashion-MNIST (built by ``tools/build_digitsdg_mini.py``) as open-set."""
+    """DigitsDG-mini as ID, Fashion-MNIST (built by ``python -m demo.data``) as open-set."""
 
     id_dataset = DigitsDG
     ood_folder = "fashion-mnist"

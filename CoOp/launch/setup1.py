@@ -3,8 +3,11 @@
 Training runs:   output/<TRAINER>/imagenet46_<CFG>[_<swept values>]/seed<S>/shots<K>/
 Evaluation runs: eval_setup1/<TRAINER>/imagenetood46_<CFG>[_<swept values>]/shots<K>/<TEST_OOD>/seed<S>/
 
-The official grid: seeds 1-3; shots 1 (CRoFT gen_step 10), 16 and 32 (gen_step 1); CRoFT lambda1 and lambda2 in
-{1, 5, 10, 15, 20} with ratio 0.2 / ratio_text 0.5. Evaluation: closed-set accuracy on ImageNet (``test_id``),
+What runs comes from :mod:`launch.official`: seeds 1-3; shots 1, 16 and 32 (CLIP-Adapter: 4); every official
+override (Tip-Adapter-F α 1.17 / β 1, precision, epochs, batch sizes) on training and evaluation runs; CRoFT
+λ1 and λ2 in {1, 5, 10, 15, 20} with ratio 0.2 / ratio_text 0.5 and gen_step 10 (1 shot) or 1, every pair
+evaluated (``--preset official`` and ``grid`` plan the same Setup-I runs, as the official test_setup1.py
+evaluates all 25 pairs). Evaluation: closed-set accuracy on ImageNet (``test_id``),
 -V2, -Sketch, -A, -R (400-way) and open-set detection against the held-out 600 classes (ID side: correctly
 classified validation images, as the official evaluator).
 """
@@ -16,39 +19,37 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from launch.setup2 import OUTPUT_ROOT, common_overrides, config_path, dataset_config, fmt
+from launch import official
+from launch.setup2 import OUTPUT_ROOT, common_overrides, config_path, dataset_config
 from launch.sweep import Job, add_launcher_args, plan_sweep, sweep_main
 
 TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
-CROFT_L = [1.0, 5.0, 10.0, 15.0, 20.0]
 
 
 def settings(trainer: str, shots: int, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    if trainer != "CRoFT":
+    """(directory tag, yacs overrides) of every CRoFT setting of the sweep (one empty setting otherwise)."""
+    if not official.has_grid(trainer, 1):
         return [("", [])]
-    gen = args.gen_step if args.gen_step is not None else (10 if shots == 1 else 1)
-    out = []
-    for l1, l2 in itertools.product(args.lambda1 or CROFT_L, args.lambda2 or CROFT_L):
-        tag = f"_l1-{fmt(l1)}_l2-{fmt(l2)}_r0.2_rt0.5_g{gen}"
-        out.append((tag, ["TRAINER.CRoFT.WCCF", "True", "TRAINER.CRoFT.gen_step", str(gen), "TRAINER.CRoFT.ratio",
-                          "0.2", "TRAINER.CRoFT.ratio_text", "0.5", "TRAINER.CRoFT.lambda1", fmt(l1),
-                          "TRAINER.CRoFT.lambda2", fmt(l2)]))
-    return out
+    grid = official.sweep_grid(trainer, 1, "ImageNet46", shots=shots, lambda1=args.lambda1, lambda2=args.lambda2,
+                               gen_step=args.gen_step)
+    return [("_" + s.tag, s.opts()) for s in grid]
 
 
 def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
     out_root = os.path.join(args.output_root, OUTPUT_ROOT.get(trainer, trainer))
-    for cfg, shots in itertools.product(args.cfgs, args.shots):
+    prot = official.protocol(trainer, 1)
+    for cfg, shots in itertools.product(args.cfgs or prot.cfgs, args.shots or prot.shots):
         for (tag, overrides), seed in itertools.product(settings(trainer, shots, args), args.seeds):
             group = f"imagenet46_{cfg}{tag}"
             out = os.path.join(out_root, group, f"seed{seed}", f"shots{shots}")
             argv = ["--root", args.root, "--seed", str(seed), "--trainer", trainer,
                     "--dataset-config-file", dataset_config("imagenet46"), "--config-file", config_path(trainer, cfg),
-                    "--output-dir", out, "DATASET.NUM_SHOTS", str(shots), *overrides, *common_overrides(args)]
+                    "--output-dir", out, "DATASET.NUM_SHOTS", str(shots), *prot.train_opts(cfg), *overrides,
+                    "PROTOCOL.PRESET", args.preset, *common_overrides(args)]
             labels = {"kind": "train", "trainer": trainer, "method": args.method or trainer, "dataset": "ImageNet46",
                       "cfg": cfg, "setting": f"{tag.lstrip('_')}_shots{shots}".lstrip("_"), "group": group,
-                      "domain": "test_id", "seed": seed, "shots": shots}
+                      "domain": "test_id", "seed": seed, "shots": shots, "preset": args.preset, "selected": False}
             jobs.append(Job(f"{trainer}/{group}/seed{seed}/shots{shots}", out, argv, labels))
     return jobs
 
@@ -56,6 +57,7 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
 def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
     eval_root = os.path.join(args.eval_root, OUTPUT_ROOT.get(trainer, trainer))
+    prot = official.protocol(trainer, 1)
     for tj in train_jobs(args, trainer):
         lab = tj.labels
         for test_set in args.test_sets:
@@ -67,7 +69,7 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config("imagenetood46"),
                     "--config-file", config_path(trainer, lab["cfg"]), "--output-dir", out, "--eval-only",
-                    "--model-dir", tj.output_dir, *tail, "TEST_OOD", test_set]
+                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, "TEST_OOD", test_set]
             labels = dict(lab, kind="eval", domain=test_set, ood="ImageNet-600", train_dir=tj.output_dir)
             jobs.append(Job(f"{trainer}/{group}/shots{lab['shots']}/{test_set}/seed{lab['seed']}", out, argv,
                             labels))
@@ -80,8 +82,10 @@ def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParse
     p.add_argument("--root", default=os.environ.get("DATA", ""), help="datasets folder (default: $DATA)")
     p.add_argument("--trainer", nargs="+", default=[trainer] if trainer else ["CRoFT"])
     p.add_argument("--method", default="")
-    p.add_argument("--cfgs", nargs="+", default=["ViT_ep30"])
-    p.add_argument("--shots", nargs="+", type=int, default=[1, 16, 32])
+    p.add_argument("--preset", choices=official.PRESETS, default="official",
+                   help="official or grid (the same Setup-I plan: every CRoFT pair is evaluated officially)")
+    p.add_argument("--cfgs", nargs="+", help="trainer configs (default: official, ViT_ep30)")
+    p.add_argument("--shots", nargs="+", type=int, help="shots (default: official, 1 16 32; CLIP_Adapter 4)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--lambda1", nargs="+", type=float)
     p.add_argument("--lambda2", nargs="+", type=float)

@@ -4,16 +4,15 @@ Training runs:   output/<TRAINER>/<DATASET>_<CFG>[_<swept values>]/test_on_<doma
 Evaluation runs: eval_open_ood/<TRAINER>/<DATASET>_<OOD>_<CFG>[_<swept values>]/test_on_<domain>.json/seed<S>/
 
 The directory names encode every swept value (the official VLCS sweep silently skipped two of its three ratio
-settings because they did not), and a run is skipped only when its ``done`` marker exists. The official grids:
+settings because they did not), and a run is skipped only when its ``done`` marker exists. What runs comes from
+:mod:`launch.official` (configs, shots, every official override, the CRoFT grids and selected models):
 
-* CRoFT, PACS: lambda2 in {1000, 100, 10, 1, 0}, lambda1 15, ratio 0.2 / ratio_text 0.5, gen_step 0 (rn50_ep30)
-  or 1 (ViT_ep30);
-* CRoFT, VLCS: lambda2 as above x lambda1 in {15, 5, 0} x (ratio, ratio_text) in {(0.2,0.5), (0.2,0.0),
-  (0.5,0.0)}, gen_step 5;
-* baselines: one run per (dataset, config, domain, seed).
+* ``--preset official`` (default): the committed plan. CRoFT trains its grid plus the "selected" models the
+  official open-set scripts load (PACS λ1 5 / λ2 1000, VLCS λ1 15 / λ2 1000) and evaluates only those, at
+  ρ 0.5 / ρ_t 0; baselines: one run per (dataset, config, domain, seed).
+* ``--preset grid``: every grid setting is trained and evaluated.
 
-Seeds 1-3, 16 shots, configs rn50_ep30 and ViT_ep30. The official open-set evaluation of CRoFT uses
-ratio 0.5 / ratio_text 0.0 (``--eval-ratio``/``--eval-ratio-text``).
+Explicit ``--lambda1/--lambda2/--ratios/--gen-step`` replace the grid's values (and are what gets evaluated).
 """
 from __future__ import annotations
 
@@ -23,6 +22,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from launch import official
+from launch.official import Setting, fmt
 from launch.sweep import COOP_DIR, Job, add_launcher_args, plan_sweep, sweep_main
 
 OFFICIAL_DOMAINS = {
@@ -30,18 +31,7 @@ OFFICIAL_DOMAINS = {
     "VLCS": ["labelme", "sun", "pascal", "caltech"],
 }
 OFFICIAL_OOD = ["DTD", "Food101", "Caltech101"]
-OFFICIAL_CFGS = ["rn50_ep30", "ViT_ep30"]
-CROFT_GRID = {
-    "PACS": {"lambda1": [15.0], "lambda2": [1000.0, 100.0, 10.0, 1.0, 0.0], "ratios": [(0.2, 0.5)],
-             "gen_step": {"rn50_ep30": 0, "ViT_ep30": 1}},
-    "VLCS": {"lambda1": [15.0, 5.0, 0.0], "lambda2": [1000.0, 100.0, 10.0, 1.0, 0.0],
-             "ratios": [(0.2, 0.5), (0.2, 0.0), (0.5, 0.0)], "gen_step": {"rn50_ep30": 5, "ViT_ep30": 5}},
-}
 OUTPUT_ROOT = {"CoOp": "COOP", "CoCoOp": "COCOOP"}
-
-
-def fmt(v: float) -> str:
-    return f"{v:g}"
 
 
 def discover_domains(root: str, dataset: str) -> list[str]:
@@ -57,22 +47,29 @@ def discover_domains(root: str, dataset: str) -> list[str]:
     return sorted(f[len("test_on_"):-5] for f in os.listdir(folder) if f.startswith("test_on_") and f.endswith(".json"))
 
 
-def settings(trainer: str, dataset: str, cfg: str, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(directory tag, yacs overrides) for every swept hyper-parameter setting of a trainer."""
-    if trainer != "CRoFT":
-        return [("", [])]
-    grid = CROFT_GRID.get(dataset, CROFT_GRID["PACS"])
-    l1s = args.lambda1 or grid["lambda1"]
-    l2s = args.lambda2 or grid["lambda2"]
-    ratios = [tuple(float(x) for x in r.split(",")) for r in args.ratios] if args.ratios else grid["ratios"]
-    gen = args.gen_step if args.gen_step is not None else grid["gen_step"].get(cfg, 1)
-    out = []
-    for l1, l2, (r, rt) in itertools.product(l1s, l2s, ratios):
-        tag = f"_l1-{fmt(l1)}_l2-{fmt(l2)}_r{fmt(r)}_rt{fmt(rt)}_g{gen}"
-        out.append((tag, ["TRAINER.CRoFT.WCCF", "True", "TRAINER.CRoFT.gen_step", str(gen),
-                          "TRAINER.CRoFT.ratio", fmt(r), "TRAINER.CRoFT.ratio_text", fmt(rt),
-                          "TRAINER.CRoFT.lambda1", fmt(l1), "TRAINER.CRoFT.lambda2", fmt(l2)]))
-    return out
+def _explicit(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.lambda1, args.lambda2, args.ratios, args.gen_step))
+
+
+def _ratios(args: argparse.Namespace) -> Optional[list[tuple[float, float]]]:
+    if not args.ratios:
+        return None
+    try:
+        return [tuple(float(x) for x in r.split(",")) for r in args.ratios]  # type: ignore[misc]
+    except ValueError:
+        raise SystemExit(f"error: --ratios takes ratio,ratio_text pairs such as 0.2,0.5, got {args.ratios}")
+
+
+def settings(trainer: str, dataset: str, cfg: str, args: argparse.Namespace,
+             evaluate: bool = False) -> list[tuple[str, list[str], bool]]:
+    """(directory tag, yacs overrides, selected?) of every setting trained (or, ``evaluate``, evaluated)."""
+    if not official.has_grid(trainer, 2):
+        return [("", [], False)]
+    grid = official.sweep_grid(trainer, 2, dataset, cfg, args.shots, args.lambda1, args.lambda2, _ratios(args),
+                               args.gen_step)
+    sel = None if _explicit(args) or args.preset == "grid" else official.selected(trainer, 2, dataset, cfg)
+    chosen: list[Setting] = [sel] if (evaluate and sel) else grid + ([sel] if sel and sel not in grid else [])
+    return [("_" + s.tag, s.opts(), s == sel) for s in chosen]
 
 
 def config_path(trainer: str, cfg: str) -> str:
@@ -92,19 +89,22 @@ def dataset_config(name: str) -> str:
 def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
     out_root = os.path.join(args.output_root, OUTPUT_ROOT.get(trainer, trainer))
-    for dataset, cfg in itertools.product(args.datasets, args.cfgs):
+    prot = official.protocol(trainer, 2)
+    shots = args.shots or prot.shots[0]
+    for dataset, cfg in itertools.product(args.datasets, args.cfgs or prot.cfgs):
         domains = args.domains or discover_domains(args.root, dataset)
-        for (tag, overrides), domain, seed in itertools.product(settings(trainer, dataset, cfg, args), domains,
-                                                                 args.seeds):
+        for (tag, overrides, sel), domain, seed in itertools.product(settings(trainer, dataset, cfg, args),
+                                                                      domains, args.seeds):
             group = f"{dataset}_{cfg}{tag}"
             env = f"test_on_{domain}.json"
-            out = os.path.join(out_root, group, env, f"seed{seed}", f"shots{args.shots}")
+            out = os.path.join(out_root, group, env, f"seed{seed}", f"shots{shots}")
             argv = ["--root", args.root, "--seed", str(seed), "--trainer", trainer,
                     "--dataset-config-file", dataset_config(dataset), "--config-file", config_path(trainer, cfg),
-                    "--output-dir", out, "TEST_ENV", env, "DATASET.NUM_SHOTS", str(args.shots), *overrides,
-                    *common_overrides(args)]
+                    "--output-dir", out, "TEST_ENV", env, "DATASET.NUM_SHOTS", str(shots),
+                    *prot.train_opts(cfg), *overrides, "PROTOCOL.PRESET", args.preset, *common_overrides(args)]
             labels = {"kind": "train", "trainer": trainer, "method": args.method or trainer, "dataset": dataset,
-                      "cfg": cfg, "setting": tag.lstrip("_"), "group": group, "domain": domain, "seed": seed}
+                      "cfg": cfg, "setting": tag.lstrip("_"), "group": group, "domain": domain, "seed": seed,
+                      "preset": args.preset, "selected": sel}
             jobs.append(Job(f"{trainer}/{group}/{env}/seed{seed}", out, argv, labels))
     return jobs
 
@@ -112,17 +112,23 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
 def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
     eval_root = os.path.join(args.eval_root, OUTPUT_ROOT.get(trainer, trainer))
+    prot = official.protocol(trainer, 2)
+    wanted = {(ds, cfg, tag.lstrip("_")) for ds in args.datasets for cfg in (args.cfgs or prot.cfgs)
+              for tag, _, _ in settings(trainer, ds, cfg, args, evaluate=True)}
     for tj in train_jobs(args, trainer):
         lab = tj.labels
+        if (lab["dataset"], lab["cfg"], lab["setting"]) not in wanted:
+            continue
         for ood in args.ood:
             name = f"{lab['dataset']}_{ood}"
             group = f"{name}_{lab['cfg']}" + (f"_{lab['setting']}" if lab["setting"] else "")
             env = f"test_on_{lab['domain']}.json"
             out = os.path.join(eval_root, group, env, f"seed{lab['seed']}")
-            extra = []
-            if trainer == "CRoFT":
-                extra = ["TRAINER.CRoFT.ratio", fmt(args.eval_ratio), "TRAINER.CRoFT.ratio_text",
-                         fmt(args.eval_ratio_text)]
+            extra = list(prot.eval_opts)
+            if args.eval_ratio is not None:
+                extra += ["TRAINER.CRoFT.ratio", fmt(args.eval_ratio)]
+            if args.eval_ratio_text is not None:
+                extra += ["TRAINER.CRoFT.ratio_text", fmt(args.eval_ratio_text)]
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config(name), "--config-file", config_path(trainer, lab["cfg"]),
                     "--output-dir", out, "--eval-only", "--model-dir", tj.output_dir, "TEST_ENV", env,
@@ -162,10 +168,12 @@ def get_parser(trainer: Optional[str] = None, evaluate: bool = False) -> argpars
     p.add_argument("--trainer", nargs="+", default=[trainer] if trainer else ["CRoFT"])
     p.add_argument("--method", default="", help="label of the method in collected tables (default: trainer)")
     p.add_argument("--datasets", nargs="+", default=["PACS", "VLCS"])
-    p.add_argument("--cfgs", nargs="+", default=OFFICIAL_CFGS, help="trainer config names")
+    p.add_argument("--preset", choices=official.PRESETS, default="official",
+                   help="official: the committed plan incl. CRoFT's selected evaluation models; grid: full sweep")
+    p.add_argument("--cfgs", nargs="+", help="trainer config names (default: official, rn50_ep30 ViT_ep30)")
     p.add_argument("--domains", nargs="+", help="held-out domains (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--shots", type=int, help="shots (default: official, 16)")
     p.add_argument("--lambda1", nargs="+", type=float, help="CRoFT lambda1 values (default: official grid)")
     p.add_argument("--lambda2", nargs="+", type=float, help="CRoFT lambda2 values (default: official grid)")
     p.add_argument("--ratios", nargs="+", help="CRoFT ratio,ratio_text pairs, e.g. 0.2,0.5")
@@ -177,8 +185,8 @@ def get_parser(trainer: Optional[str] = None, evaluate: bool = False) -> argpars
     p.add_argument("--output-root", default="output")
     p.add_argument("--eval-root", default="eval_open_ood")
     p.add_argument("--ood", nargs="+", default=OFFICIAL_OOD, help="open-set datasets (evaluation)")
-    p.add_argument("--eval-ratio", type=float, default=0.5, help="CRoFT ratio at evaluation (official 0.5)")
-    p.add_argument("--eval-ratio-text", type=float, default=0.0, help="CRoFT ratio_text at evaluation (official 0)")
+    p.add_argument("--eval-ratio", type=float, help="CRoFT ratio at evaluation (default: official, 0.5)")
+    p.add_argument("--eval-ratio-text", type=float, help="CRoFT ratio_text at evaluation (default: official, 0)")
     add_launcher_args(p)
     return p
 

@@ -131,7 +131,8 @@ def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> int
     root = args.eval_root if evaluate else args.output_root
     if not args.dry_run:
         write_manifest(root, manifest_name, jobs)
-    failures = run_jobs(runnable(jobs, evaluate), launcher=args.launcher, num_workers=args.jobs,
+    todo = jobs if args.dry_run else runnable(jobs, evaluate)  # a dry run lists every planned job
+    failures = run_jobs(todo, launcher=args.launcher, num_workers=args.jobs,
                         devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose,
                         retry=getattr(args, "retry", False), sweep_dir=os.path.join(root, "sweeps", manifest_name),
                         args=args)

@@ -21,7 +21,7 @@ deterministically from a download in the OoD-Bench/DomainBed layout ``<raw>/<dom
   an image of a source domain is in the same split in every json file.
 - **Default ratio: ``--val-fraction 0.2`` (80 % train / 20 % val)**, DomainBed's default hold-out fraction
   (OoD-Bench, where the README sends users for the downloads, is built on DomainBed) and the ratio of
-  ``tools/build_digitsdg_mini.py``. The official ratio is unknown; pass ``--val-fraction 0.1`` for a 90/10 split
+  ``python -m demo.data``. The official ratio is unknown; pass ``--val-fraction 0.1`` for a 90/10 split
   like PACS's official train/crossval lists.
 - ``splits_manifest.json`` (next to the json files) records the source, seed, ratio, counts and the sha256 of
   every json file. Existing split files whose content differs are never overwritten without ``--force``;

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count, nonneg, positive
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -48,16 +49,17 @@ class VariationalPromptLearner(nn.Module):
         PromptTokens(clip_model, context_length, names, " ".join(["X"] * n_ctx), n_ctx).attach(self)
 
     def std(self) -> torch.Tensor:
-        return self.ctx_sigma * self.ctx_sigma
+        """``sigma^2`` in fp32 (1e-10 underflows in fp16)."""
+        return self.ctx_sigma.float() * self.ctx_sigma.float()
 
     def context(self, sample: bool) -> torch.Tensor:
         """``mu + sigma^2 * eps`` when ``sample`` else ``mu``."""
         if not sample:
             return self.ctx_mu
-        return self.ctx_mu + self.std() * torch.randn_like(self.ctx_mu)
+        return self.ctx_mu + (self.std() * torch.randn_like(self.std())).to(self.ctx_mu.dtype)
 
     def kl(self) -> torch.Tensor:
-        return gaussian_kl(self.ctx_mu, self.std())
+        return gaussian_kl(self.ctx_mu.float(), self.std())
 
     def forward(self, sample: bool = False) -> torch.Tensor:
         return assemble_prompts(self.token_prefix, self.context(sample), self.token_suffix, self.name_lens, "end")
@@ -91,6 +93,10 @@ def domain_names_of(cfg: Any, dataset: Any) -> list[str]:
 class BCAL(PromptCLIPTrainer):
     """Bayes-CAL: variational category and context prompts with IRM and gradient-alignment penalties."""
 
+    CFG_RANGES = {"TRAINER.BCAL.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.BCAL.PREC": PREC,
+                  "TRAINER.BCAL.ALPHA1": nonneg(), "TRAINER.BCAL.ALPHA2": nonneg(), "TRAINER.BCAL.ALPHA3": nonneg(),
+                  "TRAINER.BCAL.KL_SCALE": nonneg(), "TRAINER.BCAL.SIGMA_INIT": positive()}
+
     cfg_node = "BCAL"
 
     @staticmethod
@@ -101,6 +107,7 @@ class BCAL(PromptCLIPTrainer):
         c.CSC = False
         c.CLASS_TOKEN_POSITION = "end"
         c.PREC = "fp16"             # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.ALPHA1 = 0.01             # weight of the domain (context) cross-entropy
         c.ALPHA2 = 0.5              # weight of the IRM penalty
         c.ALPHA3 = 0.01             # weight of the gradient-alignment term
@@ -109,15 +116,6 @@ class BCAL(PromptCLIPTrainer):
         c.DOMAIN_NAMES = []         # named fix: domain names for datasets without them (official: none -> crash)
 
     unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
-
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        c = cfg.TRAINER.BCAL
-        for key in ("ALPHA1", "ALPHA2", "ALPHA3", "KL_SCALE"):
-            if float(c[key]) < 0:
-                raise ConfigError(f"TRAINER.BCAL.{key} must be >= 0, got {c[key]}")
-        if float(c.SIGMA_INIT) <= 0:
-            raise ConfigError(f"TRAINER.BCAL.SIGMA_INIT must be > 0, got {c.SIGMA_INIT}")
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.BCAL

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count, unit
 from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
@@ -59,19 +60,15 @@ def clip_adapter_logits(adapter: nn.Module, feats: torch.Tensor, text_feats: tor
 class CLIP_Adapter(FeatureHeadTrainer):
     """CLIP-Adapter: residual bottleneck adapter on frozen CLIP image features, single-template classifier."""
 
+    CFG_RANGES = {"TRAINER.CLIP_ADAPTER.RATIO": unit("residual ratio"), "TRAINER.CLIP_ADAPTER.REDUCTION": count(1),
+                  "TRAINER.CLIP_ADAPTER.PREC": PREC}
+
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
         c = cfg.TRAINER.CLIP_ADAPTER = CN()
         c.RATIO = 0.2       # residual ratio (official: hard-coded 0.2)
         c.REDUCTION = 4     # bottleneck reduction (official: hard-coded 4)
         c.PREC = "fp32"     # precision of the frozen image encoder (official: clip_model.float()); adapter is fp32
-
-    def check_cfg(self, cfg: Any) -> None:
-        c = cfg.TRAINER.CLIP_ADAPTER
-        if not 0.0 <= float(c.RATIO) <= 1.0:
-            raise ConfigError(f"TRAINER.CLIP_ADAPTER.RATIO must be in [0, 1], got {c.RATIO}")
-        if int(c.REDUCTION) < 1:
-            raise ConfigError(f"TRAINER.CLIP_ADAPTER.REDUCTION must be >= 1, got {c.REDUCTION}")
 
     def build_model(self) -> None:
         cfg = self.cfg

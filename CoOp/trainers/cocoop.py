@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count
 from dassl.engine import TRAINER_REGISTRY
 
 from .prompt_trainer import PromptCLIPTrainer
@@ -59,6 +60,8 @@ class CoCoOpPromptLearner(nn.Module):
 class CoCoOp(PromptCLIPTrainer):
     """Conditional Context Optimization: image-conditioned prompt context."""
 
+    CFG_RANGES = {"TRAINER.COCOOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.COCOOP.PREC": PREC}
+
     cfg_node = "COCOOP"
     unsupported_keys = {"CSC": False, "CLASS_TOKEN_POSITION": "end"}
 
@@ -68,6 +71,7 @@ class CoCoOp(PromptCLIPTrainer):
         c.N_CTX = 16          # number of context tokens (ignored when CTX_INIT is set)
         c.CTX_INIT = ""       # e.g. "a photo of a" (the original CoCoOp setting; the CRoFT scripts use 16 random)
         c.PREC = "fp16"       # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.CSC = False                   # official key, passed by the official scripts; only False is supported
         c.CLASS_TOKEN_POSITION = "end"  # official key, passed by the official scripts; only "end" is supported
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -34,6 +35,8 @@ from .prompting import CLASS_TOKEN_POSITIONS, PromptLearner, encode_prompt_embed
 class CoOp(PromptCLIPTrainer):
     """Context Optimization: learnable prompt context, frozen CLIP, cross-entropy."""
 
+    CFG_RANGES = {"TRAINER.COOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.COOP.PREC": PREC}
+
     cfg_node = "COOP"
 
     @staticmethod
@@ -44,6 +47,7 @@ class CoOp(PromptCLIPTrainer):
         c.CSC = False                   # class-specific context
         c.CLASS_TOKEN_POSITION = "end"  # end | middle | front
         c.PREC = "fp16"                 # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, count, nonneg, unit
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
@@ -29,6 +30,10 @@ TEXT_MODES = ("single", "ensemble7")
 @TRAINER_REGISTRY.register()
 class CRoFT(TrainerX):
     """Concurrent optimisation for OOD generalisation and open-set OOD detection (Zhu et al., ICML 2024)."""
+
+    CFG_RANGES = {"TRAINER.CRoFT.PREC": PREC, "TRAINER.CRoFT.ratio": unit("image residual ratio"),
+                  "TRAINER.CRoFT.ratio_text": unit("text residual ratio"), "TRAINER.CRoFT.lambda1": nonneg(),
+                  "TRAINER.CRoFT.lambda2": nonneg(), "TRAINER.CRoFT.gen_step": count(0)}
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
@@ -58,8 +63,6 @@ class CRoFT(TrainerX):
         if c.EDR_REDUCTION not in EDR_REDUCTIONS:
             raise ConfigError(f"TRAINER.CRoFT.EDR_REDUCTION must be one of {sorted(EDR_REDUCTIONS)}, "
                               f"got {c.EDR_REDUCTION!r}")
-        if c.gen_step < 0:
-            raise ConfigError("TRAINER.CRoFT.gen_step must be >= 0")
 
     def croft_options(self) -> CRoFTOptions:
         c = self.cfg.TRAINER.CRoFT

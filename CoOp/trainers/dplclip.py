@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC, Range, count
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
@@ -101,6 +102,10 @@ def group_means(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> to
 class DPLCLIP(PromptCLIPTrainer):
     """Domain prompt learning: an MLP generates per-domain prompt tokens from the batch's image features."""
 
+    CFG_RANGES = {"TRAINER.DPLCLIP.N_CTX": count(1), "TRAINER.DPLCLIP.PREC": PREC,
+                  "TRAINER.DPLCLIP.MLP_DEPTH": count(2, "input and output layer"), "TRAINER.DPLCLIP.MLP_WIDTH": count(1),
+                  "TRAINER.DPLCLIP.MLP_DROPOUT": Range(0.0, 1.0, hi_open=True)}
+
     cfg_node = "DPLCLIP"
     model_name = "DPL"
     unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
@@ -110,6 +115,7 @@ class DPLCLIP(PromptCLIPTrainer):
         c = cfg.TRAINER.DPLCLIP = CN()
         c.N_CTX = 16                     # number of domain tokens
         c.PREC = "fp16"                  # fp32 | fp16 | amp | bf16 (CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
         c.MLP_DEPTH = 3                  # official mlp_depth
         c.MLP_WIDTH = 512                # official mlp_width
         c.MLP_DROPOUT = 0.1              # official mlp_dropout
@@ -124,12 +130,6 @@ class DPLCLIP(PromptCLIPTrainer):
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
         c = cfg.TRAINER.DPLCLIP
-        if int(c.MLP_DEPTH) < 2:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DEPTH must be >= 2 (input and output layer), got {c.MLP_DEPTH}")
-        if int(c.MLP_WIDTH) < 1:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_WIDTH must be >= 1, got {c.MLP_WIDTH}")
-        if not 0.0 <= float(c.MLP_DROPOUT) < 1.0:
-            raise ConfigError(f"TRAINER.DPLCLIP.MLP_DROPOUT must be in [0, 1), got {c.MLP_DROPOUT}")
         if c.DOMAIN_POOL not in DOMAIN_POOLS:
             raise ConfigError(f"TRAINER.DPLCLIP.DOMAIN_POOL must be one of {DOMAIN_POOLS}, got {c.DOMAIN_POOL!r}")
         if c.LOGITS not in LOGIT_MODES:
@@ -159,9 +159,10 @@ class DPLCLIP(PromptCLIPTrainer):
                       n_groups: int) -> torch.Tensor:
         """Domain tokens ``[G, M, w]`` of each group."""
         if self.cfg.TRAINER.DPLCLIP.DOMAIN_POOL == "mean_of_mlp":
-            tokens = group_means(self.mlp(raw.float()), groups, n_groups)
+            dtype = self.mlp.output.weight.dtype
+            tokens = group_means(self.mlp(raw.to(dtype)), groups, n_groups)
         else:
-            tokens = self.mlp(group_means(feats.float(), groups, n_groups))
+            tokens = self.mlp(group_means(feats.float(), groups, n_groups).to(self.mlp.output.weight.dtype))
         return tokens.reshape(n_groups, self.prompt_tokens.n_ctx, self.width)
 
     def group_text_features(self, domain_tokens: torch.Tensor) -> torch.Tensor:

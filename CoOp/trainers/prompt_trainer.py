@@ -3,10 +3,12 @@
 Frozen CLIP in the requested precision (``TRAINER.<node>.PREC``), a text encoder over prompt embeddings, one
 optimisation step with optional AMP, and inference returning ``[logits, normalised image features, energy]``.
 
-Precision (``PREC``): ``fp32``; ``fp16``/``bf16`` = frozen CLIP weights cast to that dtype while the learnable
-parts stay fp32 (prompts are cast to the text encoder's dtype, text/image features back to fp32 for the logits);
-``amp`` = fp32 weights under ``torch.autocast`` with a ``GradScaler`` on CUDA. The official code keeps the learnable
-context itself in fp16 for ``fp16``. On CPU every mode runs in fp32 (:meth:`SimpleTrainer.resolve_precision`).
+Precision (``PREC``, official default ``fp16``): ``fp32``; ``fp16``/``bf16`` = frozen CLIP weights AND the learnable
+parameters in that dtype, as the official code (its context vectors take CLIP's dtype); the named fix
+``TRAINER.<node>.FP32_PARAMS True`` keeps the learnable parameters in fp32 (prompts are cast to the text encoder's
+dtype; text/image features go back to fp32 for the logits either way); ``amp`` = fp32 weights under
+``torch.autocast`` with a ``GradScaler`` on CUDA. On CPU every mode runs in fp32
+(:meth:`SimpleTrainer.resolve_precision`); the run record's ``precision`` block says what was requested and used.
 """
 from __future__ import annotations
 
@@ -66,7 +68,11 @@ class PromptCLIPTrainer(TrainerX):
         self.clip_model = clip_model.to(self.device).eval()
         self.image_encoder = self.clip_model.visual
         self.text_encoder = TextEncoder(self.clip_model)
+        if self.prec in ("fp16", "bf16") and not self.node().get("FP32_PARAMS", False):
+            module.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)   # official: params follow CLIP
         module = module.to(self.device)
+        self.precision_info = {**getattr(self, "precision_info", {}),
+                               "learnable_params": str(next(module.parameters()).dtype).replace("torch.", "")}
         trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
         print(f"Parameters to be updated ({self.model_name}): {trainable}")
         self.optim = build_optimizer(module, cfg.OPTIM)
@@ -74,7 +80,8 @@ class PromptCLIPTrainer(TrainerX):
         self.register_model(self.model_name, module, self.optim, self.sched)
         self.scaler = (torch.amp.GradScaler("cuda") if self.prec == "amp" and self.device.type == "cuda"
                        else None)
-        print(f"Precision: {self.prec} (requested {self.node().PREC})")
+        print(f"Precision: {self.prec} (requested {self.node().PREC}; learnable parameters "
+              f"{self.precision_info['learnable_params']})")
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         raise NotImplementedError

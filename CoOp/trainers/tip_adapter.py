@@ -47,7 +47,8 @@ Differences from the official ``TIP_ADAPTER.py`` (see spec section 3):
 * ``AUGMENT_EPOCH`` is declared (official: undeclared key, crash unless the cache exists) [bug fixed];
 * the CLIP logit scale ``s`` instead of a literal 100 (identical for OpenAI weights);
 * one-hot values use the dataset's class count (official ``F.one_hot`` infers it from the labels present);
-* ``PREC`` defaults to fp32 (official: fp16 on GPU); CPU always runs fp32.
+* ``PREC`` (official default fp16) casts the image encoder only; the text classifier is encoded in fp32 (official:
+  fp16 CLIP throughout); CPU always runs fp32.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
 from dassl.data.data_manager import build_data_loader
+from dassl.config.validate import PREC, count, nonneg
 from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError, UserError
@@ -136,22 +138,21 @@ def _token(text: str) -> str:
 class TIP_ADAPTER(FeatureHeadTrainer):
     """Tip-Adapter-F: a learnable few-shot feature cache added to the zero-shot CLIP classifier."""
 
+    CFG_RANGES = {"TRAINER.TIP_ADAPTER.ALPHA": nonneg(), "TRAINER.TIP_ADAPTER.BETA": nonneg(),
+                  "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH": count(1), "TRAINER.TIP_ADAPTER.PREC": PREC}
+
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER = CN()
         c.ALPHA = 1.0          # cache residual weight (Setup-I scripts: 1.17; Setup-II: 1)
         c.BETA = 1.0           # affinity sharpness (Setup-I scripts: 1.0; Setup-II: 10)
         c.AUGMENT_EPOCH = 10   # augmented passes averaged into the cache keys
-        c.PREC = "fp32"        # precision of the frozen image encoder (official default fp16); the cache is fp32
+        c.PREC = "fp16"        # precision of the frozen image encoder (official fp16; CPU: fp32); the cache is fp32
         c.CACHE_DIR = ""       # where cache files live ("" = <OUTPUT_DIR>/tip_cache)
         c.CACHE_MODE = "official"  # official (shuffled, drop-last, one shared file per shots/seed) | fixed
 
     def check_cfg(self, cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER
-        if int(c.AUGMENT_EPOCH) < 1:
-            raise ConfigError(f"TRAINER.TIP_ADAPTER.AUGMENT_EPOCH must be >= 1, got {c.AUGMENT_EPOCH}")
-        if float(c.BETA) < 0:
-            raise ConfigError(f"TRAINER.TIP_ADAPTER.BETA must be >= 0, got {c.BETA}")
         if c.CACHE_MODE not in CACHE_MODES:
             raise ConfigError(f"TRAINER.TIP_ADAPTER.CACHE_MODE must be one of {CACHE_MODES}, got {c.CACHE_MODE!r}")
 

@@ -1,9 +1,16 @@
-"""Zero-shot CLIP (no training): ``ZeroshotCLIP`` (one template) and ``ZeroshotCLIP2`` (7-template ensemble)."""
+"""Zero-shot CLIP (no training): ``ZeroshotCLIP`` (one template) and ``ZeroshotCLIP2`` (7-template ensemble).
+
+Precision ``TRAINER.ZSCLIP.PREC`` (official default ``fp16``: the official code runs CLIP's fp16 weights on the GPU):
+``fp16``/``bf16`` cast the whole CLIP (text features are computed in that dtype), ``amp`` runs fp32 weights under
+autocast, ``fp32``; CPU always runs fp32. Logits are computed in fp32 from the (L2-normalised) features.
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
+from yacs.config import CfgNode as CN
 
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 
@@ -16,12 +23,21 @@ class ZeroshotCLIP(TrainerX):
 
     text_mode = "single"
 
+    @staticmethod
+    def extend_cfg(cfg: Any) -> None:
+        c = cfg.TRAINER.ZSCLIP = CN()
+        c.PREC = "fp16"   # fp32 | fp16 | amp | bf16 (official fp16; CPU: always fp32)
+
     def build_model(self) -> None:
         cfg = self.cfg
         classnames = self.dm.dataset.classnames
         print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
         bundle = load_clip_to_cpu(cfg)
+        self.prec = self.resolve_precision(cfg.TRAINER.ZSCLIP.PREC)
         self.clip_model = freeze(bundle.model).to(self.device)
+        if self.prec in ("fp16", "bf16"):
+            self.clip_model.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)
+        print(f"Precision: {self.prec} (requested {cfg.TRAINER.ZSCLIP.PREC})")
         self.image_encoder = self.clip_model.visual
         tpl = single_template(cfg)
         print(f"Prompt template: {tpl!r} ({self.text_mode})")
@@ -30,7 +46,9 @@ class ZeroshotCLIP(TrainerX):
         self.logit_scale = bundle.logit_scale
 
     def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.encode_images(input).float()
+        amp = self.prec == "amp"
+        with torch.autocast(device_type=self.device.type) if amp else contextlib.nullcontext():
+            feats = self.encode_images(input).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
         logits = self.logit_scale * feats @ self.text_feats.t()
         return [logits, feats, torch.logsumexp(logits, dim=1)]

@@ -58,6 +58,9 @@ _C.DATASET.DOMAIN_MATCH = "substring"
 _C.DATASET.ID_PER_CLASS_CAP = 500
 # Setup-I: size of the open-set sample of the 600 held-out ImageNet classes (< 1 = all their val images)
 _C.DATASET.SETUP1_OOD_SIZE = 1000
+# Setup-I open-set sample of evaluation runs: "shared_cache" (official: seeds 2 and 3 group the held-out images by
+# seed 1's labels, as the seedless preprocessed.pkl written by seed 1 makes them) or "per_seed".
+_C.DATASET.SETUP1_OOD_SAMPLE = "shared_cache"
 # Single prompt template used by single-template trainers ("" = the dataset's default, "a photo of a {}.").
 _C.DATASET.PROMPT_TEMPLATE = ""
 _C.DATASET.OOD_PER_CLASS_CAP = 100
@@ -154,6 +157,9 @@ _C.TEST.MCM_TEMPERATURE = 1.0
 # domain) or "val" (Setup-I official). Only correctly classified ID images count (official evaluator).
 _C.TEST.OOD_ID_SPLIT = "test"
 _C.TEST.OOD_ID_CORRECT_ONLY = True
+# The KNN score's ID side: all held-out images (False, the official KNN script) or, True, only the correctly
+# classified ones like the other scores (a named deviation).
+_C.TEST.KNN_ID_CORRECT_ONLY = False
 # Save per-sample scores/features (.npz) and the energy-distribution PNG in evaluation runs.
 _C.TEST.SAVE_SCORES = True
 
@@ -168,6 +174,9 @@ _C.TEST_ENV = ""
 # Setup-I evaluation (ImageNetOOD46): which test set is the closed-set split: test_id (ImageNet val of the
 # 400 ID classes), imagenet_v2, imagenet_s, imagenet_a or imagenet_r.
 _C.TEST_OOD = "test_id"
+# Which plan a sweep driver ran ("official" | "grid"; "" = a run started by hand); recorded in record.json.
+_C.PROTOCOL = CN()
+_C.PROTOCOL.PRESET = ""
 
 
 def get_cfg_default() -> CN:

@@ -9,14 +9,15 @@ All trainers of this project keep CLIP's image encoder frozen, so a run only nee
   seeding and resume behave as usual). View ``v`` is always drawn with the same seeded augmentation, so all
   methods and seeds share the same views.
 
-The store lives under ``FEATURE_CACHE.DIR/<key>/`` where the key hashes the backbone, the weights file (path,
-size, mtime) and the INPUT config; files are written atomically, so parallel runs can share it. This is a
+The stores live under ``FEATURE_CACHE.DIR/<key>/<kind>/`` (``kind`` = ``test`` or ``train_v<v>``) where the key
+hashes the backbone, the weights file (path, size, mtime) and the INPUT config. Each store is append-only and
+sharded (:mod:`.feature_store`): shards are written atomically under a file lock and read through memory maps,
+so parallel runs and ``torchrun`` ranks can share it. An old single-file store (``<kind>.pt``) is imported once. This is a
 deliberate deviation from the official code (fresh augmentation every epoch): it is off by default.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from typing import Any, Optional
@@ -27,7 +28,11 @@ from tqdm import tqdm
 
 from ..data.data_manager import read_image
 from ..data.datasets import Datum
-from ..utils.tools import progress_enabled, atomic_write_bytes
+from ..utils.errors import DataError
+from ..utils.tools import progress_enabled
+from .feature_store import FeatureStore
+
+FLUSH_ROWS = 4096  # features encoded between two shard writes (a killed extraction keeps what it flushed)
 
 
 def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
@@ -42,49 +47,35 @@ def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Store:
-    """impath -> feature for one (transform, view), saved as ``{"paths": [...], "feats": N x D}``.
-
-    Updates are merged under an exclusive file lock (read the latest store, add the new rows, replace it
-    atomically), so parallel runs extending the same store never drop each other's features.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.data: dict[str, torch.Tensor] = self._read()
-
-    def _read(self) -> dict[str, torch.Tensor]:
-        if not os.path.isfile(self.path):
-            return {}
+def open_store(cache_dir: str, kind: str) -> FeatureStore:
+    """The sharded store ``<cache_dir>/<kind>/``; an old single-file ``<kind>.pt`` store is imported once."""
+    store = FeatureStore(os.path.join(cache_dir, kind))
+    legacy = os.path.join(cache_dir, f"{kind}.pt")
+    if len(store) == 0 and os.path.isfile(legacy):
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
-            return dict(zip(obj["paths"], obj["feats"]))
-        except Exception:  # a corrupt or foreign store is rebuilt
-            return {}
+            n = store.import_legacy(legacy)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        print(f"Feature cache: imported {n} features of the old single-file store {legacy}")
+    return store
 
-    def add(self, new: dict[str, torch.Tensor]) -> None:
-        import fcntl
 
-        with open(self.path + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            merged = self._read()
-            merged.update(new)
-            paths = sorted(merged)
-            buf = io.BytesIO()
-            torch.save({"paths": paths, "feats": torch.stack([merged[p] for p in paths])}, buf)
-            atomic_write_bytes(self.path, buf.getvalue())
-            fcntl.flock(lock, fcntl.LOCK_UN)
-        self.data = merged
+def view_seed(view: int, path: str, root: str) -> int:
+    """Seed of augmented view ``view`` of an image: from the view and the image path relative to the data root
+    (``DATASET.ROOT``), so the same data tree gives the same views wherever it lies."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if root else path
+    return int.from_bytes(hashlib.sha1(f"{view}:{rel}".encode()).digest()[:8], "little") % (2 ** 63)
 
 
 class _SeededViews(Dataset):
-    """Images under a transform; augmented view ``v`` of an image is drawn with a seed of (v, path), so it is
-    the same whatever else is encoded with it, in which order, or on which rank."""
+    """Images under a transform; augmented view ``v`` of an image is drawn with a seed of (v, path relative to
+    the data root), so it is the same whatever else is encoded with it, in which order, or on which rank."""
 
-    def __init__(self, paths: list[str], transform: Any, view: Optional[int]) -> None:
+    def __init__(self, paths: list[str], transform: Any, view: Optional[int], root: str = "") -> None:
         self.paths = paths
         self.transform = transform
         self.view = view
+        self.root = root
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,7 +85,7 @@ class _SeededViews(Dataset):
         img = read_image(path)
         if self.view is None:
             return self.transform(img), path
-        seed = int.from_bytes(hashlib.sha1(f"{self.view}:{path}".encode()).digest()[:8], "little") % (2 ** 63)
+        seed = view_seed(self.view, path, self.root)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(img), path
@@ -103,7 +94,7 @@ class _SeededViews(Dataset):
 class FeatureDataset(Dataset):
     """Items like :class:`DatasetWrapper`'s, with ``img`` replaced by a cached feature (a random view)."""
 
-    def __init__(self, data_source: list[Datum], views: list[dict[str, torch.Tensor]]) -> None:
+    def __init__(self, data_source: list[Datum], views: list[FeatureStore]) -> None:
         self.data_source = data_source
         self.views = views
 
@@ -113,7 +104,7 @@ class FeatureDataset(Dataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         item = self.data_source[idx]
         v = int(torch.randint(len(self.views), (1,)).item()) if len(self.views) > 1 else 0
-        return {"img": self.views[v][item.impath], "label": item.label, "domain": item.domain,
+        return {"img": self.views[v].get(item.impath), "label": item.label, "domain": item.domain,
                 "impath": item.impath, "index": idx}
 
 
@@ -129,46 +120,52 @@ class FeatureCache:
         self.dir = os.path.join(base, cache_key(cfg, dtype))
 
     @torch.no_grad()
-    def _fill(self, items: list[Datum], transform: Any, store: _Store, view: Optional[int], desc: str,
+    def _fill(self, items: list[Datum], transform: Any, store: FeatureStore, view: Optional[int], desc: str,
               rank: int = 0, world_size: int = 1) -> None:
-        """Encode the images of ``items`` missing from ``store`` (this rank's share of them) and merge them in."""
+        """Encode the images of ``items`` missing from ``store`` (this rank's share of them) and append them."""
         shard = sorted({d.impath for d in items})[rank::world_size]  # shard the full list: ranks never overlap
-        todo = [p for p in shard if p not in store.data]
+        todo = [p for p in shard if p not in store]
         if not todo:
             return
         tr = self.trainer
-        loader = DataLoader(_SeededViews(todo, transform, view), batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE,
-                            shuffle=False, num_workers=0)
-        new: dict[str, torch.Tensor] = {}
+        loader = DataLoader(_SeededViews(todo, transform, view, tr.cfg.DATASET.ROOT),
+                            batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False, num_workers=0)
+        paths_new: list[str] = []
+        feats_new: list[torch.Tensor] = []
         dtype = next(tr.image_encoder.parameters()).dtype
         # iterating a DataLoader draws a base seed from the global RNG: keep the run's random stream untouched,
         # so a run that builds the cache and one that re-uses it train identically
         with torch.random.fork_rng(devices=[]):
             for images, paths in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
-                feats = tr.image_encoder(images.to(tr.device, dtype=dtype)).float().cpu()
+                feats_new.append(tr.image_encoder(images.to(tr.device, dtype=dtype)).float().cpu())
                 tr.encoder_images += len(images)
-                new.update(zip(paths, feats))
-        store.add(new)
+                paths_new.extend(paths)
+                if len(paths_new) >= FLUSH_ROWS:
+                    store.add(paths_new, torch.cat(feats_new))
+                    paths_new, feats_new = [], []
+        if paths_new:
+            store.add(paths_new, torch.cat(feats_new))
 
     def _views(self, items: list[Datum], n_aug: int, name: str, rank: int = 0,
-               world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+               world_size: int = 1) -> list[FeatureStore]:
         """``n_aug`` augmented views (train transform), or the test-transform features when ``n_aug == 0``."""
         dm = self.trainer.dm
         augmented = n_aug > 0
         out = []
         for v in range(n_aug if augmented else 1):
             kind = f"train_v{v}" if augmented else "test"
-            store = _Store(os.path.join(self.dir, f"{kind}.pt"))
+            store = open_store(self.dir, kind)
             self._fill(items, dm.tfm_train if augmented else dm.tfm_test, store, v if augmented else None,
                        f"cache {name} {kind}", rank, world_size)
-            out.append(store.data)
+            out.append(store)
         return out
 
     def extract(self, rank: int = 0, world_size: int = 1) -> dict[str, int]:
         """Fill the stores for every split of the dataset (this rank's share), as ``install`` would need them.
 
-        Used by ``tools/extract_features.py`` under ``torchrun``: ranks encode disjoint shards and merge them into
-        the same locked stores; per-image seeded views make the result independent of the sharding.
+        Used by ``tools/extract_features.py`` under ``torchrun``: ranks encode disjoint parts of the images and
+        append them as their own shards (no global rewrite); per-image seeded views make the result independent
+        of the number of ranks.
         """
         ds = self.trainer.dm.dataset
         aug_ood = self.trainer.cfg.DATALOADER.OOD_TEST.TRANSFORM == "train"

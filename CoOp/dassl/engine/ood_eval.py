@@ -3,7 +3,8 @@
 1. Closed-set accuracy on ``TEST.SPLIT`` (the held-out domain in Setup-II): the ``* accuracy:`` block.
 2. If the dataset has an ``ood_test`` split (``PACS_DTD`` and friends): every score in ``TEST.OOD_SCORES``
    (``energy``, ``mcm``, ``msp``, ``knn``) on the ID side (``TEST.OOD_ID_SPLIT``, correctly classified images
-   only when ``TEST.OOD_ID_CORRECT_ONLY``) against the open-set images; all metrics of
+   only when ``TEST.OOD_ID_CORRECT_ONLY``; for ``knn`` only when ``TEST.KNN_ID_CORRECT_ONLY``, default all
+   images as the official KNN script) against the open-set images; all metrics of
    :func:`dassl.evaluation.ood.ood_metrics`; the familiar ``OODD_FPR95:`` / ``AUROC:`` lines for the energy score.
    KNN uses the source-domain ``val`` features as its bank (as the official KNN script).
 3. ``scores.npz`` (logits, labels, features, scores per split) and ``energy_hist.png`` in the output directory.
@@ -54,11 +55,10 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     if trainer.val_loader is not None and "val" not in outs:
         outs["val"] = trainer.collect_outputs("val")
     id_out = outs[id_split]
-    keep = (id_out["logits"].argmax(1) == id_out["labels"]) if cfg.TEST.OOD_ID_CORRECT_ONLY \
-        else np.ones(len(id_out["labels"]), dtype=bool)
-    if not keep.any():
+    correct = id_out["logits"].argmax(1) == id_out["labels"]
+    if not correct.any():
         print("WARNING: no correctly classified ID image; using all ID images for detection")
-        keep[:] = True
+        correct[:] = True
     names = check_score_names(cfg.TEST.OOD_SCORES)
     has_feats = all("features" in o for o in outs.values()) and "val" in outs
     bank = outs["val"]["features"] if has_feats else None
@@ -77,15 +77,18 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     for name in names:
         per_split = {split: compute_score(name, inp) for split, inp in inputs.items()}
         all_scores[name] = per_split
+        only_correct = bool(cfg.TEST.KNN_ID_CORRECT_ONLY if name == "knn" else cfg.TEST.OOD_ID_CORRECT_ONLY)
+        keep = correct if only_correct else np.ones(len(correct), dtype=bool)
         id_scores = per_split[id_split][keep]
         threshold = ood.val_threshold_tpr95(id_scores)
         res = ood.ood_metrics(id_scores, per_split["ood_test"], threshold=threshold)
         res["num_id"] = int(keep.sum())
+        res["id_correct_only"] = only_correct
         res["num_ood"] = int(len(per_split["ood_test"]))
         if name == "knn":
             res["k"] = k
         detection[name] = res
-        print(f"=> ood detection result (score: {name}; ID: {'correct ' if cfg.TEST.OOD_ID_CORRECT_ONLY else ''}"
+        print(f"=> ood detection result (score: {name}; ID: {'correct ' if only_correct else 'all '}"
               f"{id_split} images, n={res['num_id']}; open-set n={res['num_ood']})")
         print(f"threshold @ TPR95 on ID: {threshold:.6f}")
         if name == "energy":

@@ -272,10 +272,12 @@ class SimpleTrainer(TrainerBase):
         """The precision actually used: CPU always runs fp32."""
         if prec not in PRECISIONS:
             raise ConfigError(f"invalid PREC {prec!r} (choose from {', '.join(PRECISIONS)})")
+        used = prec
         if self.device.type == "cpu" and prec != "fp32":
             print(f"Note: PREC {prec} requested on CPU -> using fp32")
-            return "fp32"
-        return prec
+            used = "fp32"
+        self.precision_info = {"requested": prec, "used": used, "device": self.device.type}
+        return used
 
     # ----------------------------------------------------------------- data and features
     def build_data_loader(self) -> None:
@@ -419,6 +421,10 @@ class SimpleTrainer(TrainerBase):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def model_inference(self, input: torch.Tensor) -> Any:
+        """Dassl's default ``self.model(input)``; trainers that set a frozen ``image_encoder`` get
+        ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
+        if self.image_encoder is None:
+            return self.model(input)
         return self.model(self.encode_images(input))
 
 

@@ -16,12 +16,18 @@ Conventions
   ``fpr95_tpr_id``            ID                 Hendrycks ``fpr_and_fdr_at_recall``: OOD FPR at the
                                                  ROC point whose ID recall is closest to 0.95
                                                  (MCM / LoCoOp / CRoFT ``metric_utils`` convention)
-  ``fpr95_tpr_ood``           OOD                OpenOOD v1.5 convention: fraction of ID flagged as OOD
-                                                 when ~95 % of OOD are caught (= ``fpr95_tpr_id(-ood,
-                                                 -id)``)
+  ``aupr_in_openood``         ID                 OpenOOD v1.5: trapezoidal area under the PR curve
+  ``aupr_out_openood``        OOD                the same with OOD = 1 on negated scores
+  ``fpr95_tpr_ood``           OOD                OpenOOD v1.5 evaluator exactly: fraction of ID flagged
+                                                 as OOD at the FIRST point of sklearn's ROC curve (OOD
+                                                 positive, negated scores, intermediate collinear points
+                                                 dropped) whose OOD recall is >= 0.95
   ``fpr95_val_threshold``     ID (threshold)     CRoFT evaluator: fraction of OOD scores STRICTLY above
                                                  a threshold taken from ID validation scores
   ==========================  =================  =====================================================
+
+:data:`FPR95_CONVENTION` names the FPR95 each official table used per score (energy: the evaluator's
+``OODD_FPR95`` = ``fpr95_val_threshold``; KNN: ``metric_utils`` = ``fpr95_tpr_id``).
 """
 from __future__ import annotations
 
@@ -34,12 +40,24 @@ __all__ = [
     "auroc",
     "aupr_in",
     "aupr_out",
+    "aupr_in_openood",
+    "aupr_out_openood",
     "fpr95_tpr_id",
     "fpr95_tpr_ood",
     "val_threshold_tpr95",
     "fpr95_val_threshold",
     "ood_metrics",
+    "FPR95_CONVENTION",
+    "fpr95_convention",
 ]
+
+FPR95_CONVENTION: dict[str, str] = {"energy": "fpr95_val_threshold", "knn": "fpr95_tpr_id"}
+"""Score -> the FPR95 its official table reports (energy: evaluator ``OODD_FPR95``; KNN: ``metric_utils``)."""
+
+
+def fpr95_convention(score: str) -> str:
+    """The official FPR95 key of a score (scores without an official table: ``fpr95_tpr_id``)."""
+    return FPR95_CONVENTION.get(score, "fpr95_tpr_id")
 
 # --------------------------------------------------------------------------------------------------------------
 # Metrics (numpy in, float out)
@@ -127,14 +145,50 @@ def fpr95_tpr_id(id_scores: Any, ood_scores: Any, recall_level: float = 0.95) ->
     return float(fp[best] / neg.size)
 
 
-def fpr95_tpr_ood(id_scores: Any, ood_scores: Any, recall_level: float = 0.95) -> float:
-    """FPR of ID at ~95 % TPR on OOD (OOD positive; OpenOOD v1.5 convention).
+def _drop_collinear(tp: np.ndarray, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn ``roc_curve(drop_intermediate=True)``: keep the ends and every point where the curve bends."""
+    if tp.size <= 2:
+        return tp, fp
+    keep = np.r_[True, np.logical_or(np.diff(fp, 2), np.diff(tp, 2)), True]
+    return tp[keep], fp[keep]
 
-    Defined as ``fpr95_tpr_id(-ood_scores, -id_scores)``: the fraction of ID samples scored as OOD when the
-    threshold catches ~95 % of the OOD samples.
+
+def fpr95_tpr_ood(id_scores: Any, ood_scores: Any, recall_level: float = 0.95) -> float:
+    """FPR of ID at 95 % TPR on OOD, exactly as OpenOOD v1.5's evaluator (``auc_and_fpr_recall``).
+
+    OOD is the positive class and scores are negated; the ROC curve is sklearn's ``roc_curve`` (one point per
+    distinct score, collinear intermediate points dropped, ``(0, 0)`` prepended) and the result is the FPR of
+    the FIRST point whose TPR (OOD recall) is ``>= recall_level``: the fraction of ID samples scored at or below
+    that threshold.
     """
     pos, neg = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
-    return fpr95_tpr_id(-neg, -pos, recall_level)
+    tp, fp = _drop_collinear(*_binary_curve(-neg, -pos))
+    tpr = np.r_[0, tp] / tp[-1]
+    fpr = np.r_[0, fp] / fp[-1]
+    return float(fpr[int(np.argmax(tpr >= recall_level))])
+
+
+def _trapezoid_aupr(pos: np.ndarray, neg: np.ndarray) -> float:
+    tp, fp = _binary_curve(pos, neg)
+    precision = np.r_[1.0, tp / (tp + fp)]
+    recall = np.r_[0.0, tp / tp[-1]]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2.0))
+
+
+def aupr_in_openood(id_scores: Any, ood_scores: Any) -> float:
+    """OpenOOD v1.5 AUPR-In: trapezoidal area under sklearn's ``precision_recall_curve`` (ID = 1).
+
+    Unlike :func:`aupr_in` (average precision) the curve is interpolated linearly between its points, starting
+    from (recall 0, precision 1); with tied scores the two differ noticeably.
+    """
+    pos, neg = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+    return _trapezoid_aupr(pos, neg)
+
+
+def aupr_out_openood(id_scores: Any, ood_scores: Any) -> float:
+    """OpenOOD v1.5 AUPR-Out: the trapezoidal AUPR with OOD = 1 on negated scores."""
+    pos, neg = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+    return _trapezoid_aupr(-neg, -pos)
 
 
 def val_threshold_tpr95(id_scores: Any) -> float:
@@ -158,7 +212,8 @@ def fpr95_val_threshold(ood_scores: Any, threshold: float) -> float:
 def ood_metrics(id_scores: Any, ood_scores: Any, threshold: float | None = None) -> dict[str, float]:
     """All detection metrics for one (ID, OOD) pair, as fractions in [0, 1].
 
-    Keys: ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95_tpr_id``, ``fpr95_tpr_ood``; and, only when
+    Keys: ``auroc``, ``aupr_in``, ``aupr_out``, ``aupr_in_openood``, ``aupr_out_openood``, ``fpr95_tpr_id``,
+    ``fpr95_tpr_ood``; and, only when
     ``threshold`` (e.g. from :func:`val_threshold_tpr95` on ID validation scores) is given,
     ``fpr95_val_threshold`` and ``val_threshold``.
     """
@@ -167,6 +222,8 @@ def ood_metrics(id_scores: Any, ood_scores: Any, threshold: float | None = None)
         "auroc": auroc(pos, neg),
         "aupr_in": aupr_in(pos, neg),
         "aupr_out": aupr_out(pos, neg),
+        "aupr_in_openood": aupr_in_openood(pos, neg),
+        "aupr_out_openood": aupr_out_openood(pos, neg),
         "fpr95_tpr_id": fpr95_tpr_id(pos, neg),
         "fpr95_tpr_ood": fpr95_tpr_ood(pos, neg),
     }

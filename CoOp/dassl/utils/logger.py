@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
 
 
 class Logger:
@@ -35,8 +35,13 @@ class Logger:
         self.file.close()
 
 
-def setup_logger(output: str) -> Logger:
-    """Start teeing ``sys.stdout`` into ``output`` (a directory or a ``*.txt``/``*.log`` file path)."""
+def setup_logger(output: Optional[str] = None) -> Optional[Logger]:
+    """Start teeing ``sys.stdout`` into ``output`` (a directory or a ``*.txt``/``*.log`` file path).
+
+    ``None`` (Dassl's default) does nothing.
+    """
+    if output is None:
+        return None
     if output.endswith(".txt") or output.endswith(".log"):
         fpath = output
     else:

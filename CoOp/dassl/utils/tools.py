@@ -24,8 +24,8 @@ def check_isfile(fpath: str) -> bool:
     return os.path.isfile(fpath)
 
 
-def listdir_nohidden(path: str, sort: bool = True) -> list[str]:
-    """List non-hidden entries of ``path`` (sorted by default)."""
+def listdir_nohidden(path: str, sort: bool = False) -> list[str]:
+    """List non-hidden entries of ``path`` (in ``os.listdir`` order unless ``sort``, as Dassl)."""
     items = [f for f in os.listdir(path) if not f.startswith(".")]
     return sorted(items) if sort else items
 
@@ -39,6 +39,11 @@ def read_json(fpath: str) -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise DataError(f"malformed JSON in {fpath}: {err}") from None
+
+
+def write_json(obj: Any, fpath: str) -> None:
+    """Write ``obj`` as JSON in Dassl's layout (indent 4), atomically; missing folders are created."""
+    atomic_write_text(fpath, json.dumps(obj, indent=4, separators=(",", ": ")))
 
 
 def atomic_write_bytes(fpath: str, data: bytes) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -61,11 +62,32 @@ def resume_from_checkpoint(fdir: str, model: nn.Module, optimizer: Any = None, s
     return int(ckpt["epoch"])
 
 
-def load_pretrained_weights(model: nn.Module, weight_path: str) -> None:
-    """Load a state dict (optionally wrapped in a checkpoint dict) into ``model`` strictly."""
+def load_pretrained_weights(model: nn.Module, weight_path: str) -> list[str]:
+    """Load the layers of a state dict (optionally under ``state_dict``) that match ``model`` by name and shape.
+
+    As Dassl: ``module.`` prefixes are stripped, mismatched layers are skipped with a printed list, and a file
+    of which nothing matches gives a warning; returns the names of the discarded layers.
+    """
     ckpt = load_checkpoint(weight_path)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    model.load_state_dict(sd)
+    own = model.state_dict()
+    matched, discarded = OrderedDict(), []
+    for key, value in sd.items():
+        key = key[7:] if key.startswith("module.") else key
+        if key in own and hasattr(value, "size") and own[key].size() == value.size():
+            matched[key] = value
+        else:
+            discarded.append(key)
+    own.update(matched)
+    model.load_state_dict(own)
+    if not matched:
+        warnings.warn(f'The pretrained weights "{weight_path}" cannot be loaded, please check the key names '
+                      "manually (** ignored and continue **)")
+    else:
+        print(f'Successfully loaded pretrained weights from "{weight_path}"')
+        if discarded:
+            print(f"** The following layers are discarded due to unmatched keys or layer size: {discarded}")
+    return discarded
 
 
 def count_num_param(model: nn.Module, trainable_only: bool = False) -> int:

@@ -12,7 +12,9 @@ if [ -f "${DIR}/done" ]; then
   echo "The results exist at ${DIR} (skip)"
   exit 0
 fi
+# the official per-config and trainer overrides (epochs, batch sizes, LR, precision) from launch/official.py
+OFFICIAL=$("${PYTHON:-python}" -m launch.official CRoFT 1 --cfg "${CFG}")
 "${PYTHON:-python}" train.py --root "${DATA}" --seed "${SEED}" --trainer CRoFT \
   --dataset-config-file "configs/datasets/${DATASET}.yaml" --config-file "configs/trainers/CRoFT/${CFG}.yaml" \
   --output-dir "${DIR}" DATASET.NUM_SHOTS "${SHOTS}" TRAINER.CRoFT.WCCF True TRAINER.CRoFT.gen_step "${GEN}" \
-  TRAINER.CRoFT.ratio 0.2 TRAINER.CRoFT.ratio_text 0.5 TRAINER.CRoFT.lambda1 "${L1}" TRAINER.CRoFT.lambda2 "${L2}" "$@"
+  TRAINER.CRoFT.ratio 0.2 TRAINER.CRoFT.ratio_text 0.5 TRAINER.CRoFT.lambda1 "${L1}" TRAINER.CRoFT.lambda2 "${L2}" ${OFFICIAL} "$@"

@@ -2,8 +2,9 @@
 """KNN open-set detection over K (the official K list) from the feature dumps of the Setup-II evaluation runs.
 
 Reads every ``scores.npz`` under ``--eval-root`` (written by ``test_setup2_energy.py``): the bank is the
-source-domain ``val`` features, the ID side the correctly classified held-out-domain images, the OOD side the
-open-set images. Prints one Markdown table (mean ± std over seeds of the per-seed averages over held-out
+source-domain ``val`` features, the ID side all held-out-domain images (as the official script; only the
+correctly classified ones with ``--id-correct-only`` or a run's ``TEST.KNN_ID_CORRECT_ONLY True``), the OOD side
+the open-set images. Prints one Markdown table (mean ± std over seeds of the per-seed averages over held-out
 domains, percent) per method/setting and writes ``<eval-root>/setup2_knn.csv``.
 """
 import argparse
@@ -28,7 +29,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--eval-root", default="eval_open_ood")
     p.add_argument("--k", nargs="+", type=int, default=OFFICIAL_K)
-    p.add_argument("--fpr", default="fpr95_tpr_id", choices=["fpr95_tpr_id", "fpr95_tpr_ood"])
+    p.add_argument("--fpr", default="fpr95_tpr_id", choices=["fpr95_tpr_id", "fpr95_tpr_ood"],
+                   help="FPR95 convention (default: the official KNN table's, fpr95_tpr_id)")
+    p.add_argument("--id-correct-only", action="store_true",
+                   help="ID side = correctly classified held-out images only (default: all, as the official script; "
+                        "also on when the run set TEST.KNN_ID_CORRECT_ONLY True)")
     args = p.parse_args(argv)
     root = args.eval_root if os.path.isabs(args.eval_root) else os.path.join(COOP_DIR, args.eval_root)
     # (group, ood dataset, k) -> seed -> list over domains of (fpr, auroc)
@@ -43,7 +48,10 @@ def main(argv=None) -> int:
             continue
         found += 1
         id_split = rec["config"]["TEST"]["OOD_ID_SPLIT"]
-        keep = z[f"{id_split}__logits"].argmax(1) == z[f"{id_split}__labels"]
+        # official KNN script: every held-out image is ID; TEST.KNN_ID_CORRECT_ONLY True keeps the correct ones
+        keep = np.ones(len(z[f"{id_split}__labels"]), dtype=bool)
+        if rec["config"]["TEST"].get("KNN_ID_CORRECT_ONLY", False) or args.id_correct_only:
+            keep = z[f"{id_split}__logits"].argmax(1) == z[f"{id_split}__labels"]
         bank = torch.from_numpy(z["val__features"]).double()
         id_f = torch.from_numpy(z[f"{id_split}__features"][keep]).double()
         ood_f = torch.from_numpy(z["ood_test__features"]).double()

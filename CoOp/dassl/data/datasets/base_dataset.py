@@ -8,9 +8,11 @@ from typing import Any, Iterable, Optional
 
 
 class Datum:
-    """One sample: image path, integer label, domain index, class name and domain name."""
+    """One sample: image path, integer label, domain index, class name (and, here, a domain name).
 
-    __slots__ = ("_impath", "_label", "_domain", "_classname", "_domainname")
+    Pickles in Dassl's layout (the instance dict ``_impath``, ``_label``, ``_domain``, ``_classname``; a
+    non-empty ``_domainname`` is added), so few-shot split caches are shared with upstream Dassl both ways.
+    """
 
     def __init__(self, impath: str = "", label: int = 0, domain: int = 0, classname: str = "",
                  domainname: str = "") -> None:
@@ -36,11 +38,21 @@ class Datum:
     def __hash__(self) -> int:
         return hash((self._impath, self._label, self._domain))
 
-    def __getstate__(self) -> tuple:
-        return (self._impath, self._label, self._domain, self._classname, self._domainname)
+    def __getstate__(self) -> dict[str, Any]:
+        state = {"_impath": self._impath, "_label": self._label, "_domain": self._domain,
+                 "_classname": self._classname}
+        if self._domainname:
+            state["_domainname"] = self._domainname
+        return state
 
-    def __setstate__(self, state: tuple) -> None:
-        self._impath, self._label, self._domain, self._classname, self._domainname = state
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = state[1]  # (dict, slots) pickles of slotted classes
+        if isinstance(state, dict):
+            self.__init__(state.get("_impath", ""), state.get("_label", 0), state.get("_domain", 0),
+                          state.get("_classname", ""), state.get("_domainname", ""))
+        else:  # this project's earlier tuple layout
+            self.__init__(*state)
 
 
 class DatasetBase:
