@@ -2,8 +2,9 @@
 
 Jobs are executed by a launcher chosen by name (:mod:`launch.launchers`: ``workers``, the default persistent
 worker processes; ``process``, one ``python train.py`` per job; ``inprocess``; plug-ins such as ``slurm``).
-A failing job never stops the sweep; failures are listed at the end and the exit code is non-zero. Every sweep writes a manifest (``<output_root>/sweeps/<name>.json``) naming all
-planned run directories, so collectors can report missing runs by name.
+A failing job never stops the sweep; failures are listed at the end and the exit code is non-zero. Every sweep
+writes a manifest (``<output_root>/sweeps/<name>.json``) naming all planned run directories, so collectors can
+report missing runs by name.
 """
 from __future__ import annotations
 

@@ -25,9 +25,8 @@ from typing import Any, Optional, Sequence
 
 COOP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(COOP_DIR)
-for _p in (COOP_DIR, os.path.join(COOP_DIR, "tools")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if COOP_DIR not in sys.path:
+    sys.path.insert(0, COOP_DIR)
 
 LAMBDA2 = [1000.0, 100.0, 10.0, 1.0, 0.0]
 
@@ -43,7 +42,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood", nargs="+", default=["FashionMNIST", "Textures"])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="workers of the project's flow")
     p.add_argument("--per-class", type=int, help="DigitsDG-mini images per domain and class (builder default)")
-    p.add_argument("--pretrain-seconds", type=float, default=150.0)
+    p.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default: the demo's)")
+    p.add_argument("--weights", default="", help="an existing tinyclip-rn32 weights file (skips the pretraining; "
+                   "timings do not depend on how well it is trained)")
     p.add_argument("--skip-official", action="store_true", help="only the project's flow")
     p.add_argument("--skip-eval-throughput", action="store_true", help="no ZS-CLIP throughput comparison")
     p.add_argument("--device", default="cpu", help="cpu (the sweeps), or cuda[:N] (only the ViT-B/16 extraction "
@@ -52,13 +53,18 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def ensure_assets(cache: str, per_class: Optional[int], seconds: float) -> tuple[str, str]:
-    """(data root, tiny-CLIP weights): DigitsDG-mini + open-set folders and the pretrained tinyclip-rn32."""
-    import demo  # the demo's builders (data and tiny CLIP)
+def ensure_assets(cache: str, per_class: Optional[int], steps: Optional[int], weights: str = "") -> tuple[str, str]:
+    """(data root, tiny-CLIP weights): DigitsDG-mini + open-set folders and the pretrained tinyclip-rn32, built
+    (or reused) by the demo's own steps."""
+    from demo.run import ensure_backbone, ensure_data
 
     data_root = os.path.join(cache, "data")
-    demo.ensure_data(data_root, per_class)
-    return data_root, demo.ensure_backbone(os.path.join(cache, "tinyclip"), data_root, seconds)
+    ensure_data(data_root, per_class)
+    if weights:
+        if not os.path.isfile(weights):
+            raise SystemExit(f"error: --weights {weights}: no such file (a tinyclip-rn32 state dict belongs there)")
+        return data_root, os.path.abspath(weights)
+    return data_root, ensure_backbone(cache, data_root, steps)
 
 
 def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cached: bool) -> tuple[list, list]:
@@ -66,7 +72,8 @@ def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cach
 
     argv = ["--root", data_root, "--trainer", "CRoFT", "--datasets", "DigitsDG", "--cfgs", "demo_digits",
             "--domains", args.domain, "--seeds", str(args.seed), "--shots", "16", "--weights", weights,
-            "--lambda1", "15", "--lambda2", *map(str, args.lambda2), "--gen-step", "1", "--epochs", str(args.epochs),
+            "--lambda1", "15", "--lambda2", *map(str, args.lambda2), "--ratios", "0.2,0.5", "--gen-step", "1",
+            "--epochs", str(args.epochs),
             "--output-root", os.path.join(work, "output"), "--eval-root", os.path.join(work, "eval"),
             "--ood", *args.ood, "--device", "cpu", "--",
             "FEATURE_CACHE.ENABLED", str(cached), "FEATURE_CACHE.DIR", os.path.join(work, "features")]
@@ -184,7 +191,8 @@ def gpu_extraction(device: str, n: int = 512, batch: int = 128) -> dict[str, Any
         peak = _matmul_peak(device, dtype)
         key = "fp32" if dtype == torch.float32 else "bf16"
         out[key] = {"images_per_s": round(ips, 1), "tflops": round(ips * flops_per_image / 1e12, 1),
-                    "matmul_peak_tflops": round(peak / 1e12, 1), "fraction_of_peak": round(ips * flops_per_image / peak, 3)}
+                    "matmul_peak_tflops": round(peak / 1e12, 1),
+                    "fraction_of_peak": round(ips * flops_per_image / peak, 3)}
     return out
 
 
@@ -203,7 +211,8 @@ def _matmul_peak(device: str, dtype: Any, size: int = 8192, reps: int = 10) -> f
 
 
 def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optional[dict[str, Any]]) -> str:
-    lines = ["| flow | runs | encoder passes | train s | eval s | total s | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines = ["| flow | runs | encoder passes | train s | eval s | total s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
     base = flows[0] if flows else {}
     for f in flows:
         ratio = f"{base['total_s'] / f['total_s']:.1f}x (train {base['train_s'] / f['train_s']:.1f}x, eval " \
@@ -218,7 +227,8 @@ def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optio
         for key in ("fp32", "bf16"):
             g = gpu[key]
             lines.append(f"  {key}: {g['images_per_s']} images/s, {g['tflops']} TFLOP/s = "
-                         f"{100 * g['fraction_of_peak']:.0f}% of the measured matmul peak ({g['matmul_peak_tflops']} TFLOP/s)")
+                         f"{100 * g['fraction_of_peak']:.0f}% of the measured matmul peak "
+                         f"({g['matmul_peak_tflops']} TFLOP/s)")
     return "\n".join(lines)
 
 
@@ -231,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(report([], None, gpu))
         _dump(args.json, {"gpu": gpu})
         return 0
-    data_root, weights = ensure_assets(cache, args.per_class, args.pretrain_seconds)
+    data_root, weights = ensure_assets(cache, args.per_class, args.pretrain_steps, args.weights)
     shutil.rmtree(work, ignore_errors=True)
     load0 = os.getloadavg()[0]
     flows = []
