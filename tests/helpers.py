@@ -53,6 +53,8 @@ def register_probe_trainer() -> type:
         return TRAINER_REGISTRY.get("TestProbe")
 
     class TestProbe(TrainerX):
+        """Keeps the engine's default ``model_inference``: logits only (score: their energy)."""
+
         crash_at_epoch: int = -1
 
         def build_model(self) -> None:
@@ -73,10 +75,6 @@ def register_probe_trainer() -> type:
             if self.batch_idx + 1 == self.num_batches:
                 self.update_lr()
             return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100}
-
-        def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
-            logits = self.model(self.encode_images(input))
-            return [logits, logits, torch.logsumexp(logits, 1)]
 
     TRAINER_REGISTRY.register(TestProbe)
     return TestProbe

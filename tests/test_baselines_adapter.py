@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from dassl.engine.inference import InferenceOutput
 from helpers import COOP, cli_args, run_cli
 from synthetic import write_lodo_tree
 from synthetic_openset import write_dtd_like
@@ -55,7 +56,9 @@ def fit_fixed_batch(tr, batch, steps):
 def infer(tr, batch):
     tr.set_model_mode("eval")
     with torch.no_grad():
-        return tr.model_inference(batch["img"])
+        out = tr.model_inference(batch["img"])
+    assert isinstance(out, InferenceOutput) and out.features is not None
+    return out.logits, out.features, out.score
 
 
 def feature_dim(tr):
@@ -86,9 +89,7 @@ def test_builds_learns_and_outputs(name, model_name, lr, data_root, tmp_path):
     assert tr.get_model_names() == [model_name]
     assert [n for n, p in tr.clip_model.named_parameters() if p.requires_grad] == []
     test_batch = first_batch(tr.test_loader)
-    out = infer(tr, test_batch)
-    assert len(out) == 3
-    logits, feats, energy = out
+    logits, feats, energy = infer(tr, test_batch)
     assert logits.shape == (len(test_batch["img"]), tr.num_classes)
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(len(feats)))
     torch.testing.assert_close(energy, torch.logsumexp(logits, dim=1))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dassl.engine.inference import InferenceOutput
 from helpers import COOP, cli_args, run_cli
 from synthetic import write_lodo_tree
 
@@ -62,7 +63,9 @@ def infer(tr, batch):
     tr.set_model_mode("eval")
     inp, _ = tr.parse_batch_test(batch)
     with torch.no_grad():
-        return tr.model_inference(inp)
+        out = tr.model_inference(inp)
+    assert isinstance(out, InferenceOutput) and out.features is not None
+    return out.logits, out.features, out.score
 
 
 # ------------------------------------------------------------------ configs
@@ -280,7 +283,7 @@ def test_checkpoint_save_reload_gives_identical_eval_outputs(name, data_root, tm
     batch = next(iter(tr.val_loader))          # source domains: DPLCLIP groups by domain here
     ref = infer(tr, batch)
     groups = len(set(batch["domain"].tolist())) if name == "DPLCLIP" else 1   # official concatenated logits
-    assert len(ref) == 3 and ref[0].shape == (len(batch["label"]), groups * tr.num_classes)
+    assert ref[0].shape == (len(batch["label"]), groups * tr.num_classes)
     torch.testing.assert_close(ref[2], torch.logsumexp(ref[0], dim=1))
     torch.testing.assert_close(ref[1].norm(dim=1), torch.ones(len(batch["label"])))
     tr.save_model(0, str(tmp_path / "ckpt"))

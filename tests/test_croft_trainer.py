@@ -105,10 +105,10 @@ def test_trainer_reproduces_golden_updates(data_root, case):
     tr.feature_provider = lambda images, batch: xe
     with torch.no_grad():
         out = tr.model_inference(torch.zeros(1))   # the feature provider ignores the images
-    logits, score = out[0], out[-1]
+    logits, score = out.logits, out.score
     np.testing.assert_allclose(logits.numpy(), g("eval_logits_final"), rtol=0, atol=2e-3)
     np.testing.assert_allclose(score.numpy(), g("eval_score_final"), rtol=0, atol=2e-3)
-    assert len(out) == 6
+    assert out.features.shape == out.extras["img_zs"].shape == xe.shape
 
 
 def test_short_training_learns_and_moves_all_matrices(data_root):
@@ -127,7 +127,7 @@ def test_short_training_learns_and_moves_all_matrices(data_root):
 
     def acc():
         with torch.no_grad():
-            logits = tr.model_inference(torch.zeros(1))[0]
+            logits = tr.model_inference(torch.zeros(1)).logits
         return (logits.argmax(1) == y_all[torch.arange(len(y_all))]).float().mean().item()
 
     tr.feature_provider = lambda images, batch: x_all if batch is None else x_all[batch["index"]]

@@ -135,4 +135,4 @@ def test_default_model_inference_is_dassls_self_model_input():
             return x * 2
 
     x = torch.ones(2, 3)
-    assert torch.equal(SimpleTrainer.model_inference(_T(), x), x * 2)
+    assert torch.equal(SimpleTrainer.model_inference(_T(), x).logits, x * 2)  # as an InferenceOutput

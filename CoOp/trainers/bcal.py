@@ -11,8 +11,8 @@ Each learner's context is Gaussian variational: mean ``mu`` ~ N(0, 0.02^2), ``si
 :func:`trainers.bcal_losses.bcal_loss`: CE + ALPHA1 * CE(domain) + ALPHA2 * IRM + ALPHA3 * gradient alignment +
 KL_SCALE * KL (official: 0.01 / 0.5 / 0.01, 1e-8). The official "context image branch" returns its input
 unchanged, so both learners see the same image features. Only the two learners train (checkpoint model name
-``prompt_learner`` with sub-modules ``category`` and ``context``). Inference returns ``[logits, normalised image
-features, energy]`` of the category prompts (energy = logsumexp(logits)).
+``prompt_learner`` with sub-modules ``category`` and ``context``). Inference returns an ``InferenceOutput`` with the
+logits and normalised image features of the category prompts (score: the energy logsumexp(logits)).
 
 The official Setup-I scripts cannot run: ImageNet46 has no domain names. Here a dataset without domain names is a
 one-line configuration error unless the named fix ``TRAINER.BCAL.DOMAIN_NAMES`` (e.g. ``"['imagenet']"``)

@@ -5,7 +5,7 @@ whose output is mixed residually with the frozen feature: ``f = RATIO * adapter(
 ``logits = s * cos(f, t_c)`` with single-template class text features ``t_c`` and CLIP's logit scale ``s``.
 Plain cross-entropy; only the adapter trains (checkpoint model name ``clip_adapter``).
 
-Inference returns ``[logits, normalised adapted image features, energy]`` (energy = logsumexp(logits)), so the
+Inference returns ``InferenceOutput(logits, normalised adapted image features)`` (score: logsumexp(logits)), so the
 common evaluator (accuracy, energy / MCM / MSP / KNN detection) applies unchanged.
 
 Differences from the official ``CLIP_Adapter.py`` (same results where it runs):

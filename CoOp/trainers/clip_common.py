@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from clip_backbone import CLIPBundle, load_clip, tokenize
 from dassl.engine import TrainerX
 from dassl.utils.errors import ConfigError
+from dassl.engine.inference import InferenceOutput
 
 from .prompt_templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES_SELECT
 
@@ -112,7 +113,7 @@ class FeatureHeadTrainer(TrainerX):
             self.update_lr()
         return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
 
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         self.before_step()
         logits, feats = self.forward_features(self.encode_images(input))
-        return [logits, feats, torch.logsumexp(logits, dim=1)]
+        return InferenceOutput(logits=logits, features=feats)

@@ -7,7 +7,7 @@ CoOp's generic context ``v_1..v_M`` (``N_CTX`` tokens, N(0, 0.02^2) or ``CTX_INI
 call, chunked at inference), ``logits[n, c] = s * cos(x_n, t_c(x_n))``, plain cross-entropy. Only the prompt
 learner (context + meta-net) trains (checkpoint model name ``prompt_learner``).
 
-Inference returns ``[logits, normalised image features, energy]``. Precision handling as in
+Inference returns ``InferenceOutput(logits, normalised image features)``. Precision handling as in
 :mod:`trainers.prompt_trainer` (the meta-net stays fp32; the official code casts it to fp16 for ``PREC fp16``).
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ the number of tokens of that text). Only the prompt learner trains (checkpoint m
 ``token_prefix``/``token_suffix`` buffers (the fixed [SOS] and class-name embeddings) are saved but dropped when a
 model is loaded for evaluation, so a checkpoint works with the current class names.
 
-Inference returns ``[logits, normalised image features, energy]`` with energy = logsumexp(logits). Precision
+Inference returns ``InferenceOutput(logits, normalised image features)`` (score: the energy logsumexp(logits)). Precision
 handling (``PREC``): see :mod:`trainers.prompt_trainer`.
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The maths lives in :mod:`trainers.croft_core` (golden-tested against the official code); this file wires it to
 the engine: config keys, CLIP loading, text features (computed once, not checkpointed), two optimisers and
 schedulers registered as ``clip_adapter`` and ``generator``, and inference returning
-``[logits, X_hat, T_hat, X_zs, T_zs, score]`` like the official ``CustomCLIP``.
+``InferenceOutput(logits, features=X_hat, score, extras={"img_zs": X_zs})`` (the official ``CustomCLIP``
+returns ``[logits, X_hat, T_hat, X_zs, T_zs, score]``; the per-class ``T_hat``/``T_zs`` are not per-image).
 
 Dataset semantics are explicit keys set by the dataset configs (no dataset-name substring tests):
 ``TEXT_PROMPTS`` (``single`` | ``ensemble7``), ``EDR_REDUCTION`` (``mean_sumsq`` Setup-II | ``sum_meansq``
@@ -20,6 +21,7 @@ from dassl.config.validate import PREC, count, nonneg, unit
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
+from dassl.engine.inference import InferenceOutput
 
 from .clip_common import setup_frozen_clip, single_template, text_features
 from .croft_core import EDR_REDUCTIONS, Adapter, CRoFTOptions, OODImgGen, croft_train_step, forward
@@ -106,7 +108,8 @@ class CRoFT(TrainerX):
             out["gen"] = float(sum(stats["gen_loss"]) / len(stats["gen_loss"]))
         return out
 
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         feats = self.encode_images(input).float()
         out = forward(self.adapter, feats, self.text_feats, self.opts, self.logit_scale)
-        return [out.logits, out.img_feat, out.txt_feat, out.img_zs, out.txt_zs, out.score]
+        return InferenceOutput(logits=out.logits, features=out.img_feat, score=out.score,
+                               extras={"img_zs": out.img_zs})

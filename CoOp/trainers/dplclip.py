@@ -27,7 +27,7 @@ images of the batch are grouped by ``domain`` label (``TEST_GROUP_BY_DOMAIN True
 (``False``). Predictions therefore depend on the test batch size and composition (``DATALOADER.TEST.BATCH_SIZE``).
 Outputs are returned in the loader's order (the official code reorders images by domain).
 
-Inference returns ``[logits, normalised image features, energy]``. Precision as in :mod:`trainers.prompt_trainer` (the MLP
+Inference returns ``InferenceOutput(logits, normalised image features)``. Precision as in :mod:`trainers.prompt_trainer` (the MLP
 stays fp32; the official code casts it to fp16 for ``PREC fp16``). The official output width ``512 * N_CTX`` is the
 text width of RN50 / ViT-B/16; here it is the loaded model's token-embedding width.
 """

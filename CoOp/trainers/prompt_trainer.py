@@ -1,7 +1,7 @@
 """``PromptCLIPTrainer``: the trainer base shared by CoOp, CoCoOp and DPLCLIP.
 
 Frozen CLIP in the requested precision (``TRAINER.<node>.PREC``), a text encoder over prompt embeddings, one
-optimisation step with optional AMP, and inference returning ``[logits, normalised image features, energy]``.
+optimisation step with optional AMP, and inference returning ``InferenceOutput(logits, normalised image features)``.
 
 Precision (``PREC``, official default ``fp16``): ``fp32``; ``fp16``/``bf16`` = frozen CLIP weights AND the learnable
 parameters in that dtype, as the official code (its context vectors take CLIP's dtype); the named fix
@@ -23,6 +23,7 @@ from clip_backbone import TextEncoder
 from dassl.engine import TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
+from dassl.engine.inference import InferenceOutput
 
 from .clip_common import freeze, load_clip_to_cpu
 from .prompting import PROMPT_PRECISIONS
@@ -127,12 +128,12 @@ class PromptCLIPTrainer(TrainerX):
             self.update_lr()
         return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
 
-    def model_inference(self, input: Any) -> list[torch.Tensor]:
-        """``[logits, normalised image features, energy]``; ``input`` is the image batch, or ``(images,
+    def model_inference(self, input: Any) -> InferenceOutput:
+        """Logits and normalised image features (score: their energy); ``input`` is the image batch, or ``(images,
         domains)`` for trainers whose :meth:`parse_batch_test` passes the domain labels on."""
         images, domains = input if isinstance(input, (tuple, list)) else (input, None)
         with self.autocast():
             feats, raw = self.image_features(images)
             logits = self.forward_logits(feats, raw, domains).float()
         feats = feats.float()
-        return [logits, feats, torch.logsumexp(logits, dim=1)]
+        return InferenceOutput(logits=logits, features=feats)

@@ -22,7 +22,7 @@ Cache (``CACHE_MODE``):
 initialised with the keys; it is the only trained module (checkpoint model name ``adapter``). Its checkpoint also
 holds the cache values (buffer ``cache_values``), so a saved model is self-contained: evaluation (``--eval-only
 --model-dir``) never reads the training images, even when the evaluation dataset's ``train_x`` differs (e.g.
-``PACS_DTD`` with ``NUM_SHOTS -1``). Inference returns ``[logits, normalised image features, energy]``.
+``PACS_DTD`` with ``NUM_SHOTS -1``). Inference returns ``InferenceOutput(logits, normalised image features)``.
 
 Cache file of ``CACHE_MODE fixed`` (``TRAINER.TIP_ADAPTER.CACHE_DIR``, default ``<OUTPUT_DIR>/tip_cache`` in both
 modes)::

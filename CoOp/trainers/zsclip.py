@@ -12,14 +12,18 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC
 from dassl.engine import TRAINER_REGISTRY, TrainerX
+from dassl.engine.inference import InferenceOutput
 
 from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
 
 
 @TRAINER_REGISTRY.register()
 class ZeroshotCLIP(TrainerX):
-    """logits = s * cos(image, class prompt); returns ``[logits, image_features, energy]``."""
+    """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
+
+    CFG_RANGES = {"TRAINER.ZSCLIP.PREC": PREC}
 
     text_mode = "single"
 
@@ -45,13 +49,13 @@ class ZeroshotCLIP(TrainerX):
         self.text_feats = tf / tf.norm(dim=-1, keepdim=True)
         self.logit_scale = bundle.logit_scale
 
-    def model_inference(self, input: torch.Tensor) -> list[torch.Tensor]:
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         amp = self.prec == "amp"
         with torch.autocast(device_type=self.device.type) if amp else contextlib.nullcontext():
             feats = self.encode_images(input).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
         logits = self.logit_scale * feats @ self.text_feats.t()
-        return [logits, feats, torch.logsumexp(logits, dim=1)]
+        return InferenceOutput(logits=logits, features=feats)
 
     def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
         self.clip_model.eval()

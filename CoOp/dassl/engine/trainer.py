@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from ..data import DataManager
 from ..evaluation import build_evaluator
 from ..utils.errors import ConfigError, UserError
+from .inference import InferenceOutput, as_inference_output
 from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import load_checkpoint, save_checkpoint
@@ -32,6 +34,20 @@ from . import guards
 from .ragged import cat_padded
 
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+
+
+def checkpoint_candidates(directory: str, names: list[str]) -> list[str]:
+    """Checkpoint file names to try, newest first: the one ``checkpoint`` names, then every
+    ``model.pth.tar-<E>`` present for all models."""
+    with open(os.path.join(directory, names[0], "checkpoint"), encoding="utf-8") as f:
+        first = f.readline().strip()
+    common: Optional[set[int]] = None
+    for name in names:
+        found = {int(m.group(1)) for f in os.listdir(os.path.join(directory, name))
+                 if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f))}
+        common = found if common is None else common & found
+    older = [f"model.pth.tar-{e}" for e in sorted(common or (), reverse=True)]
+    return [first] + [f for f in older if f != first]
 
 
 class TrainerBase:
@@ -46,6 +62,8 @@ class TrainerBase:
         self.start_epoch = 0
         self.max_epoch = 0
         self.best_result = -np.inf
+        self.best_epoch: Optional[int] = None
+        self.val_history: list[dict[str, float]] = []  # one {"epoch", "accuracy"} per validated epoch
 
     # ----------------------------------------------------------------- registration
     def register_model(self, name: str = "model", model: Optional[nn.Module] = None, optim: Any = None,
@@ -84,20 +102,35 @@ class TrainerBase:
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "val_result": val_result,
                 "best_result": self.best_result,
+                "best_epoch": self.best_epoch,
+                "val_history": list(self.val_history),
                 "rng_state": rng,
             }, os.path.join(directory, name), is_best=is_best, model_name=model_name)
 
     def resume_model_if_exist(self, directory: str) -> int:
-        """Resume all models from ``<directory>/<name>/checkpoint``; return the epoch to start from."""
+        """Resume all models from ``<directory>/<name>/checkpoint``; return the epoch to start from.
+
+        An unreadable (e.g. truncated) checkpoint is skipped with a warning naming it, and the newest epoch whose
+        checkpoints all load is used instead; with none left, training starts from epoch 0.
+        """
         names = self.get_model_names()
         if not names or not all(os.path.isfile(os.path.join(directory, n, "checkpoint")) for n in names):
             return 0
         print("Found checkpoint at {} (will resume training)".format(directory))
-        start_epoch = 0
-        for name in names:
-            with open(os.path.join(directory, name, "checkpoint"), encoding="utf-8") as f:
-                fname = f.readline().strip()
-            ckpt = load_checkpoint(os.path.join(directory, name, fname))
+        for fname in checkpoint_candidates(directory, names):
+            try:
+                ckpts = {n: load_checkpoint(os.path.join(directory, n, fname)) for n in names}
+            except UserError as err:
+                print(f"WARNING: skipping an unreadable checkpoint: {err}")
+                continue
+            return self.restore_checkpoints(directory, fname, ckpts)
+        print(f"WARNING: no readable checkpoint in {directory}; training starts from epoch 0")
+        return 0
+
+    def restore_checkpoints(self, directory: str, fname: str, ckpts: dict[str, dict[str, Any]]) -> int:
+        """Load states, optimisers, schedulers, best-val bookkeeping and RNG states; return the next epoch."""
+        start_epoch, rng = 0, None
+        for name, ckpt in ckpts.items():
             self._models[name].load_state_dict(ckpt["state_dict"])
             if self._optims[name] is not None and ckpt.get("optimizer") is not None:
                 self._optims[name].load_state_dict(ckpt["optimizer"])
@@ -106,6 +139,8 @@ class TrainerBase:
             start_epoch = int(ckpt["epoch"])
             if ckpt.get("best_result") is not None:
                 self.best_result = ckpt["best_result"]
+            self.best_epoch = ckpt.get("best_epoch", self.best_epoch)
+            self.val_history = list(ckpt.get("val_history", self.val_history))
             rng = ckpt.get("rng_state")
             print(f'Loaded "{os.path.join(directory, name, fname)}" (epoch = {start_epoch})')
         if rng:
@@ -246,7 +281,6 @@ class SimpleTrainer(TrainerBase):
         self.image_encoder: Optional[nn.Module] = None
         self.encoder_images = 0  # images passed through the image encoder by this run (cache fills included)
         self.metrics: dict[str, dict[str, Any]] = {}
-        self.best_epoch: Optional[int] = None
         if cfg.TRAIN.TENSORBOARD:
             try:
                 import torch.utils.tensorboard  # noqa: F401
@@ -329,6 +363,7 @@ class SimpleTrainer(TrainerBase):
         if do_test and self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
             print("Do evaluation on val set")
             curr_result = self.test(split="val")["accuracy"]
+            self.val_history.append({"epoch": self.epoch + 1, "accuracy": float(curr_result)})
             if curr_result > self.best_result:
                 self.best_result = curr_result
                 self.best_epoch = self.epoch + 1
@@ -372,41 +407,41 @@ class SimpleTrainer(TrainerBase):
         for batch_idx, batch in enumerate(tqdm(loader, desc=f"eval {split}", leave=False,
                                                disable=not progress_enabled(self.cfg.VERBOSE))):
             input, label = self.parse_batch_test(batch)
-            output = self.model_inference(input)
-            guards.check_logits(self.logits_of(output), split, batch_idx)
-            self.evaluator.process(self.logits_of(output), label)
+            logits = self.inference_output(input).logits
+            guards.check_logits(logits, split, batch_idx)
+            self.evaluator.process(logits, label)
         results = self.evaluator.evaluate()
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
         return results
 
-    @staticmethod
-    def logits_of(output: Any) -> torch.Tensor:
-        return output[0] if isinstance(output, (list, tuple)) else output
+    def inference_output(self, input: Any) -> InferenceOutput:
+        """``model_inference(input)`` read as an :class:`InferenceOutput` (a list is a clear error)."""
+        return as_inference_output(self.model_inference(input), f"{type(self).__name__}.model_inference")
 
     @torch.no_grad()
     def collect_outputs(self, split: str) -> dict[str, np.ndarray]:
-        """Run inference on a split and keep logits, labels, the trainer's score, features and image paths."""
+        """Run inference on a split: logits, labels, the trainer's score, features, extras and image paths."""
         self.set_model_mode("eval")
-        logits, labels, scores, feats, paths = [], [], [], [], []
+        rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "score": []}
+        paths: list[str] = []
         for batch in tqdm(self.split_loader(split), desc=f"infer {split}", leave=False,
                           disable=not progress_enabled(self.cfg.VERBOSE)):
             input, label = self.parse_batch_test(batch)
-            out = self.model_inference(input)
-            lg = self.logits_of(out).float()
-            logits.append(lg.cpu())
-            labels.append(label.cpu())
-            if isinstance(out, (list, tuple)) and len(out) >= 2:
-                scores.append(out[-1].float().cpu())
-                if len(out) >= 3:
-                    feats.append(out[1].float().cpu())
-            else:
-                scores.append(torch.logsumexp(lg, dim=1).cpu())
+            out = self.inference_output(input)
+            fields = {"logits": out.logits, "labels": label, "score": out.score, "features": out.features,
+                      **{f"extra_{k}": v for k, v in out.extras.items()}}
+            for key, val in fields.items():
+                if val is not None:
+                    rows.setdefault(key, []).append(val.detach().cpu() if key == "labels" else val.detach().float().cpu())
             paths.extend(batch["impath"])
-        out_dict = {"logits": cat_padded(logits).numpy(), "labels": torch.cat(labels).numpy(),
-                    "score": torch.cat(scores).numpy(), "impaths": np.asarray(paths)}
-        if feats:
-            out_dict["features"] = torch.cat(feats).numpy()
+        n = len(rows["labels"])
+        ragged = [k for k, v in rows.items() if len(v) != n]
+        if ragged:
+            raise TypeError(f"{type(self).__name__}.model_inference set {ragged} for some batches only")
+        # ragged logits (DPLCLIP's official concatenation grows with the domains in a batch): -inf padding
+        out_dict = {k: (cat_padded(v) if k == "logits" else torch.cat(v)).numpy() for k, v in rows.items()}
+        out_dict["impaths"] = np.asarray(paths)
         return out_dict
 
     def logit_scale_value(self) -> float:
@@ -420,12 +455,12 @@ class SimpleTrainer(TrainerBase):
     def parse_batch_test(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
-    def model_inference(self, input: torch.Tensor) -> Any:
-        """Dassl's default ``self.model(input)``; trainers that set a frozen ``image_encoder`` get
+    def model_inference(self, input: torch.Tensor) -> InferenceOutput:
+        """Dassl's default ``self.model(input)`` as logits; trainers that set a frozen ``image_encoder`` get
         ``self.model(image features)`` (features through :meth:`encode_images`, so a feature cache applies)."""
         if self.image_encoder is None:
-            return self.model(input)
-        return self.model(self.encode_images(input))
+            return InferenceOutput(logits=self.model(input))
+        return InferenceOutput(logits=self.model(self.encode_images(input)))
 
 
 class TrainerX(SimpleTrainer):
