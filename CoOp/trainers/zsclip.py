@@ -22,6 +22,8 @@ from .clip_common import freeze, load_clip_to_cpu, single_template, text_feature
 class ZeroshotCLIP(TrainerX):
     """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
 
+    cfg_node = "ZSCLIP"  # the TRAINER.<node> this trainer reads
+
     text_mode = "single"
 
     @staticmethod
