@@ -71,6 +71,15 @@ def test_bad_slurm_extra_is_one_clear_error(capsys):
     assert "--slurm-extra 'account': expected KEY=VAL" in capsys.readouterr().err
 
 
+def test_no_sbatch_is_one_clear_error(tmp_path, monkeypatch):
+    from launch.sweep import Job, run_jobs
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm client commands here
+    job = Job("a", str(tmp_path / "a"), ["--help"])
+    with pytest.raises(SystemExit, match="--launcher slurm: no sbatch on PATH"):
+        run_jobs([job], launcher="slurm", sweep_dir=str(tmp_path / "s"), args=_slurm_args())
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     import slurm_cluster as sc

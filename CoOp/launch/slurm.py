@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,7 +113,13 @@ class SlurmLauncher(Launcher):
         return ns
 
     def run(self, jobs: list[Any], report: Report) -> None:
-        import submitit
+        try:
+            import submitit
+        except ImportError:
+            raise SystemExit("error: --launcher slurm needs submitit (pip install -r requirements.txt)") from None
+        if shutil.which("sbatch") is None:
+            raise SystemExit("error: --launcher slurm: no sbatch on PATH (run the driver where Slurm's client "
+                             "commands are, e.g. a login node)")
 
         folder = os.path.join(self.options.sweep_dir or os.path.join(COOP_DIR, "output", "sweeps", "slurm"),
                               "slurm")
