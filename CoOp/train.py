@@ -239,6 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         else:
             metrics = {}
         record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
+        record.data["timings"]["encoder_images"] = int(getattr(trainer, "encoder_images", 0))
         for section, values in metrics.items():
             record.add_metrics(section, values)
         if args.eval_only or not args.no_train:

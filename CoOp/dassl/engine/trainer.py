@@ -279,6 +279,7 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.feature_provider: Optional[Callable[[torch.Tensor, Optional[dict]], torch.Tensor]] = None
         self.image_encoder: Optional[nn.Module] = None
+        self.encoder_images = 0  # images passed through the image encoder by this run (cache fills included)
         self.metrics: dict[str, dict[str, Any]] = {}
         if cfg.TRAIN.TENSORBOARD:
             try:
@@ -340,6 +341,7 @@ class SimpleTrainer(TrainerBase):
         if self.image_encoder is None:
             raise RuntimeError("trainer set no image_encoder in build_model()")
         dtype = next(self.image_encoder.parameters()).dtype
+        self.encoder_images += len(images)
         with torch.no_grad():
             return self.image_encoder(images.to(self.device, dtype=dtype))
 
