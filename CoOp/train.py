@@ -4,8 +4,9 @@
         --dataset-config-file configs/datasets/PACS.yaml --config-file configs/trainers/CRoFT/rn50_ep30.yaml \
         --output-dir output/... [KEY VALUE ...]
 
-Config precedence: defaults < trainer ``extend_cfg`` < dataset yaml < trainer yaml < flags < trailing
-``KEY VALUE`` overrides. Each run writes ``log.txt``, the resolved ``config.yaml``/``args.json``, checkpoints,
+Every module of ``trainers/`` and ``datasets/`` is imported at start-up (drop a file there to add a trainer or
+dataset). Config precedence: defaults < CoOp compatibility keys < trainer ``extend_cfg`` hooks < dataset yaml <
+trainer yaml < flags < trailing ``KEY VALUE`` overrides. Each run writes ``log.txt``, the resolved ``config.yaml``/``args.json``, checkpoints,
 then ``record.json`` and a ``done`` marker. User errors print one line and exit with code 2; nothing is written
 when a run fails before training starts. NaN/Inf losses, gradients or logits print one line and exit with code 3
 (no ``record.json``, no ``done``; the last good checkpoint stays).
@@ -21,9 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-import datasets  # noqa: F401  (registers the dataset classes)
-import trainers  # noqa: F401  (registers the trainer classes)
-from dassl.config import COMPAT_KEYS, cfg_to_dict, clean_cfg, get_cfg_default
+from dassl.config import COMPAT_KEYS, add_coop_config, cfg_to_dict, clean_cfg, get_cfg_default
 from dassl.config.checks import check_ignored_keys, trainer_node
 from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
@@ -33,6 +32,7 @@ from dassl.engine.ood_eval import run_evaluation
 from dassl.utils import collect_env_info, set_random_seed
 from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.logger import Logger, restore_stdout
+from dassl.utils.plugins import load_plugins
 from dassl.utils.tools import atomic_write_json, atomic_write_text
 
 
@@ -59,12 +59,22 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def extend_cfg(cfg: Any) -> None:
-    """Add every registered trainer's config node (``TRAINER.<NAME>``) to the defaults."""
+    """Import the plug-ins (every module of ``trainers/`` and ``datasets/``), add the CoOp/Dassl compatibility
+    keys, then call every registered trainer class's ``extend_cfg(cfg)`` and every plug-in module's CoOp-style
+    module-level ``extend_cfg(cfg)`` (in that order)."""
+    modules = load_plugins(PLUGIN_DIR)
+    add_coop_config(cfg)
     for name in TRAINER_REGISTRY.registered_names():
-        cls = TRAINER_REGISTRY.get(name)
-        hook = getattr(cls, "extend_cfg", None)
-        if hook is not None:
+        hook = getattr(TRAINER_REGISTRY.get(name), "extend_cfg", None)
+        if callable(hook):
+            hook(cfg)
+    for module in modules:
+        hook = getattr(module, "extend_cfg", None)
+        if callable(hook) and getattr(hook, "__module__", None) == module.__name__:
             hook(cfg)
 
 
@@ -220,9 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             trainer.train(trainer.start_epoch, trainer.max_epoch)
             metrics = trainer.metrics
             record.set("best_epoch", trainer.best_epoch)
+            record.set("val_history", trainer.val_history)
         else:
             metrics = {}
         record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
+        record.data["timings"]["encoder_images"] = int(getattr(trainer, "encoder_images", 0))
         for section, values in metrics.items():
             record.add_metrics(section, values)
         if args.eval_only or not args.no_train:

@@ -55,6 +55,7 @@ TABLE = {
     "TRAINER.CRoFT.lambda2": ([0.0, 1000.0], [-5.0]),
     "TRAINER.CRoFT.gen_step": ([0, 1, 5], [-1]),
     "TRAINER.CRoFT.PREC": (["fp32", "fp16", "amp", "bf16"], ["fp8", "float32"]),
+    "TRAINER.ZSCLIP.PREC": (["fp16", "fp32"], ["fp12"]),
     # CoOp / CoCoOp: context length (ignored when CTX_INIT is set)
     "TRAINER.COOP.N_CTX": ([16, 4], [-1]),
     "TRAINER.COOP.PREC": (["fp16"], ["half"]),

@@ -60,8 +60,16 @@ def test_dataset_configs_select_official_semantics(data_root):
     assert fixed.cfg.OPTIM.WEIGHT_DECAY == 5e-4 and fixed.cfg.DATALOADER.OOD_TEST.TRANSFORM == "test"
 
 
+TRAINER_CASES = ["pacs_g0", "pacs_vit_g1", "vlcs_g5", "in46_g1"]  # in46_1shot_g10 (10 generator steps): core test
+
+
+def test_fixture_has_the_trainer_cases():
+    fx = load_fixture()
+    assert set(TRAINER_CASES) <= {str(c) for c in fx["meta__case_keys"]}
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
-@pytest.mark.parametrize("case", ["pacs_g0", "pacs_vit_g1", "vlcs_g5", "in46_g1"])
+@pytest.mark.parametrize("case", TRAINER_CASES)
 def test_trainer_reproduces_golden_updates(data_root, case):
     """The real trainer (config-built optimisers, schedulers, forward_backward) replays the fixture in float32."""
     from trainers.croft_core import Adapter, OODImgGen
@@ -90,10 +98,11 @@ def test_trainer_reproduces_golden_updates(data_root, case):
     tr.feature_provider = lambda images, batch: xs[batch["index"]]
     tr.update_lr()                       # end of the warm-up epoch, as in the fixture harness
     assert tr.get_current_lr() == pytest.approx(float(g("lr_used")[0]))
-    tr.num_batches, tr.epoch = 3, 1
-    for it in range(3):
+    n_iter, n_batch = g("X_train").shape[:2]   # every size from the fixture
+    tr.num_batches, tr.epoch = n_iter, 1
+    for it in range(n_iter):
         tr.batch_idx = it
-        batch = {"img": torch.zeros(8, 3, 2, 2), "label": torch.tensor(g("y_train")[it]), "index": it}
+        batch = {"img": torch.zeros(n_batch, 3, 2, 2), "label": torch.tensor(g("y_train")[it]), "index": it}
         tr.forward_backward(batch)
         for name, param in (("fc_i", tr.adapter.fc_i), ("fc_t", tr.adapter.fc_t),
                             ("img2img_cov", tr.generator.img2img_cov)):

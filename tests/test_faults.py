@@ -196,3 +196,50 @@ def test_eval_missing_model(case, root, trained, tmp_path):
     out = str(tmp_path / "o")
     needle = "nowhere" if case == "missing_model_dir" else "model.pth.tar-9"
     refused(run_train_forked(args(root, out, flags=["--eval-only", *flags]), str(tmp_path)), out, needle=needle)
+
+
+# ------------------------------------------------------------------ resume
+def _record(out: str) -> dict:
+    with open(os.path.join(out, "record.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def same_run(a: str, b: str) -> None:
+    """Two run directories hold the same result: every epoch checkpoint, best epoch, val history, metrics."""
+    ra, rb = _record(a), _record(b)
+    assert (ra["best_epoch"], ra["val_history"], ra["metrics"]) == (rb["best_epoch"], rb["val_history"],
+                                                                    rb["metrics"])
+    assert os.path.isfile(os.path.join(b, "done"))
+    for model in ("clip_adapter", "generator"):
+        names = sorted(f for f in os.listdir(os.path.join(a, model)) if f.startswith("model"))
+        assert names == sorted(f for f in os.listdir(os.path.join(b, model)) if f.startswith("model"))
+        for f in names:
+            sa = torch.load(os.path.join(a, model, f), weights_only=False)
+            sb = torch.load(os.path.join(b, model, f), weights_only=False)
+            assert sa["epoch"] == sb["epoch"] and sa["best_epoch"] == sb["best_epoch"]
+            for k in sa["state_dict"]:
+                assert torch.equal(sa["state_dict"][k], sb["state_dict"][k]), (f, k)
+
+
+def test_record_has_best_epoch_and_val_history(trained):
+    rec = _record(trained)
+    assert [h["epoch"] for h in rec["val_history"]] == [1, 2]
+    best = max(rec["val_history"], key=lambda h: h["accuracy"])  # first maximum wins (strict improvement)
+    assert rec["best_epoch"] == best["epoch"]
+    assert rec["metrics"]["val"]["best_accuracy"] == best["accuracy"]
+
+
+def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    for f in ("record.json", "done"):
+        os.unlink(os.path.join(out, f))
+    last = os.path.join(out, "clip_adapter", "model.pth.tar-2")
+    raw = open(last, "rb").read()
+    with open(last, "wb") as f:
+        f.write(raw[: len(raw) // 3])
+    res = run_train_forked(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: skipping an unreadable checkpoint" in res.stdout and "model.pth.tar-2" in res.stdout
+    assert "(epoch = 1)" in res.stdout
+    same_run(trained, out)

@@ -1,6 +1,7 @@
 """Sharded feature store: append-only shards, constant insertion cost, concurrent and killed writers."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -156,3 +157,34 @@ def test_old_single_file_cache_is_imported_or_rejected(tmp_path):
 
     with pytest.raises(DataError, match=r"train_v0.pt: unreadable old single-file store"):
         open_store(str(tmp_path), "train_v0")
+
+
+def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
+    """``FeatureCache._fill`` writes a shard each ``FLUSH_ROWS`` encoded images (here 4 of 10: 4 + 4 + 2)."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+    from PIL import Image
+    from torchvision import transforms
+
+    from dassl.config import get_cfg_default
+    from dassl.data.datasets import Datum
+    from dassl.engine import feature_cache as fc
+
+    items = []
+    for i in range(10):
+        path = str(tmp_path / f"im{i}.png")
+        Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(path)
+        items.append(Datum(impath=path, label=0, domain=0))
+    cfg = get_cfg_default()
+    cfg.DATALOADER.TEST.BATCH_SIZE = 2
+    trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"),
+                              image_encoder=nn.Sequential(nn.Flatten(), nn.Linear(48, 5)))
+    cache = fc.FeatureCache.__new__(fc.FeatureCache)
+    cache.trainer = trainer
+    monkeypatch.setattr(fc, "FLUSH_ROWS", 4)
+    store = fc.FeatureStore(str(tmp_path / "store"))
+    cache._fill(items, transforms.ToTensor(), store, None, "t")
+    sizes = sorted(len(json.load(open(os.path.join(store.folder, f)))["paths"])
+                   for f in os.listdir(store.folder) if f.endswith(".json"))
+    assert sizes == [2, 4, 4] and len(fc.FeatureStore(store.folder)) == 10

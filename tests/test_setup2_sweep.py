@@ -93,7 +93,7 @@ def test_collectors_match_records(sweep, capsys):
     from launch import collect
 
     base, _ = sweep
-    assert collect.main("oodg", ["--root", str(base / "output")]) == 0
+    assert collect.main("oodg", ["--root", str(base / "output"), "--select", "none"]) == 0
     text = capsys.readouterr().out
     assert "| method | setting | photo | sketch | Avg | seeds |" in text
     for d, rec in _records(base / "output"):
@@ -105,7 +105,7 @@ def test_collectors_match_records(sweep, capsys):
         setting = "rn50_ep30_" + d.split("PACS_rn50_ep30_")[1].split(os.sep)[0]
         assert by_key[(setting, rec["test_env"][8:-5])] == pytest.approx(rec["metrics"]["test"]["accuracy"], abs=1e-4)
 
-    assert collect.main("oodd", ["--root", str(base / "eval")]) == 0
+    assert collect.main("oodd", ["--root", str(base / "eval"), "--select", "none"]) == 0
     text = capsys.readouterr().out
     assert "DTD AUROC↑" in text and "Caltech101 FPR95↓" in text and "| energy |" in text and "| knn |" in text
     with open(base / "eval" / "setup2_oodd.csv") as f:
@@ -116,6 +116,65 @@ def test_collectors_match_records(sweep, capsys):
     got = [float(r["mean"]) for r in rows if r["ood"] == "DTD" and r["score"] == "energy" and r["metric"] == "auroc"
            and "l2-10_" in r["setting"]]
     assert got == [pytest.approx(expect, abs=1e-3)]
+
+
+def _val_choice(base):
+    """Per held-out domain, the lambda2 whose training run has the best validation accuracy (first on ties)."""
+    best = {}
+    for _, rec in sorted(_records(base / "output"), key=lambda r: r[1]["config"]["TRAINER"]["CRoFT"]["lambda2"]):
+        dom, val = rec["test_env"][8:-5], rec["metrics"]["val"]["best_accuracy"]
+        if dom not in best or val > best[dom][0]:
+            best[dom] = (val, rec["config"]["TRAINER"]["CRoFT"]["lambda2"], rec["metrics"]["test"]["accuracy"])
+    return best
+
+
+def test_collectors_select_by_validation(sweep, capsys):
+    from launch import collect
+
+    base, _ = sweep
+    best = _val_choice(base)
+    assert collect.main("oodg", ["--root", str(base / "output")]) == 0  # default: --select val
+    text = capsys.readouterr().out
+    assert "> selection: val" in text and "> preset: official" in text and "> switches: all official" in text
+    with open(base / "output" / "setup2_oodg.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "CRoFT"]
+    assert {r["selection"] for r in rows} == {"val"}
+    got = {r["domain"]: float(r["accuracy_mean"]) for r in rows}
+    for dom, (_, _, acc) in best.items():
+        assert got[dom] == pytest.approx(acc, abs=1e-4)
+    assert len({r["setting"] for r in rows}) == 1  # one row per method and config
+    assert collect.main("oodd", ["--root", str(base / "eval")]) == 0
+    text = capsys.readouterr().out
+    assert "> FPR95: energy → fpr95_val_threshold, knn → fpr95_tpr_id" in text
+    with open(base / "eval" / "setup2_oodd.csv") as f:
+        rows = list(csv.DictReader(f))
+    recs = [r for _, r in _records(base / "eval") if r["dataset"] == "PACS_DTD"
+            and r["config"]["TRAINER"]["CRoFT"]["lambda2"] == best[r["test_env"][8:-5]][1]]
+    assert len(recs) == 2
+    for score, key in (("energy", "fpr95_val_threshold"), ("knn", "fpr95_tpr_id")):
+        expect = np.mean([100 * r["metrics"]["ood"][score][key] for r in recs])
+        got = [float(r["mean"]) for r in rows if r["ood"] == "DTD" and r["score"] == score and r["metric"] == "fpr95"]
+        assert got == [pytest.approx(expect, abs=1e-3)]
+        assert {r["fpr95"] for r in rows if r["score"] == score} == {key}
+
+
+def test_collectors_oracle_is_labelled(sweep, capsys):
+    from launch import collect
+
+    base, _ = sweep
+    assert collect.main("oodg", ["--root", str(base / "output"), "--select", "oracle"]) == 0
+    text = capsys.readouterr().out
+    assert "> selection: ORACLE" in text
+    with open(base / "output" / "setup2_oodg.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_dom = {}
+    for _, rec in _records(base / "output"):
+        dom = rec["test_env"][8:-5]
+        per_dom[dom] = max(per_dom.get(dom, 0.0), rec["metrics"]["test"]["accuracy"])
+    for r in rows:
+        if r["domain"] in per_dom:
+            assert float(r["accuracy_mean"]) == pytest.approx(per_dom[r["domain"]], abs=1e-4)
+            assert r["selection"] == "oracle"
 
 
 def test_collector_lists_missing_runs(sweep, capsys, tmp_path):

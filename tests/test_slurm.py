@@ -48,11 +48,36 @@ def test_slurm_flags_make_one_sbatch_array():
         assert line in text, line
 
 
-def test_bad_slurm_extra_is_one_clear_error():
-    from launch.slurm import parse_extra
+def test_slurm_flag_defaults():
+    from launch.launchers import add_launcher_args
+    from launch.slurm import executor_parameters
 
-    with pytest.raises(ValueError, match="--slurm-extra 'account': expected KEY=VAL"):
-        parse_extra(["account"])
+    p = argparse.ArgumentParser()
+    add_launcher_args(p)
+    params = executor_parameters(p.parse_args(["--launcher", "slurm"]))
+    assert (params["gpus_per_node"], params["cpus_per_task"], params["time"], params["array_parallelism"]) == \
+        (1, 4, 180, 64)
+    assert "partition" not in params and params["additional_parameters"] == {"requeue": True}
+
+
+def test_bad_slurm_extra_is_one_clear_error(capsys):
+    from launch.launchers import add_launcher_args
+
+    p = argparse.ArgumentParser()
+    add_launcher_args(p)
+    with pytest.raises(SystemExit) as exc:
+        p.parse_args(["--launcher", "slurm", "--slurm-extra", "account"])
+    assert exc.value.code == 2
+    assert "--slurm-extra 'account': expected KEY=VAL" in capsys.readouterr().err
+
+
+def test_no_sbatch_is_one_clear_error(tmp_path, monkeypatch):
+    from launch.sweep import Job, run_jobs
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm client commands here
+    job = Job("a", str(tmp_path / "a"), ["--help"])
+    with pytest.raises(SystemExit, match="--launcher slurm: no sbatch on PATH"):
+        run_jobs([job], launcher="slurm", sweep_dir=str(tmp_path / "s"), args=_slurm_args())
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +170,35 @@ def test_sweep_runs_to_done_and_a_preempted_run_is_requeued_and_resumed(cluster,
     before = _squeue(cluster.env["SLURM_CONF"])
     assert run_jobs(jobs, launcher="slurm", sweep_dir=sweep_dir, args=_slurm_args()) == 0
     assert _squeue(cluster.env["SLURM_CONF"]) == before
+
+
+@pytest.mark.slow
+def test_extraction_step_runs_torchrun_ranks_under_srun(cluster, tmp_path):
+    """``scripts/slurm/extract_features.sbatch``: srun + torchrun, 2 ranks on the node, each appends its shards."""
+    import socket
+    import sys
+
+    from dassl.engine.feature_store import FeatureStore
+
+    data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    write_lodo_tree(data, per_class=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--root", data, "--seed", "1", "--trainer", "ZeroshotCLIP", "--dataset-config-file",
+            "configs/datasets/PACS.yaml", "--config-file", "configs/trainers/ZeroshotCLIP/rn50_ep30.yaml",
+            *OPTS[:10], "TEST_ENV", "sketch", "DATASET.NUM_SHOTS", "2", "FEATURE_CACHE.TRAIN_VIEWS", "2",
+            "FEATURE_CACHE.DIR", cache]
+    env = dict(os.environ, NPROC_PER_NODE="2", PYTHON=sys.executable, MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    out = str(tmp_path / "extract.out")
+    res = subprocess.run(["sbatch", "--wait", "--nodes", "1", "--cpus-per-task", "2", "--time", "20", "-o", out,
+                          "scripts/slurm/extract_features.sbatch", *args], cwd=COOP, env=env, capture_output=True,
+                         text=True, timeout=600)
+    log = open(out).read() if os.path.isfile(out) else ""
+    assert res.returncode == 0, (res.stderr, log[-3000:])
+    assert "rank 0 of 2" in log
+    (key,) = os.listdir(cache)
+    for kind in ("test", "train_v0", "train_v1"):
+        folder = os.path.join(cache, key, kind)
+        assert {f.split("-")[0] for f in os.listdir(folder) if f.endswith(".npy")} == {"r0", "r1"}
+        assert len(FeatureStore(folder)) > 0

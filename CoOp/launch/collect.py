@@ -6,6 +6,11 @@ manifest (a run started by hand) is still collected, labelled by its directory.
 
 * OOD generalisation (``collect_result_set2_oodg.py``): held-out-domain accuracy per domain and the average.
 * OOD detection (``collect_result_set2_oodd.py``): FPR95 / AUROC per open-set dataset and score (percent).
+
+``--select val|oracle|none`` picks the setting per (method, dataset, held-out domain, seed) (see
+:mod:`launch.selection`); ``--fpr official`` (default) reports each score's official FPR95
+(:data:`dassl.evaluation.ood.FPR95_CONVENTION`). Above each table: the rule, preset(s), switches off their official
+value and the FPR95 convention, read from the run records.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import numpy as np
 from launch.sweep import COOP_DIR, read_manifests
 
 from dassl.engine.records import RECORD_FILE, is_done, load_record  # noqa: E402
+from dassl.evaluation.ood import fpr95_convention  # noqa: E402
 from dassl.evaluation.scores import score_names  # noqa: E402
+from launch.selection import RULES, protocol_lines, select_runs  # noqa: E402
 
 FPR_KEYS = ("fpr95_tpr_id", "fpr95_val_threshold", "fpr95_tpr_ood")
 
@@ -103,9 +110,10 @@ def write_csv(path: str, header: list[str], rows: Iterable[list[Any]]) -> None:
 
 
 def collect_oodg(root: str, csv_path: str, kind: str = "train", avg_exclude: Sequence[str] = (),
-                 title: str = "held-out-domain accuracy") -> str:
+                 title: str = "held-out-domain accuracy", select: str = "val") -> str:
     """Accuracy per domain / test set (columns) and its average over the columns not in ``avg_exclude``."""
     runs, missing = gather(root, kind)
+    runs, notes = select_runs(runs, select)
     by_ds: dict[str, dict[tuple, dict[str, dict[int, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for lab, rec in runs:
         acc = rec.get("metrics", {}).get("test", {}).get("accuracy")
@@ -131,16 +139,27 @@ def collect_oodg(root: str, csv_path: str, kind: str = "train", avg_exclude: Seq
                 m, s = mean_std(avg)
                 csv_rows.append([ds, method, setting, "Avg", f"{m:.4f}", f"{s:.4f}", len(avg)])
         out.append(f"### {ds}: {title} (%), mean ± std over seeds\n")
+        out += protocol_lines([r for r in runs if r[0]["dataset"] == ds], select) + [""]
         out.append(markdown(["method", "setting", *domains, "Avg", "seeds"], rows) + "\n")
-    write_csv(csv_path, ["dataset", "method", "setting", "domain", "accuracy_mean", "accuracy_std", "n"], csv_rows)
-    return _finish(out, missing, csv_path)
+    write_csv(csv_path, ["dataset", "method", "setting", "domain", "accuracy_mean", "accuracy_std", "n", "selection"],
+              [r + [select] for r in csv_rows])
+    return _finish(out + notes, missing, csv_path)
 
 
-def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str,
-                 only_domains: Optional[Sequence[str]] = None) -> str:
+def fpr_text(scores: Sequence[str], fpr_key: str) -> str:
+    """Header text of the FPR95 convention in force (``official``: each score's official table's)."""
+    if fpr_key != "official":
+        return f"{fpr_key} for every score"
+    return ", ".join(f"{s} → {fpr95_convention(s)}" for s in scores) + " (official convention per score)"
+
+
+def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str = "official",
+                 only_domains: Optional[Sequence[str]] = None, select: str = "val") -> str:
+    """FPR95 / AUROC per open-set dataset; ``fpr_key`` ``official`` = each score's official FPR95 convention."""
     runs, missing = gather(root, "eval")
     if only_domains is not None:
         runs = [(lab, rec) for lab, rec in runs if lab["domain"] in only_domains]
+    runs, notes = select_runs(runs, select, score=scores[0] if scores else None)
     # (dataset) -> (method, setting, score) -> ood -> seed -> domain -> (fpr, auroc)
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(dict))))
     for lab, rec in runs:
@@ -148,8 +167,9 @@ def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str,
         for score in scores:
             if score in det:
                 m = det[score]
+                key = fpr95_convention(score) if fpr_key == "official" else fpr_key
                 table[lab["dataset"]][(*row_key(lab), score)][lab["ood"]][int(lab["seed"])][lab["domain"]] = (
-                    100 * m[fpr_key], 100 * m["auroc"])
+                    100 * m[key], 100 * m["auroc"])
     out, csv_rows = [], []
     for ds in sorted(table):
         oods = sorted({o for r in table[ds].values() for o in r})
@@ -174,10 +194,14 @@ def collect_oodd(root: str, csv_path: str, scores: Sequence[str], fpr_key: str,
         header = ["method", "setting", "score"]
         for ood in oods + ["Avg"]:
             header += [f"{ood} FPR95↓", f"{ood} AUROC↑"]
-        out.append(f"### {ds} as ID: open-set detection (%; FPR95 = {fpr_key}), mean ± std over seeds "
+        out.append(f"### {ds} as ID: open-set detection (%), mean ± std over seeds "
                    f"(each seed averaged over held-out domains)\n")
+        out += protocol_lines([r for r in runs if r[0]["dataset"] == ds], select, fpr_text(scores, fpr_key)) + [""]
         out.append(markdown(header, rows) + "\n")
-    write_csv(csv_path, ["dataset", "method", "setting", "score", "ood", "metric", "mean", "std", "n"], csv_rows)
+    out += notes
+    write_csv(csv_path, ["dataset", "method", "setting", "score", "ood", "metric", "mean", "std", "n", "selection",
+                         "fpr95"], [r + [select, fpr95_convention(r[3]) if fpr_key == "official" else fpr_key]
+                                    for r in csv_rows])
     return _finish(out, missing, csv_path)
 
 
@@ -202,18 +226,29 @@ def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int
     if kind == "oodd":
         p.add_argument("--scores", nargs="+", default=["energy", "knn"], choices=score_names(),
                        help="scores of the registry (dassl.evaluation.scores)")
-        p.add_argument("--fpr", choices=FPR_KEYS, default="fpr95_tpr_id",
-                       help="FPR95 convention (default: ID positive, Hendrycks)")
+        p.add_argument("--fpr", choices=("official",) + FPR_KEYS, default="official",
+                       help="FPR95 convention (default official: energy fpr95_val_threshold, knn fpr95_tpr_id)")
+        p.add_argument("--plots", default="", help="also write the sweep's figures (launch/figures.py) into DIR")
+    p.add_argument("--select", choices=RULES, default="val",
+                   help="model selection: val (best source-domain validation accuracy, default), oracle (best "
+                        "test result, optimistic) or none (every setting a row)")
     args = p.parse_args(argv)
     root = args.root if os.path.isabs(args.root) else os.path.join(COOP_DIR, args.root)
     csv_path = args.csv or os.path.join(root, f"setup{setup}_{kind}.csv")
     if kind == "oodg" and setup == 2:
-        text = collect_oodg(root, csv_path)
+        text = collect_oodg(root, csv_path, select=args.select)
     elif kind == "oodg":
         text = collect_oodg(root, csv_path, kind="eval", avg_exclude=("test_id",),
-                            title="accuracy on ImageNet (test_id) and its variants (Avg = variants)")
+                            title="accuracy on ImageNet (test_id) and its variants (Avg = variants)",
+                            select=args.select)
     else:
-        text = collect_oodd(root, csv_path, args.scores, args.fpr, only_domains=None if setup == 2 else ("test_id",))
+        text = collect_oodd(root, csv_path, args.scores, args.fpr, only_domains=None if setup == 2 else ("test_id",),
+                            select=args.select)
+        if args.plots:
+            from launch import figures, results
+
+            written = figures.plot_sweep(results.rows(root), args.plots)
+            text += "\n" + "\n".join(f"figure written: {path}" for path in written.values())
     print(text)
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,15 @@ def parse_extra(items: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
+def extra_item(item: str) -> str:
+    """argparse type of ``--slurm-extra``: a bad item is a one-line usage error."""
+    try:
+        parse_extra([item])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return item
+
+
 def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """``submitit.SlurmExecutor.update_parameters`` keywords from the driver's Slurm flags."""
     params: dict[str, Any] = {
@@ -91,7 +101,7 @@ class SlurmLauncher(Launcher):
         g.add_argument("--cpus-per-job", type=int, default=4, help="CPU cores per run")
         g.add_argument("--time", type=int, default=180, help="time limit of one run, minutes (requeued after it)")
         g.add_argument("--array-parallelism", type=int, default=64, help="runs of the array running at once")
-        g.add_argument("--slurm-extra", action="append", metavar="KEY=VAL",
+        g.add_argument("--slurm-extra", action="append", metavar="KEY=VAL", type=extra_item,
                        help="extra sbatch option, repeatable (e.g. account=myproj, qos=normal)")
 
     def _defaults(self) -> argparse.Namespace:
@@ -103,7 +113,13 @@ class SlurmLauncher(Launcher):
         return ns
 
     def run(self, jobs: list[Any], report: Report) -> None:
-        import submitit
+        try:
+            import submitit
+        except ImportError:
+            raise SystemExit("error: --launcher slurm needs submitit (pip install -r requirements.txt)") from None
+        if shutil.which("sbatch") is None:
+            raise SystemExit("error: --launcher slurm: no sbatch on PATH (run the driver where Slurm's client "
+                             "commands are, e.g. a login node)")
 
         folder = os.path.join(self.options.sweep_dir or os.path.join(COOP_DIR, "output", "sweeps", "slurm"),
                               "slurm")

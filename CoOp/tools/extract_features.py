@@ -4,12 +4,13 @@
     torchrun --nproc_per_node 8 tools/extract_features.py --root $DATA --trainer CRoFT \\
         --dataset-config-file configs/datasets/imagenet46.yaml --config-file configs/trainers/CRoFT/ViT_ep30.yaml \\
         --seed 1 DATASET.NUM_SHOTS 16 FEATURE_CACHE.DIR /fast/features
+    sbatch --nodes 2 --gpus-per-node 8 scripts/slurm/extract_features.sbatch <the same arguments>   # srun + torchrun
 
 It takes the same arguments as ``train.py``, builds the dataset and the frozen image encoder the same way, and
 encodes every image the runs will need (``FEATURE_CACHE.TRAIN_VIEWS`` augmented views of the training images,
 the test transform for val/test, the open-set images) into ``FEATURE_CACHE.DIR``. Under ``torchrun`` each rank
-encodes a disjoint shard on ``cuda:LOCAL_RANK`` (when CUDA is there) and merges it into the shared, file-locked
-stores; augmented views are seeded per image, so the result does not depend on the number of ranks. Later runs
+encodes a disjoint part of the images on ``cuda:LOCAL_RANK`` (when CUDA is there) and appends it to the stores
+as its own shards (named after the rank; no global rewrite); augmented views are seeded per image, so the result does not depend on the number of ranks. Later runs
 with ``FEATURE_CACHE.ENABLED True`` and the same backbone/input settings find everything cached.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
+from dassl.config.validate import PREC
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.engine.inference import InferenceOutput
 
@@ -23,6 +24,7 @@ class ZeroshotCLIP(TrainerX):
     """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
 
     cfg_node = "ZSCLIP"  # the TRAINER.<node> this trainer reads
+    CFG_RANGES = {"TRAINER.ZSCLIP.PREC": PREC}
 
     text_mode = "single"
 

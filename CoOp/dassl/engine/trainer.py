@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -35,6 +36,20 @@ from .ragged import cat_padded
 PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
 
+def checkpoint_candidates(directory: str, names: list[str]) -> list[str]:
+    """Checkpoint file names to try, newest first: the one ``checkpoint`` names, then every
+    ``model.pth.tar-<E>`` present for all models."""
+    with open(os.path.join(directory, names[0], "checkpoint"), encoding="utf-8") as f:
+        first = f.readline().strip()
+    common: Optional[set[int]] = None
+    for name in names:
+        found = {int(m.group(1)) for f in os.listdir(os.path.join(directory, name))
+                 if (m := re.fullmatch(r"model\.pth\.tar-(\d+)", f))}
+        common = found if common is None else common & found
+    older = [f"model.pth.tar-{e}" for e in sorted(common or (), reverse=True)]
+    return [first] + [f for f in older if f != first]
+
+
 class TrainerBase:
     """Registry of named models with generic save / load / resume / update."""
 
@@ -47,6 +62,8 @@ class TrainerBase:
         self.start_epoch = 0
         self.max_epoch = 0
         self.best_result = -np.inf
+        self.best_epoch: Optional[int] = None
+        self.val_history: list[dict[str, float]] = []  # one {"epoch", "accuracy"} per validated epoch
 
     # ----------------------------------------------------------------- registration
     def register_model(self, name: str = "model", model: Optional[nn.Module] = None, optim: Any = None,
@@ -85,20 +102,35 @@ class TrainerBase:
                 "scheduler": sched.state_dict() if sched is not None else None,
                 "val_result": val_result,
                 "best_result": self.best_result,
+                "best_epoch": self.best_epoch,
+                "val_history": list(self.val_history),
                 "rng_state": rng,
             }, os.path.join(directory, name), is_best=is_best, model_name=model_name)
 
     def resume_model_if_exist(self, directory: str) -> int:
-        """Resume all models from ``<directory>/<name>/checkpoint``; return the epoch to start from."""
+        """Resume all models from ``<directory>/<name>/checkpoint``; return the epoch to start from.
+
+        An unreadable (e.g. truncated) checkpoint is skipped with a warning naming it, and the newest epoch whose
+        checkpoints all load is used instead; with none left, training starts from epoch 0.
+        """
         names = self.get_model_names()
         if not names or not all(os.path.isfile(os.path.join(directory, n, "checkpoint")) for n in names):
             return 0
         print("Found checkpoint at {} (will resume training)".format(directory))
-        start_epoch = 0
-        for name in names:
-            with open(os.path.join(directory, name, "checkpoint"), encoding="utf-8") as f:
-                fname = f.readline().strip()
-            ckpt = load_checkpoint(os.path.join(directory, name, fname))
+        for fname in checkpoint_candidates(directory, names):
+            try:
+                ckpts = {n: load_checkpoint(os.path.join(directory, n, fname)) for n in names}
+            except UserError as err:
+                print(f"WARNING: skipping an unreadable checkpoint: {err}")
+                continue
+            return self.restore_checkpoints(directory, fname, ckpts)
+        print(f"WARNING: no readable checkpoint in {directory}; training starts from epoch 0")
+        return 0
+
+    def restore_checkpoints(self, directory: str, fname: str, ckpts: dict[str, dict[str, Any]]) -> int:
+        """Load states, optimisers, schedulers, best-val bookkeeping and RNG states; return the next epoch."""
+        start_epoch, rng = 0, None
+        for name, ckpt in ckpts.items():
             self._models[name].load_state_dict(ckpt["state_dict"])
             if self._optims[name] is not None and ckpt.get("optimizer") is not None:
                 self._optims[name].load_state_dict(ckpt["optimizer"])
@@ -107,6 +139,8 @@ class TrainerBase:
             start_epoch = int(ckpt["epoch"])
             if ckpt.get("best_result") is not None:
                 self.best_result = ckpt["best_result"]
+            self.best_epoch = ckpt.get("best_epoch", self.best_epoch)
+            self.val_history = list(ckpt.get("val_history", self.val_history))
             rng = ckpt.get("rng_state")
             print(f'Loaded "{os.path.join(directory, name, fname)}" (epoch = {start_epoch})')
         if rng:
@@ -245,8 +279,8 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.feature_provider: Optional[Callable[[torch.Tensor, Optional[dict]], torch.Tensor]] = None
         self.image_encoder: Optional[nn.Module] = None
+        self.encoder_images = 0  # images passed through the image encoder by this run (cache fills included)
         self.metrics: dict[str, dict[str, Any]] = {}
-        self.best_epoch: Optional[int] = None
         if cfg.TRAIN.TENSORBOARD:
             try:
                 import torch.utils.tensorboard  # noqa: F401
@@ -307,6 +341,7 @@ class SimpleTrainer(TrainerBase):
         if self.image_encoder is None:
             raise RuntimeError("trainer set no image_encoder in build_model()")
         dtype = next(self.image_encoder.parameters()).dtype
+        self.encoder_images += len(images)
         with torch.no_grad():
             return self.image_encoder(images.to(self.device, dtype=dtype))
 
@@ -328,6 +363,7 @@ class SimpleTrainer(TrainerBase):
         if do_test and self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
             print("Do evaluation on val set")
             curr_result = self.test(split="val")["accuracy"]
+            self.val_history.append({"epoch": self.epoch + 1, "accuracy": float(curr_result)})
             if curr_result > self.best_result:
                 self.best_result = curr_result
                 self.best_epoch = self.epoch + 1
