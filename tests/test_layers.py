@@ -15,7 +15,7 @@ ALLOWED = {
     "trainers": {"dassl", "clip_backbone", "clip"},
     "train": {"dassl", "clip_backbone", "clip", "datasets", "trainers"},
     "launch": {"dassl", "datasets", "trainers", "train"},
-    "tools": {"dassl", "clip_backbone", "clip", "datasets", "trainers", "train", "launch"},
+    "tools": {"dassl", "clip_backbone", "clip", "datasets", "trainers", "train", "launch", "demo"},
     "scripts": {"dassl", "clip_backbone", "clip", "datasets", "trainers", "train", "launch"},
     "demo": {"dassl", "clip_backbone", "clip", "datasets", "trainers", "train", "launch"},
     "collect_result": {"dassl", "launch"},
