@@ -57,7 +57,7 @@ class LODODataset(DatasetBase):
         num_shots = cfg.DATASET.NUM_SHOTS
         train_x = self.sample_train(train, num_shots, cfg.DATASET.FEWSHOT_SAMPLER)
         val = self.generate_fewshot_dataset(val, num_shots=num_shots)
-        super().__init__(train_x=train_x, val=val, test=test, ood_test=self.build_ood_test(cfg))
+        super().__init__(train_x=train_x, val=val, test=test)  # open-set splits: datasets.openset
         self.set_label_space(list(train) + list(test))
 
     def set_label_space(self, id_items: list[Datum]) -> None:
@@ -149,11 +149,6 @@ class LODODataset(DatasetBase):
         if sampler == "official" and self.official_sampler == "balance" and num_shots > 4:
             return self.generate_fewshot_dataset_balance(train, num_shots=num_shots)
         return self.generate_fewshot_dataset(train, num_shots=num_shots)
-
-    def build_ood_test(self, cfg: Any) -> list[Datum]:
-        """Open-set OOD split; empty for training datasets (the ``<ID>_<OOD>`` evaluation classes override)."""
-        return []
-
 
 @DATASET_REGISTRY.register()
 class PACS(LODODataset):
