@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -195,18 +194,32 @@ def test_cli_train_checkpoint_and_open_set_evaluation(data_root, tmp_path):
 
 
 # ------------------------------------------------------------------ drivers
+def _run_driver(path, argv, monkeypatch):
+    """Run a driver script in-process as ``python <path> <argv>``; return its exit code."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [path, *argv])
+    cwd = os.getcwd()
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        os.chdir(cwd)
+    return 0
+
+
 @pytest.mark.parametrize("script", ["run_setup1.py", "test_setup1.py"])
-def test_setup1_drivers_need_the_named_fix(script, tmp_path):
+def test_setup1_drivers_need_the_named_fix(script, tmp_path, monkeypatch, capsys):
     path = os.path.join(COOP, "scripts", "BCAL", script)
-    env = dict(os.environ, DATA=str(tmp_path))
-    bad = subprocess.run([sys.executable, path, "--dry-run"], capture_output=True, text=True, env=env, cwd=COOP)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-    assert "TRAINER.BCAL.DOMAIN_NAMES" in bad.stderr and "ImageNet46" in bad.stderr
-    ok = subprocess.run([sys.executable, path, "--dry-run", "--seeds", "1", "--shots", "16", "--",
-                         "TRAINER.BCAL.DOMAIN_NAMES", "['imagenet']"], capture_output=True, text=True, env=env,
-                        cwd=COOP)
-    assert ok.returncode == 0, ok.stderr
-    assert "TRAINER.BCAL.DOMAIN_NAMES" in ok.stdout or "planned" in ok.stdout
+    monkeypatch.setenv("DATA", str(tmp_path))
+    assert _run_driver(path, ["--dry-run"], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "TRAINER.BCAL.DOMAIN_NAMES" in err and "ImageNet46" in err
+    code = _run_driver(path, ["--dry-run", "--seeds", "1", "--shots", "16", "--output-root", str(tmp_path / "o"),
+                              "--", "TRAINER.BCAL.DOMAIN_NAMES", "['imagenet']"], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0 and "TRAINER.BCAL.DOMAIN_NAMES" in out and "--trainer BCAL" in out
 
 
 def test_setup2_driver_plans_the_official_grid():

@@ -60,6 +60,9 @@ class Launcher:
     def run(self, jobs: list["Job"], report: Report) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the launcher keeps between ``run`` calls (nothing by default)."""
+
 
 def register_launcher(name: str) -> Callable[[type[Launcher]], type[Launcher]]:
     """Class decorator: make a launcher available as ``--launcher NAME``."""
