@@ -167,8 +167,8 @@ class TrainerBase:
             self._models[name].load_state_dict(sd, strict=False)
 
     def load_model_drop_keys(self) -> set[str]:
-        """State-dict keys ignored by :meth:`load_model` (CoOp drops its token prefix/suffix buffers)."""
-        return {"token_prefix", "token_suffix"}
+        """State-dict keys :meth:`load_model` ignores (none here; prompt trainers drop their token buffers)."""
+        return set()
 
     # ----------------------------------------------------------------- modes and updates
     def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
