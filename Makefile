@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: test test-all demo venv system-deps clean-demo
+.PHONY: test test-all demo demo-full demo-readme venv system-deps clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,13 @@ test-all: venv system-deps
 demo: venv system-deps
 	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo
 
+# the stronger variant: seeds 1-5, CoCoOp, CRoFT over the official lambda2 grid
+demo-full: venv system-deps
+	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --full
+
+# run (or reuse) the demo and write its tables and figures into README.md and docs/demo/
+demo-readme: venv system-deps
+	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --readme ../README.md --figures ../docs/demo
+
 clean-demo:
-	rm -rf .cache/demo
+	rm -rf .cache/demo .cache/demo-full

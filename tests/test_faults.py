@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from procs import run_train_forked
+from procs import run_train_forked, run_until_done, train_starter
 from synthetic import write_lodo_tree
 
 CRoFT_CFG = "configs/trainers/CRoFT/rn50_ep30.yaml"
@@ -242,4 +242,15 @@ def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_pat
     assert res.returncode == 0, res.stderr
     assert "WARNING: skipping an unreadable checkpoint" in res.stdout and "model.pth.tar-2" in res.stdout
     assert "(epoch = 1)" in res.stdout
+    same_run(trained, out)
+
+
+# ------------------------------------------------------------------ kill -9 anywhere (fast representative)
+def test_kill9_during_training_then_rerun_equals_uninterrupted(root, trained, tmp_path):
+    """Two kill -9 at random points of a CRoFT run, then a rerun: same checkpoints, best epoch, history, metrics."""
+    out = str(tmp_path / "killed")
+    start = train_starter(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    hits, res = run_until_done(start, kills=2, max_delay=5.0, seed=14)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 1
     same_run(trained, out)

@@ -122,6 +122,10 @@ def test_cached_checkpoint_is_reused(trained, tiny_digits, tmp_path):
     changed = ptc.pretrain(other, images=images, labels=labels, data_root=None, evaluate=False, verbose=False,
                            **dict(RECIPE, steps=9))
     assert changed["reused"] is False and len(changed["losses"]) == 9
+    # nor other training images
+    other_data = ptc.pretrain(other, images=images[::-1].copy(), labels=labels[::-1].copy(), data_root=None,
+                              evaluate=False, verbose=False, **dict(RECIPE, steps=9))
+    assert other_data["reused"] is False
     # a damaged checkpoint is not reused
     copy = tmp_path / "c"
     shutil.copytree(cache, copy)

@@ -4,7 +4,8 @@ CLIP trained here.
 1. Build DigitsDG-mini (4 handwriting domains in the PACS layout) + Fashion-MNIST / texture open-set folders.
 2. Pretrain the tiny CLIP ``tinyclip-rn32`` deterministically (or reuse the cached, checksum-verified one).
 3. Leave-one-domain-out training for every method of :mod:`demo.methods` through the real Setup-II drivers.
-4. Open-set evaluation against both open-set folders; the collectors print the tables (and write CSV).
+4. Open-set evaluation against both open-set folders with every score; :mod:`demo.report` prints the tables,
+   paired tests, figures and summary (``--readme`` writes them into the README between the demo markers).
 
 Everything lands in ``<cache>/demo`` (default ``<repo>/.cache``); a second run finds every ``done`` marker and
 only re-prints. ``--quick`` (1 seed, 1 held-out domain, 3 epochs) is the CI smoke version.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from typing import Optional, Sequence
@@ -34,6 +34,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default: the Recipe's)")
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel workers")
     p.add_argument("--quick", action="store_true", help="1 seed, 1 held-out domain, 3 epochs (smoke test)")
+    p.add_argument("--full", action="store_true",
+                   help="the stronger variant (make demo-full): seeds 1-5, CoCoOp, CRoFT over the official λ2 grid")
+    p.add_argument("--select", choices=["val", "oracle", "none"], default="val",
+                   help="how a swept method's setting is chosen per held-out domain and seed (default %(default)s)")
+    p.add_argument("--readme", help="write the report between the demo markers of this README (make demo-readme)")
+    p.add_argument("--figures", help="folder for the PNGs (default <cache>/demo/figures); README links are relative")
     return p
 
 
@@ -44,7 +50,7 @@ def ensure_data(root: str, per_class: Optional[int]) -> None:
     build(root, **({"per_class": per_class} if per_class else {}))
 
 
-def ensure_backbone(cache: str, data_root: str, steps: Optional[int]) -> str:
+def ensure_backbone(cache: str, data_root: str, steps: Optional[int]) -> tuple[str, dict]:
     from demo.pretrain import CKPT_NAME, pretrain
 
     print("== 2/4 tiny CLIP (tinyclip-rn32)")
@@ -55,7 +61,7 @@ def ensure_backbone(cache: str, data_root: str, steps: Optional[int]) -> str:
     zs = summary.get("zero_shot", {}).get("accuracy")
     if zs:
         print("zero-shot accuracy per domain (%): " + ", ".join(f"{d} {v:.1f}" for d, v in zs.items()))
-    return os.path.join(tiny_dir, CKPT_NAME)
+    return os.path.join(tiny_dir, CKPT_NAME), summary
 
 
 def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple[str, str], evaluate: bool) -> list:
@@ -63,7 +69,7 @@ def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tupl
     from launch import setup2
 
     jobs = []
-    for m in M.select(args.methods):
+    for m in M.select(args.methods, args.full):
         argv = ["--root", data_root, "--trainer", m.trainer, "--method", m.label, "--datasets", "DigitsDG",
                 "--cfgs", m.cfg, "--seeds", *map(str, args.seeds), "--shots", "16", "--weights", weights,
                 "--output-root", roots[0], "--eval-root", roots[1], "--ood", *M.OOD_SETS, "--device", "cpu",
@@ -72,22 +78,6 @@ def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tupl
                 "--", "FEATURE_CACHE.DIR", os.path.join(args.cache, "features")]
         jobs.extend(setup2.plan(argv, evaluate=evaluate)[1])
     return jobs
-
-
-def copy_energy_plots(eval_root: str, dest: str) -> list[str]:
-    """One energy-histogram PNG per method (seed 1, first held-out domain, Fashion-MNIST as open-set)."""
-    from launch.sweep import read_manifests
-
-    written, seen = [], set()
-    for job in read_manifests(eval_root):
-        key, png = job["labels"].get("method"), os.path.join(job["output_dir"], "energy_hist.png")
-        if key in seen or job["labels"].get("ood") != M.OOD_SETS[0] or not os.path.isfile(png):
-            continue
-        seen.add(key)
-        target = os.path.join(dest, "energy_" + "".join(c if c.isalnum() else "_" for c in key) + ".png")
-        shutil.copyfile(png, target)
-        written.append(target)
-    return written
 
 
 def run_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple[str, str]) -> int:
@@ -108,30 +98,58 @@ def run_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple
         os.chdir(cwd)
 
 
-def report(demo_root: str, roots: tuple[str, str]) -> None:
+def header(args: argparse.Namespace, tiny: dict) -> str:
+    """What was run, and the tiny CLIP it ran on (sha256, recipe, zero-shot table)."""
+    methods = ", ".join(m.label + (" (λ2 grid " + "/".join(m.flags[m.flags.index("--lambda2") + 1:
+                                                                   m.flags.index("--ratios")]) + ")"
+                                   if "--lambda2" in m.flags else "") for m in M.select(args.methods, args.full))
+    zs = tiny.get("zero_shot", {})
+    lines = [f"Setup-II on DigitsDG-mini: leave-one-domain-out over {', '.join(args.domains or ['all 4 domains'])}, "
+             f"seeds {', '.join(map(str, args.seeds))}, 16 shots, "
+             f"{args.epochs or 30} epochs; open sets {', '.join(M.OOD_SETS)}. Methods: {methods}.",
+             "", f"Tiny CLIP `tinyclip-rn32`: sha256 `{tiny.get('sha256', '?')}`, recipe `{tiny.get('recipe')}`.", ""]
+    if zs:
+        lines += ["| domain | zero-shot accuracy % |", "|---|---|"]
+        lines += [f"| {d} | {v:.2f} |" for d, v in zs.get("accuracy", {}).items()] + [""]
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, demo_root: str, roots: tuple[str, str], tiny: dict) -> str:
+    """Collector CSVs plus the demo report (tables, figures, summary); returns the Markdown."""
+    from demo import report as rep
     from launch import collect
 
-    print("\n## DigitsDG-mini, Setup-II protocol (tiny CLIP; leave-one-domain-out, 16 shots)\n")
-    print(collect.collect_oodg(roots[0], os.path.join(demo_root, "setup2_oodg.csv")))
-    print()
-    print(collect.collect_oodd(roots[1], os.path.join(demo_root, "setup2_oodd.csv"), ["energy"], "fpr95_tpr_id"))
-    for png in copy_energy_plots(roots[1], demo_root):
-        print(f"energy distribution plot: {png}")
+    collect.collect_oodg(roots[0], os.path.join(demo_root, "setup2_oodg.csv"))
+    collect.collect_oodd(roots[1], os.path.join(demo_root, "setup2_oodd.csv"), ["energy", "mcm", "msp", "knn"],
+                         "fpr95_tpr_id")
+    fig_dir = os.path.abspath(args.figures or os.path.join(demo_root, "figures"))
+    ref_base = os.path.dirname(os.path.abspath(args.readme)) if args.readme else demo_root
+    text = rep.build(demo_root, fig_dir, os.path.relpath(fig_dir, ref_base), args.select, header(args, tiny))
+    print("\n## DigitsDG-mini, Setup-II protocol (tiny CLIP)\n")
+    print(text)
+    if args.readme:
+        rep.write_between_markers(args.readme, text)
+        print(f"README tables and figures written: {args.readme}, {fig_dir}")
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.domains, args.epochs = args.seeds[:1], args.domains or ["mnist"], args.epochs or 3
-    M.select(args.methods)
+    elif args.full and args.seeds == [1, 2, 3]:
+        args.seeds = [1, 2, 3, 4, 5]
+    if args.readme and not os.path.isfile(args.readme):
+        raise SystemExit(f"error: --readme {args.readme}: no such file")
+    M.select(args.methods, args.full)
     t0 = time.time()
     args.cache = os.path.abspath(args.cache)
     data_root = os.path.join(args.cache, "data")
-    demo_root = os.path.join(args.cache, "demo-quick" if args.quick else "demo")
+    demo_root = os.path.join(args.cache, "demo-quick" if args.quick else "demo-full" if args.full else "demo")
     roots = (os.path.join(demo_root, "output"), os.path.join(demo_root, "eval_open_ood"))
     ensure_data(data_root, args.per_class)
-    weights = ensure_backbone(args.cache, data_root, args.pretrain_steps)
+    weights, tiny = ensure_backbone(args.cache, data_root, args.pretrain_steps)
     failures = run_all(args, data_root, weights, roots)
-    report(demo_root, roots)
+    report(args, demo_root, roots, tiny)
     print(f"\ndemo finished in {time.time() - t0:.0f} s ({'with' if failures else 'no'} failed runs)")
     return 1 if failures else 0

@@ -228,6 +228,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int
                        help="scores of the registry (dassl.evaluation.scores)")
         p.add_argument("--fpr", choices=("official",) + FPR_KEYS, default="official",
                        help="FPR95 convention (default official: energy fpr95_val_threshold, knn fpr95_tpr_id)")
+        p.add_argument("--plots", default="", help="also write the sweep's figures (launch/figures.py) into DIR")
     p.add_argument("--select", choices=RULES, default="val",
                    help="model selection: val (best source-domain validation accuracy, default), oracle (best "
                         "test result, optimistic) or none (every setting a row)")
@@ -243,6 +244,11 @@ def main(kind: str, argv: Optional[Sequence[str]] = None, setup: int = 2) -> int
     else:
         text = collect_oodd(root, csv_path, args.scores, args.fpr, only_domains=None if setup == 2 else ("test_id",),
                             select=args.select)
+        if args.plots:
+            from launch import figures, results
+
+            written = figures.plot_sweep(results.rows(root), args.plots)
+            text += "\n" + "\n".join(f"figure written: {path}" for path in written.values())
     print(text)
     return 0
 

@@ -37,7 +37,7 @@ class Recipe:
     max_shift: int = 2
     colour_aug: float = 0.5
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
