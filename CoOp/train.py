@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from dassl.config import add_coop_config, cfg_to_dict, get_cfg_default
+from dassl.config import COMPAT_KEYS, add_coop_config, cfg_to_dict, clean_cfg, get_cfg_default
+from dassl.config.checks import check_ignored_keys, trainer_node
 from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
 from dassl.engine.protocol import protocol_block
@@ -43,14 +44,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=str, default="", help="checkpoint directory to resume from "
                         "(default: the output directory itself)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (0 is valid; <0 = no seeding)")
-    parser.add_argument("--source-domains", type=str, nargs="+", help="source domains (DA/DG)")
-    parser.add_argument("--target-domains", type=str, nargs="+", help="target domains (DA/DG)")
     parser.add_argument("--transforms", type=str, nargs="+", help="training data augmentation")
     parser.add_argument("--config-file", type=str, default="", help="trainer config file")
     parser.add_argument("--dataset-config-file", type=str, default="", help="dataset config file")
     parser.add_argument("--trainer", type=str, default="", help="trainer name (e.g. CRoFT, CoOp, ZeroshotCLIP)")
     parser.add_argument("--backbone", type=str, default="", help="CLIP backbone name (e.g. RN50, ViT-B/16)")
-    parser.add_argument("--head", type=str, default="", help="name of head")
     parser.add_argument("--device", type=str, default="", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--eval-only", action="store_true", help="evaluation only")
     parser.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only")
@@ -89,18 +87,12 @@ def reset_cfg(cfg: Any, args: argparse.Namespace) -> None:
         cfg.RESUME = args.resume
     if args.seed is not None:
         cfg.SEED = args.seed
-    if args.source_domains:
-        cfg.DATASET.SOURCE_DOMAINS = args.source_domains
-    if args.target_domains:
-        cfg.DATASET.TARGET_DOMAINS = args.target_domains
     if args.transforms:
         cfg.INPUT.TRANSFORMS = args.transforms
     if args.trainer:
         cfg.TRAINER.NAME = args.trainer
     if args.backbone:
         cfg.MODEL.BACKBONE.NAME = args.backbone
-    if args.head:
-        cfg.MODEL.HEAD.NAME = args.head
     if args.device:
         cfg.DEVICE = args.device
 
@@ -140,6 +132,7 @@ def coerce_numbers(cfg: Any, opts: list[str]) -> list[str]:
 def setup_cfg(args: argparse.Namespace) -> Any:
     cfg = get_cfg_default()
     extend_cfg(cfg)
+    defaults = cfg.clone()
     for path, what in ((args.dataset_config_file, "dataset config"), (args.config_file, "trainer config")):
         if path:
             if not os.path.isfile(path):
@@ -154,8 +147,10 @@ def setup_cfg(args: argparse.Namespace) -> Any:
     _merge(lambda: cfg.merge_from_list(coerce_numbers(cfg, opts)), "override")
     if not cfg.TRAINER.NAME:
         raise ConfigError("no trainer given: use --trainer NAME")
-    TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # fail early with suggestions
+    node = trainer_node(TRAINER_REGISTRY.get(cfg.TRAINER.NAME), cfg.TRAINER.NAME)  # fails early with suggestions
     validate_cfg(cfg)  # value ranges of the engine and of this trainer (one line naming key and range)
+    check_ignored_keys(cfg, defaults, node, cfg.TRAINER.NAME, exempt=COMPAT_KEYS)
+    clean_cfg(cfg, node)  # config.yaml / record.json hold only the running trainer's node
     cfg.freeze()
     return cfg
 
@@ -239,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         else:
             metrics = {}
         record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
+        record.data["timings"]["encoder_images"] = int(getattr(trainer, "encoder_images", 0))
         for section, values in metrics.items():
             record.add_metrics(section, values)
         if args.eval_only or not args.no_train:

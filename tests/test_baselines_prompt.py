@@ -382,3 +382,11 @@ def test_cli_train_then_eval_only(name, data_root, tmp_path):
     for score in ("energy", "mcm", "knn"):
         assert 0 <= ood[score]["auroc"] <= 1 and ood[score]["num_ood"] > 0
     assert "OODD_FPR95:" in open(os.path.join(ev, "log.txt")).read()
+
+
+def test_only_prompt_trainers_drop_token_buffers_when_loading():
+    from dassl.engine.trainer import TrainerBase
+    from trainers.prompt_trainer import PromptCLIPTrainer
+
+    assert TrainerBase().load_model_drop_keys() == set()
+    assert PromptCLIPTrainer.load_model_drop_keys(None) == {"token_prefix", "token_suffix"}

@@ -3,7 +3,9 @@
 Every case of ``fixtures/croft_reference.npz`` is replayed through our Adapter / OODImgGen / croft_train_step
 with two torch SGD optimisers, and every stored array (forward outputs, loss pieces, G, Cg, per-update losses,
 raw gradients and weights, evaluation logits) is compared with the norm-wise relative error
-``max|a - b| / max|ref|``: <= 1e-9 in float64 and <= 1e-5 in float32.
+``max|a - b| / max|ref|``: <= 1e-9 in float64 and <= 1e-5 in float32. ``iter_acc`` is compared at the float32
+tolerance in both, because the official code computes batch accuracy in float32. Every size (iterations, batch,
+D, C, updates per iteration) is read from the fixture, so any fixture recorded by the official harness works.
 
 The mutation tests show the comparison is sensitive: each named fix, a swapped EDR reduction, flipped
 transposes, another weight decay and dropping the normalisation epsilon all move the replay away from the
@@ -143,8 +145,16 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return err if np.isfinite(err) else float("inf")
 
 
+FLOAT32_ONLY = {"iter_acc"}  # computed in float32 by the official code
+
+
 def deviations(case: str, res: dict[str, np.ndarray]) -> dict[str, float]:
     return {name: rel_err(res[name], _arr(case, name)) for name in COMPARED}
+
+
+def off_golden(case: str, res: dict[str, np.ndarray], tol: float) -> dict[str, float]:
+    """Arrays whose deviation exceeds ``tol`` (the float32 tolerance for arrays the official code kept in fp32)."""
+    return {k: v for k, v in deviations(case, res).items() if not v <= (max(tol, TOL32) if k in FLOAT32_ONLY else tol)}
 
 
 def worst(case: str, res: dict[str, np.ndarray]) -> tuple[str, float]:
@@ -167,6 +177,11 @@ def worst_dev(case: str, **kw: Any) -> float:
 def test_fixture_covers_expected_cases():
     assert str(_DATA["meta__dtype"]) == "float64"
     assert len(CASES) >= 5
+    # the settings the tests below rely on: both EDR branches and reductions, gen_step 0 and > 0, rho_t = 0
+    assert {str(_arr(c, "edr_branch")) for c in CASES} == {"A", "B"}
+    assert set(REDUCTION_NAMES) == {str(_arr(c, "l2_reduction")) for c in CASES}
+    assert {int(_arr(c, "gen_step")) == 0 for c in CASES} == {True, False}
+    assert any(float(_arr(c, "ratio_text")) == 0.0 for c in CASES)
     for case in CASES:
         U = _arr(case, "upd_loss").shape[0]
         assert U == _arr(case, "X_train").shape[0] * (int(_arr(case, "gen_step")) + 1)
@@ -176,27 +191,23 @@ def test_fixture_covers_expected_cases():
 @pytest.mark.parametrize("case", CASES)
 def test_parity_float64(case):
     res = replay(case, torch.float64)
-    devs = deviations(case, res)
-    bad = {k: v for k, v in devs.items() if not v <= TOL64}
+    bad = off_golden(case, res, TOL64)
     assert not bad, f"{case}: arrays off the golden (norm-wise rel. err > {TOL64}): {bad}"
     # bookkeeping arrays must match exactly
     assert np.array_equal(res["upd_is_main"], _arr(case, "upd_is_main"))
-    assert np.array_equal(res["iter_acc"], _arr(case, "iter_acc"))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_parity_float32(case):
     res = replay(case, torch.float32)
-    devs = deviations(case, res)
-    bad = {k: v for k, v in devs.items() if not v <= TOL32}
+    bad = off_golden(case, res, TOL32)
     assert not bad, f"{case}: float32 arrays off the golden (norm-wise rel. err > {TOL32}): {bad}"
 
 
 def test_vlcs_text_adapter_gets_zero_but_materialised_grads():
     # rho_t = 0: W_t receives exactly zero gradients, yet weight decay/momentum still move it (needs a grad tensor)
     case = next((c for c in CASES if float(_arr(c, "ratio_text")) == 0.0), None)
-    if case is None:
-        pytest.skip("no case with ratio_text = 0")
+    assert case is not None, "the fixture has no case with ratio_text = 0 (the official VLCS evaluation setting)"
     res = replay(case)
     assert np.all(res["upd_grad_fc_t"] == 0.0)
     assert not np.allclose(res["fc_t"][-1], np.eye(res["fc_t"].shape[-1]))
@@ -242,9 +253,10 @@ def test_each_named_fix_departs_from_official(fix):
 
 
 def test_fix_fresh_activations_is_noop_without_generator_steps():
-    for c in CASES:
-        if int(_arr(c, "gen_step")) == 0:
-            assert worst_dev(c, fix_fresh_activations=True) <= TOL64
+    without = [c for c in CASES if int(_arr(c, "gen_step")) == 0]
+    assert without, "the fixture has no gen_step = 0 case (official PACS rn50)"
+    for c in without:
+        assert worst_dev(c, fix_fresh_activations=True) <= TOL64
 
 
 @pytest.mark.parametrize("case", CASES)

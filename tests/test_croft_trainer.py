@@ -11,7 +11,8 @@ from helpers import COOP, TINY, cli_args, load_fixture, run_cli
 from synthetic import write_lodo_tree
 from synthetic_openset import write_all_openset
 
-REDUCTIONS = {"mean_of_squares_of_grad_of_sum": "sum_meansq", "sum_of_squares_of_grad_of_mean": "mean_sumsq"}
+# the fixture's EDR reduction -> the CRoFT semantics row that selects it ("auto": PACS -> setup2, VLCS -> setup2_vlcs)
+SEMANTICS_OF = {"mean_of_squares_of_grad_of_sum": "setup1", "sum_of_squares_of_grad_of_mean": "auto"}
 CONFIGS = {"rn50_ep30.yaml": "configs/trainers/CRoFT/rn50_ep30.yaml",
            "ViT_ep30.yaml": "configs/trainers/CRoFT/ViT_ep30.yaml"}
 
@@ -49,8 +50,7 @@ def test_dataset_configs_select_official_semantics(data_root):
     assert vlcs.opts.effective_branch == "B"       # the official code never feeds Cg to EDR on VLCS
     g0 = build(data_root, "PACS", extra=["TRAINER.CRoFT.gen_step", "0"])
     assert g0.opts.effective_branch == "B"
-    ens = build(data_root, "PACS", extra=["TRAINER.CRoFT.TEXT_PROMPTS", "ensemble7",
-                                          "TRAINER.CRoFT.EDR_REDUCTION", "sum_meansq"])
+    ens = build(data_root, "PACS", extra=["TRAINER.CRoFT.SEMANTICS", "setup1"])
     assert torch.allclose(ens.text_feats.norm(dim=-1), torch.ones(3), atol=1e-5)   # ensemble is unit-norm
     assert ens.opts.edr_reduction == "sum_meansq"
     assert sorted(pacs.get_model_names()) == ["clip_adapter", "generator"]
@@ -60,8 +60,16 @@ def test_dataset_configs_select_official_semantics(data_root):
     assert fixed.cfg.OPTIM.WEIGHT_DECAY == 5e-4 and fixed.cfg.DATALOADER.OOD_TEST.TRANSFORM == "test"
 
 
+TRAINER_CASES = ["pacs_g0", "pacs_vit_g1", "vlcs_g5", "in46_g1"]  # in46_1shot_g10 (10 generator steps): core test
+
+
+def test_fixture_has_the_trainer_cases():
+    fx = load_fixture()
+    assert set(TRAINER_CASES) <= {str(c) for c in fx["meta__case_keys"]}
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
-@pytest.mark.parametrize("case", ["pacs_g0", "pacs_vit_g1", "vlcs_g5", "in46_g1"])
+@pytest.mark.parametrize("case", TRAINER_CASES)
 def test_trainer_reproduces_golden_updates(data_root, case):
     """The real trainer (config-built optimisers, schedulers, forward_backward) replays the fixture in float32."""
     from trainers.croft_core import Adapter, OODImgGen
@@ -73,7 +81,7 @@ def test_trainer_reproduces_golden_updates(data_root, case):
     extra = ["TRAINER.CRoFT.gen_step", str(int(g("gen_step"))), "TRAINER.CRoFT.lambda1", str(float(g("lambda1"))),
              "TRAINER.CRoFT.lambda2", str(float(g("lambda2"))), "TRAINER.CRoFT.ratio", str(float(g("ratio"))),
              "TRAINER.CRoFT.ratio_text", str(float(g("ratio_text"))),
-             "TRAINER.CRoFT.EDR_REDUCTION", REDUCTIONS[str(g("l2_reduction"))]]
+             "TRAINER.CRoFT.SEMANTICS", SEMANTICS_OF[str(g("l2_reduction"))]]
     tr = build(data_root, dataset, CONFIGS[str(g("trainer_config"))], extra)
     assert tr.opts.effective_branch == str(g("edr_branch"))
     D = g("T").shape[1]
@@ -90,10 +98,11 @@ def test_trainer_reproduces_golden_updates(data_root, case):
     tr.feature_provider = lambda images, batch: xs[batch["index"]]
     tr.update_lr()                       # end of the warm-up epoch, as in the fixture harness
     assert tr.get_current_lr() == pytest.approx(float(g("lr_used")[0]))
-    tr.num_batches, tr.epoch = 3, 1
-    for it in range(3):
+    n_iter, n_batch = g("X_train").shape[:2]   # every size from the fixture
+    tr.num_batches, tr.epoch = n_iter, 1
+    for it in range(n_iter):
         tr.batch_idx = it
-        batch = {"img": torch.zeros(8, 3, 2, 2), "label": torch.tensor(g("y_train")[it]), "index": it}
+        batch = {"img": torch.zeros(n_batch, 3, 2, 2), "label": torch.tensor(g("y_train")[it]), "index": it}
         tr.forward_backward(batch)
         for name, param in (("fc_i", tr.adapter.fc_i), ("fc_t", tr.adapter.fc_t),
                             ("img2img_cov", tr.generator.img2img_cov)):

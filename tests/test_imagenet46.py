@@ -241,6 +241,7 @@ def test_config_hook_and_yaml_files():
     add_setup1_config(cfg)  # idempotent, keeps values
     assert cfg.TEST_OOD == "imagenet_a"
     import train
+    from trainers.croft import dataset_semantics
 
     coop = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "CoOp")
     for name, ds_name in (("imagenet46.yaml", "ImageNet46"), ("imagenetood46.yaml", "ImageNetOOD46")):
@@ -249,6 +250,5 @@ def test_config_hook_and_yaml_files():
         add_setup1_config(cfg)
         cfg.merge_from_file(os.path.join(coop, "configs", "datasets", name))
         assert cfg.DATASET.NAME == ds_name
-        assert cfg.TRAINER.CRoFT.TEXT_PROMPTS == "ensemble7"
-        assert cfg.TRAINER.CRoFT.EDR_REDUCTION == "sum_meansq"
+        assert dataset_semantics(cfg)[1] == ("ensemble7", "sum_meansq", True)
         assert cfg.TEST.OOD_ID_SPLIT == "val"

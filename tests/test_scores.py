@@ -113,3 +113,13 @@ def test_a_new_score_is_one_registered_function(monkeypatch):
     assert "maxlogit" in S.score_names() and check_score_names(["maxlogit"]) == ["maxlogit"]
     got = S.compute_score("maxlogit", S.ScoreInputs(logits=torch.tensor([[1.0, 4.0], [3.0, -1.0]])))
     assert got.tolist() == [4.0, 3.0]
+
+
+def test_the_one_id_filter():
+    from dassl.engine.ood_eval import id_keep_mask
+
+    logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0]])
+    labels = np.array([0, 0, 0])
+    assert id_keep_mask(logits, labels, True).tolist() == [True, False, True]
+    assert id_keep_mask(logits, labels, False).tolist() == [True, True, True]
+    assert id_keep_mask(logits, np.array([1, 0, 1]), True).tolist() == [True, True, True]  # none correct: all

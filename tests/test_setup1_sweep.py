@@ -36,8 +36,8 @@ def test_setup1_runs_and_records(sweep):
     base = sweep
     train_dir = base / "output" / "CRoFT" / "imagenet46_ViT_ep30_l1-5_l2-5_r0.2_rt0.5_g1" / "seed1" / "shots2"
     rec = json.loads((train_dir / "record.json").read_text())
-    assert rec["dataset"] == "ImageNet46" and rec["config"]["TRAINER"]["CRoFT"]["TEXT_PROMPTS"] == "ensemble7"
-    assert rec["config"]["TRAINER"]["CRoFT"]["EDR_REDUCTION"] == "sum_meansq"
+    assert rec["dataset"] == "ImageNet46" and rec["config"]["TRAINER"]["CRoFT"]["SEMANTICS"] == "auto"
+    assert "CRoFT dataset semantics: setup1" in (train_dir / "log.txt").read_text()
     split = json.loads((train_dir / "class_split.json").read_text())
     assert split["seed"] == 1 and len(split["class_split"]) == 8 and len(split["id_wnids"]) == 8
     ev = (base / "eval" / "CRoFT" / "imagenetood46_ViT_ep30_l1-5_l2-5_r0.2_rt0.5_g1" / "shots2" / "imagenet_a" /

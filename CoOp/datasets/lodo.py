@@ -15,11 +15,13 @@ held-out domain, ``train``/``val`` come from the source domains. The domain of a
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
 from dassl.data.datasets.checks import check_split_lists
+from dassl.utils import resources
 from dassl.utils.errors import ConfigError, DataError
 from dassl.utils.tools import listdir_nohidden, read_json
 
@@ -55,7 +57,7 @@ class LODODataset(DatasetBase):
         num_shots = cfg.DATASET.NUM_SHOTS
         train_x = self.sample_train(train, num_shots, cfg.DATASET.FEWSHOT_SAMPLER)
         val = self.generate_fewshot_dataset(val, num_shots=num_shots)
-        super().__init__(train_x=train_x, val=val, test=test, ood_test=self.build_ood_test(cfg))
+        super().__init__(train_x=train_x, val=val, test=test)  # open-set splits: datasets.openset
         self.set_label_space(list(train) + list(test))
 
     def set_label_space(self, id_items: list[Datum]) -> None:
@@ -87,13 +89,20 @@ class LODODataset(DatasetBase):
         folders = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir, sort=True))]
         official = list(self.official_domain_order or folders)
         self.domain_list = official if self.domain_match == "substring" else folders
+        st = os.stat(self.split_path)
+        key = ("lodo_splits", type(self).__name__, self.split_path, st.st_size, st.st_mtime_ns, self.image_dir,
+               self.domain_match, tuple(self.domain_list))
+        lists = copy.deepcopy(resources.memo(key, self._read_checked_lists))  # once per sweep worker
+        return lists["train"], lists["val"], lists["test"]
+
+    def _read_checked_lists(self) -> dict[str, list[Datum]]:
         split = read_json(self.split_path)
         for key in ("train", "val", "test"):
             if key not in split:
                 raise DataError(f"split file {self.split_path} has no {key!r} list")
         lists = {key: self.read_items(split[key]) for key in ("train", "val", "test")}
         check_split_lists(lists, self.split_path, base=self.image_dir, disjoint=True)
-        return lists["train"], lists["val"], lists["test"]
+        return lists
 
     def split_files(self) -> list[str]:
         root = getattr(self, "dataset_root", "")
@@ -140,11 +149,6 @@ class LODODataset(DatasetBase):
         if sampler == "official" and self.official_sampler == "balance" and num_shots > 4:
             return self.generate_fewshot_dataset_balance(train, num_shots=num_shots)
         return self.generate_fewshot_dataset(train, num_shots=num_shots)
-
-    def build_ood_test(self, cfg: Any) -> list[Datum]:
-        """Open-set OOD split; empty for training datasets (the ``<ID>_<OOD>`` evaluation classes override)."""
-        return []
-
 
 @DATASET_REGISTRY.register()
 class PACS(LODODataset):

@@ -176,10 +176,6 @@ class LODOOpenSet(LODODataset):
         return read_coop_split(self.ood_image_dir, self.ood_split_path, exclude=self.ood_exclude,
                                domain=-1, domainname=self.ood_folder)
 
-    def build_ood_test(self, cfg: Any) -> list[Datum]:
-        return self.read_ood(cfg)
-
-
 # ------------------------------------------------------------------------------------------------ PACS
 @DATASET_REGISTRY.register()
 class PACS_DTD(LODOOpenSet):

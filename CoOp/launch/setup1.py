@@ -20,7 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from launch import official
-from launch.setup2 import OUTPUT_ROOT, common_overrides, config_path, dataset_config
+from launch.setup2 import common_overrides, config_path, dataset_config
 from launch.sweep import Job, add_launcher_args, plan_sweep, sweep_main
 
 TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
@@ -37,7 +37,7 @@ def settings(trainer: str, shots: int, args: argparse.Namespace) -> list[tuple[s
 
 def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
-    out_root = os.path.join(args.output_root, OUTPUT_ROOT.get(trainer, trainer))
+    out_root = os.path.join(args.output_root, trainer)
     prot = official.protocol(trainer, 1)
     for cfg, shots in itertools.product(args.cfgs or prot.cfgs, args.shots or prot.shots):
         for (tag, overrides), seed in itertools.product(settings(trainer, shots, args), args.seeds):
@@ -56,7 +56,7 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
 
 def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
-    eval_root = os.path.join(args.eval_root, OUTPUT_ROOT.get(trainer, trainer))
+    eval_root = os.path.join(args.eval_root, trainer)
     prot = official.protocol(trainer, 1)
     for tj in train_jobs(args, trainer):
         lab = tj.labels
@@ -69,7 +69,8 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config("imagenetood46"),
                     "--config-file", config_path(trainer, lab["cfg"]), "--output-dir", out, "--eval-only",
-                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, "TEST_OOD", test_set]
+                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, *common_overrides(args),
+                    "TEST_OOD", test_set]  # the user's overrides win over the official evaluation values
             labels = dict(lab, kind="eval", domain=test_set, ood="ImageNet-600", train_dir=tj.output_dir)
             jobs.append(Job(f"{trainer}/{group}/shots{lab['shots']}/{test_set}/seed{lab['seed']}", out, argv,
                             labels))

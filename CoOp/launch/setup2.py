@@ -31,7 +31,6 @@ OFFICIAL_DOMAINS = {
     "VLCS": ["labelme", "sun", "pascal", "caltech"],
 }
 OFFICIAL_OOD = ["DTD", "Food101", "Caltech101"]
-OUTPUT_ROOT = {"CoOp": "COOP", "CoCoOp": "COCOOP"}
 
 
 def discover_domains(root: str, dataset: str) -> list[str]:
@@ -88,7 +87,7 @@ def dataset_config(name: str) -> str:
 
 def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
-    out_root = os.path.join(args.output_root, OUTPUT_ROOT.get(trainer, trainer))
+    out_root = os.path.join(args.output_root, trainer)  # output/<trainer name>, as configs/ and scripts/
     prot = official.protocol(trainer, 2)
     shots = args.shots or prot.shots[0]
     for dataset, cfg in itertools.product(args.datasets, args.cfgs or prot.cfgs):
@@ -111,7 +110,7 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
 
 def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
-    eval_root = os.path.join(args.eval_root, OUTPUT_ROOT.get(trainer, trainer))
+    eval_root = os.path.join(args.eval_root, trainer)
     prot = official.protocol(trainer, 2)
     wanted = {(ds, cfg, tag.lstrip("_")) for ds in args.datasets for cfg in (args.cfgs or prot.cfgs)
               for tag, _, _ in settings(trainer, ds, cfg, args, evaluate=True)}
@@ -132,7 +131,7 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config(name), "--config-file", config_path(trainer, lab["cfg"]),
                     "--output-dir", out, "--eval-only", "--model-dir", tj.output_dir, "TEST_ENV", env,
-                    *tj.argv[tj.argv.index("TEST_ENV") + 2:], *extra]
+                    *tj.argv[tj.argv.index("TEST_ENV") + 2:], *extra, *common_overrides(args)]  # user's win
             labels = dict(lab, kind="eval", ood=ood, train_dir=tj.output_dir)
             jobs.append(Job(f"{trainer}/{group}/{env}/seed{lab['seed']}", out, _drop_shots(argv), labels))
     return jobs

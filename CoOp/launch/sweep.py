@@ -2,8 +2,9 @@
 
 Jobs are executed by a launcher chosen by name (:mod:`launch.launchers`: ``workers``, the default persistent
 worker processes; ``process``, one ``python train.py`` per job; ``inprocess``; plug-ins such as ``slurm``).
-A failing job never stops the sweep; failures are listed at the end and the exit code is non-zero. Every sweep writes a manifest (``<output_root>/sweeps/<name>.json``) naming all
-planned run directories, so collectors can report missing runs by name.
+A failing job never stops the sweep; failures are listed at the end and the exit code is non-zero. Every sweep
+writes a manifest (``<output_root>/sweeps/<name>.json``) naming all planned run directories, so collectors can
+report missing runs by name.
 """
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-COOP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if COOP_DIR not in sys.path:
-    sys.path.insert(0, COOP_DIR)
-
-from dassl.utils.tools import atomic_write_json, read_json  # noqa: E402
-from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args, make_launcher  # noqa: E402,F401
+from dassl.utils.tools import atomic_write_json, read_json
+from launch.entry import COOP_DIR
+from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args, make_launcher  # noqa: F401
 
 
 @dataclass
@@ -65,8 +63,9 @@ def read_manifests(output_root: str) -> list[dict[str, Any]]:
 
 def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int = 1,
              devices: Optional[Sequence[str]] = None, dry_run: bool = False, quiet: bool = True,
-             retry: bool = False, sweep_dir: str = "", args: Any = None) -> int:
-    """Run the unfinished jobs with the named launcher (:mod:`launch.launchers`); return the number of failures."""
+             retry: bool = False, sweep_dir: str = "", args: Any = None, runner: Any = None) -> int:
+    """Run the unfinished jobs with the named launcher (:mod:`launch.launchers`), or with ``runner`` (a launcher
+    instance that may be reused across calls); return the number of failures."""
     todo = [j for j in jobs if not j.done()]
     print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
     if dry_run:
@@ -78,7 +77,7 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
         return 0
     options = LaunchOptions(jobs=max(1, num_workers), devices=list(devices) if devices else None, quiet=quiet,
                             retry=retry, sweep_dir=sweep_dir, args=args if args is not None else argparse.Namespace())
-    runner = make_launcher(launcher, options)
+    runner = runner or make_launcher(launcher, options)
     failures: list[tuple[str, str]] = []
     try:
         from tqdm import tqdm

@@ -1,7 +1,7 @@
 """Persistent worker processes: the default launcher (``--launcher workers --jobs N``).
 
-Each worker is a fresh interpreter (multiprocessing ``spawn``) that imports the code once, keeps loaded CLIP
-weights and opened feature stores in memory (:mod:`dassl.engine.resources`) and runs job after job with
+Each worker is a fresh interpreter (multiprocessing ``spawn``) that imports the code once, keeps the checked
+split lists of the datasets it has read in memory (:mod:`dassl.utils.resources`) and runs job after job with
 ``train.main``: every job still gets a fresh config, trainer, seed and ``log.txt``, and the environment
 variables a job changes are restored. A job that crashes the interpreter or is killed takes down only its
 worker: the job is reported as failed (or run once more with ``--retry``) and a new worker takes the slot.
@@ -43,8 +43,10 @@ def worker_main(conn: Connection, parent_pid: int, device: Optional[str], thread
     import torch
 
     torch.set_num_threads(max(1, threads))
-    import train  # noqa: F401  (imports paid once per worker)
-    from dassl.engine import resources
+    from launch.entry import train_module
+
+    train_module()  # imports paid once per worker
+    from dassl.utils import resources
     from launch.sweep import Job
 
     resources.enable()
@@ -101,11 +103,20 @@ class WorkerLauncher(Launcher):
         threads = max(1, (os.cpu_count() or 1) // n)
         return _Worker(ctx, slot, devs[slot % len(devs)] if devs else None, threads, self.options.quiet)
 
+    keep_alive = False  # True: workers outlive run() (several sweeps through one pool); close() stops them
+    _pool: Optional[list[_Worker]] = None
+
+    def close(self) -> None:
+        for w in self._pool or []:
+            w.stop()
+        self._pool = None
+
     def run(self, jobs: list[Any], report: Report) -> None:
-        n = max(1, min(self.options.jobs, len(jobs)))
+        n = max(1, self.options.jobs if self.keep_alive else min(self.options.jobs, len(jobs)))
         ctx = mp.get_context("spawn")
         pending = deque((job, 0) for job in jobs)
-        workers = [self._spawn(ctx, i, n) for i in range(n)]
+        workers = self._pool or [self._spawn(ctx, i, n) for i in range(n)]
+        self._pool = workers
         try:
             while pending or any(w.job is not None for w in workers):
                 for w in workers:
@@ -129,8 +140,8 @@ class WorkerLauncher(Launcher):
                     else:
                         report(job, ok, str(msg))
         finally:
-            for w in workers:
-                w.stop()
+            if not self.keep_alive:
+                self.close()
 
     @staticmethod
     def _poll(w: _Worker) -> Optional[tuple[bool, Any]]:

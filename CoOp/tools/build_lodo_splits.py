@@ -46,14 +46,15 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from typing import Any, Callable, Optional
 
 _COOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _COOP not in sys.path:
     sys.path.insert(0, _COOP)
 
+from datasets.lodo import PACS, VLCS  # noqa: E402
 from dassl.utils.errors import ConfigError, DataError, UserError  # noqa: E402
+from dassl.utils.tools import atomic_write_bytes  # noqa: E402
 
 BUILDER = "tools/build_lodo_splits.py"
 BUILDER_VERSION = 1
@@ -62,10 +63,10 @@ LINK_MODES = ("symlink", "copy", "none")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MANIFEST = "splits_manifest.json"
 
-# folder under --root, canonical domains (= datasets/lodo.py), accepted raw folder aliases (lower-case)
+# folder under --root, canonical domains (from datasets/lodo.py), accepted raw folder aliases (lower-case)
 DATASETS: dict[str, dict[str, Any]] = {
-    "PACS": {"folder": "PACS", "domains": ["art_painting", "cartoon", "photo", "sketch"], "aliases": {}},
-    "VLCS": {"folder": "VLCS", "domains": ["caltech", "labelme", "pascal", "sun"],
+    "PACS": {"folder": "PACS", "domains": list(PACS.domains), "aliases": {}},
+    "VLCS": {"folder": "VLCS", "domains": list(VLCS.domains),
              "aliases": {"caltech101": "caltech", "sun09": "sun", "voc2007": "pascal"}},
 }
 
@@ -88,22 +89,6 @@ def _is_image(name: str) -> bool:
 
 def _dirs(path: str) -> list[str]:
     return sorted(e for e in os.listdir(path) if not e.startswith(".") and os.path.isdir(os.path.join(path, e)))
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _layout_hint(dataset: str) -> str:
@@ -295,7 +280,7 @@ def build_splits(dataset: str, raw: str, root: str, val_fraction: float = DEFAUL
         placed = place_images(raw, image_dir, found, dest_domain, files, link, force)
     for fname, data in payload.items():
         if fname not in unchanged:
-            _atomic_write(os.path.join(ds_dir, fname), data)
+            atomic_write_bytes(os.path.join(ds_dir, fname), data)
 
     manifest = {
         "builder": BUILDER, "builder_version": BUILDER_VERSION, "dataset": dataset, "source": raw,
@@ -309,10 +294,10 @@ def build_splits(dataset: str, raw: str, root: str, val_fraction: float = DEFAUL
         "images_per_domain_class": {d: {c.lower(): len(n) for c, n in sorted(files[d].items())}
                                     for d in spec["domains"]},
         "splits": {fname: {"train": len(splits[d]["train"]), "val": len(splits[d]["val"]),
-                           "test": len(splits[d]["test"]), "sha256": _sha256_bytes(payload[fname])}
+                           "test": len(splits[d]["test"]), "sha256": hashlib.sha256(payload[fname]).hexdigest()}
                    for d, fname in ((d, f"test_on_{d}.json") for d in spec["domains"])},
     }
-    _atomic_write(os.path.join(ds_dir, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(os.path.join(ds_dir, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
     for n in notes:
         log(f"note: {n}")

@@ -25,7 +25,6 @@ from dassl.utils.errors import UserError  # noqa: E402
 
 DEFAULT = ["PACS", "VLCS", "PACS_DTD", "PACS_Food101", "PACS_Caltech101", "VLCS_DTD", "VLCS_Food101",
            "VLCS_Caltech101", "ImageNet46", "ImageNetOOD46"]
-LODO_DOMAINS = {"PACS": ["art_painting", "cartoon", "photo", "sketch"], "VLCS": ["caltech", "labelme", "pascal", "sun"]}
 
 
 def variants(name: str) -> list[tuple[str, dict]]:
@@ -38,7 +37,7 @@ def variants(name: str) -> list[tuple[str, dict]]:
         return [(name, {"DATASET.NUM_SHOTS": 16})]
     domains = getattr(cls, "domains", None)
     if domains is not None and hasattr(cls, "read_lodo_splits"):
-        doms = LODO_DOMAINS.get(getattr(cls, "dataset_dir", ""), domains) or ["?"]
+        doms = list(domains) or ["?"]
         return [(f"{name} [test_on_{d}]", {"TEST_ENV": d, "DATASET.NUM_SHOTS": 16}) for d in doms]
     return [(name, {})]
 

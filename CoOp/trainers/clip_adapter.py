@@ -60,6 +60,8 @@ def clip_adapter_logits(adapter: nn.Module, feats: torch.Tensor, text_feats: tor
 class CLIP_Adapter(FeatureHeadTrainer):
     """CLIP-Adapter: residual bottleneck adapter on frozen CLIP image features, single-template classifier."""
 
+    cfg_node = "CLIP_ADAPTER"  # the TRAINER.<node> this trainer reads
+
     CFG_RANGES = {"TRAINER.CLIP_ADAPTER.RATIO": unit("residual ratio"), "TRAINER.CLIP_ADAPTER.REDUCTION": count(1),
                   "TRAINER.CLIP_ADAPTER.PREC": PREC}
 

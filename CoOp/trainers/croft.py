@@ -6,13 +6,13 @@ schedulers registered as ``clip_adapter`` and ``generator``, and inference retur
 ``InferenceOutput(logits, features=X_hat, score, extras={"img_zs": X_zs})`` (the official ``CustomCLIP``
 returns ``[logits, X_hat, T_hat, X_zs, T_zs, score]``; the per-class ``T_hat``/``T_zs`` are not per-image).
 
-Dataset semantics are explicit keys set by the dataset configs (no dataset-name substring tests):
-``TEXT_PROMPTS`` (``single`` | ``ensemble7``), ``EDR_REDUCTION`` (``mean_sumsq`` Setup-II | ``sum_meansq``
-Setup-I) and ``EDR_USE_GENERATED`` (False for VLCS, which the official code forces to EDR branch B).
+Dataset semantics (the official code switched on dataset-name substrings) live in one table here,
+:data:`SEMANTICS` / :data:`DATASET_SEMANTICS`, chosen by the one key ``TRAINER.CRoFT.SEMANTICS`` (``auto``:
+by ``DATASET.NAME``, the official behaviour).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from yacs.config import CfgNode as CN
@@ -24,14 +24,45 @@ from dassl.utils.errors import ConfigError
 from dassl.engine.inference import InferenceOutput
 
 from .clip_common import setup_frozen_clip, single_template, text_features
-from .croft_core import EDR_REDUCTIONS, Adapter, CRoFTOptions, OODImgGen, croft_train_step, forward
+from .croft_core import Adapter, CRoFTOptions, OODImgGen, croft_train_step, forward
 
-TEXT_MODES = ("single", "ensemble7")
+
+
+class Semantics(NamedTuple):
+    """What the official code decided from the dataset name."""
+
+    text_prompts: str        # "single" (dataset template) | "ensemble7" (7 ImageNet templates)
+    edr_reduction: str       # see croft_core.EDR_REDUCTIONS
+    edr_use_generated: bool  # False: EDR never sees generated features (branch B)
+
+
+SEMANTICS = {
+    "setup2": Semantics("single", "mean_sumsq", True),
+    "setup2_vlcs": Semantics("single", "mean_sumsq", False),  # official VLCS: forced to EDR branch B
+    "setup1": Semantics("ensemble7", "sum_meansq", True),     # official "ImageNet" in the dataset name
+}
+# DATASET.NAME -> row of SEMANTICS under SEMANTICS "auto"; every other dataset: "setup2"
+DATASET_SEMANTICS = {
+    **{name: "setup2_vlcs" for name in ("VLCS", "VLCS_DTD", "VLCS_Food101", "VLCS_Caltech101")},
+    "ImageNet46": "setup1", "ImageNetOOD46": "setup1",
+}
+
+
+def dataset_semantics(cfg: Any) -> tuple[str, Semantics]:
+    """The semantics row a config selects (``TRAINER.CRoFT.SEMANTICS``; ``auto`` looks up ``DATASET.NAME``)."""
+    name = cfg.TRAINER.CRoFT.SEMANTICS
+    if name == "auto":
+        name = DATASET_SEMANTICS.get(cfg.DATASET.NAME, "setup2")
+    if name not in SEMANTICS:
+        raise ConfigError(f"TRAINER.CRoFT.SEMANTICS must be auto or one of {sorted(SEMANTICS)}, got {name!r}")
+    return name, SEMANTICS[name]
 
 
 @TRAINER_REGISTRY.register()
 class CRoFT(TrainerX):
     """Concurrent optimisation for OOD generalisation and open-set OOD detection (Zhu et al., ICML 2024)."""
+
+    cfg_node = "CRoFT"  # the TRAINER.<node> this trainer reads
 
     CFG_RANGES = {"TRAINER.CRoFT.PREC": PREC, "TRAINER.CRoFT.ratio": unit("image residual ratio"),
                   "TRAINER.CRoFT.ratio_text": unit("text residual ratio"), "TRAINER.CRoFT.lambda1": nonneg(),
@@ -47,11 +78,7 @@ class CRoFT(TrainerX):
         c.lambda2 = 5.0
         c.WCCF = True              # generator + worst-case covariate-shift losses on
         c.gen_step = 1
-        c.non_linear_adapter = False  # unused by the official code; kept for config compatibility
-        c.TEXT_ENHANCED = True        # unused by the official code; kept for config compatibility
-        c.TEXT_PROMPTS = "single"     # "single" (Setup-II datasets) | "ensemble7" (ImageNet46)
-        c.EDR_REDUCTION = "mean_sumsq"  # "mean_sumsq" (Setup-II) | "sum_meansq" (Setup-I)
-        c.EDR_USE_GENERATED = True    # False reproduces the official VLCS behaviour (EDR branch B)
+        c.SEMANTICS = "auto"       # dataset semantics row: auto (by DATASET.NAME, official) | setup2 | setup2_vlcs | setup1
         # Named fixes (all off = official behaviour; see the README)
         c.FIX_EDR_CONSISTENT = False
         c.FIX_SEPARATE_UPDATES = False
@@ -59,18 +86,14 @@ class CRoFT(TrainerX):
         c.FIX_EDR_TEMPERATURE = False
 
     def check_cfg(self, cfg: Any) -> None:
-        c = cfg.TRAINER.CRoFT
-        if c.TEXT_PROMPTS not in TEXT_MODES:
-            raise ConfigError(f"TRAINER.CRoFT.TEXT_PROMPTS must be one of {TEXT_MODES}, got {c.TEXT_PROMPTS!r}")
-        if c.EDR_REDUCTION not in EDR_REDUCTIONS:
-            raise ConfigError(f"TRAINER.CRoFT.EDR_REDUCTION must be one of {sorted(EDR_REDUCTIONS)}, "
-                              f"got {c.EDR_REDUCTION!r}")
+        dataset_semantics(cfg)
 
     def croft_options(self) -> CRoFTOptions:
         c = self.cfg.TRAINER.CRoFT
-        branch = "A" if (c.WCCF and c.gen_step > 0 and c.EDR_USE_GENERATED) else "B"
+        sem = dataset_semantics(self.cfg)[1]
+        branch = "A" if (c.WCCF and c.gen_step > 0 and sem.edr_use_generated) else "B"
         return CRoFTOptions(ratio=c.ratio, ratio_text=c.ratio_text, lambda1=c.lambda1, lambda2=c.lambda2,
-                            gen_step=c.gen_step, wccf=c.WCCF, edr_branch=branch, edr_reduction=c.EDR_REDUCTION,
+                            gen_step=c.gen_step, wccf=c.WCCF, edr_branch=branch, edr_reduction=sem.edr_reduction,
                             fix_edr_consistent=c.FIX_EDR_CONSISTENT, fix_separate_updates=c.FIX_SEPARATE_UPDATES,
                             fix_fresh_activations=c.FIX_FRESH_ACTIVATIONS,
                             fix_edr_temperature=c.FIX_EDR_TEMPERATURE)
@@ -81,8 +104,11 @@ class CRoFT(TrainerX):
         bundle, _ = setup_frozen_clip(self, c.PREC)
         classnames = self.dm.dataset.classnames
         tpl = single_template(cfg)
-        print(f"Text features: {c.TEXT_PROMPTS} ({'7 templates' if c.TEXT_PROMPTS == 'ensemble7' else repr(tpl)})")
-        self.text_feats = text_features(bundle, classnames, c.TEXT_PROMPTS, tpl, self.device).float()
+        sem_name, sem = dataset_semantics(cfg)
+        print(f"CRoFT dataset semantics: {sem_name} {sem._asdict()}")
+        print(f"Text features: {sem.text_prompts} "
+              f"({'7 templates' if sem.text_prompts == 'ensemble7' else repr(tpl)})")
+        self.text_feats = text_features(bundle, classnames, sem.text_prompts, tpl, self.device).float()
         dim = self.text_feats.shape[1]
         self.opts = self.croft_options()
         print(f"CRoFT: EDR branch {self.opts.effective_branch}, reduction {self.opts.edr_reduction}, "

@@ -42,6 +42,10 @@ class PromptCLIPTrainer(TrainerX):
     def node(self, cfg: Any = None) -> Any:
         return (cfg or self.cfg).TRAINER[self.cfg_node]
 
+    def load_model_drop_keys(self) -> set[str]:
+        """CoOp's convention: the fixed token buffers are saved but rebuilt from the class names, never loaded."""
+        return {"token_prefix", "token_suffix"}
+
     def check_cfg(self, cfg: Any) -> None:
         c = self.node(cfg)
         if c.PREC not in PROMPT_PRECISIONS:

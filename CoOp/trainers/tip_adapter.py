@@ -138,6 +138,8 @@ def _token(text: str) -> str:
 class TIP_ADAPTER(FeatureHeadTrainer):
     """Tip-Adapter-F: a learnable few-shot feature cache added to the zero-shot CLIP classifier."""
 
+    cfg_node = "TIP_ADAPTER"  # the TRAINER.<node> this trainer reads
+
     CFG_RANGES = {"TRAINER.TIP_ADAPTER.ALPHA": nonneg(), "TRAINER.TIP_ADAPTER.BETA": nonneg(),
                   "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH": count(1), "TRAINER.TIP_ADAPTER.PREC": PREC}
 
@@ -220,7 +222,7 @@ class TIP_ADAPTER(FeatureHeadTrainer):
             "precision": self.prec,
             "feature_source": source,
             "input": {"size": list(inp.SIZE), "interpolation": inp.INTERPOLATION, "transforms": list(inp.TRANSFORMS),
-                      "no_transform": bool(inp.NO_TRANSFORM), "mean": list(inp.PIXEL_MEAN),
+                      "mean": list(inp.PIXEL_MEAN),
                       "std": list(inp.PIXEL_STD), "crop_padding": inp.CROP_PADDING,
                       "rrcrop_scale": list(inp.RRCROP_SCALE)},
             "train": [[rel(d.impath), int(d.label)] for d in self.dm.dataset.train_x],

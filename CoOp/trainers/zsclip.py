@@ -23,6 +23,7 @@ from .clip_common import freeze, load_clip_to_cpu, single_template, text_feature
 class ZeroshotCLIP(TrainerX):
     """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
 
+    cfg_node = "ZSCLIP"  # the TRAINER.<node> this trainer reads
     CFG_RANGES = {"TRAINER.ZSCLIP.PREC": PREC}
 
     text_mode = "single"

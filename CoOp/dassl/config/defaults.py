@@ -1,5 +1,8 @@
 """Default configuration tree (yacs), mirroring Dassl's ``defaults.py`` for the keys this project uses.
 
+Every key here is read by the engine, a trainer or a driver (``tests/test_config_keys.py``); keys that only
+upstream Dassl/CoOp files read are added by :mod:`dassl.config.coop` (``COMPAT_KEYS``).
+
 Only two values differ from upstream Dassl, both because the official CRoFT code ships them:
 ``OPTIM.WEIGHT_DECAY = 0.1`` (Dassl: 5e-4; see ``OPTIM.WEIGHT_DECAY`` notes in the README) and the
 open-set loader transform (``DATALOADER.OOD_TEST.TRANSFORM = "train"``, the official behaviour).
@@ -18,7 +21,6 @@ _C.RESUME = ""
 _C.SEED = -1
 # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N". CPU runs always use fp32.
 _C.DEVICE = "auto"
-_C.USE_CUDA = True  # kept for config compatibility; DEVICE decides
 _C.VERBOSE = True
 # Deterministic algorithms (slower on GPU); cudnn.benchmark is off when True.
 _C.DETERMINISTIC = False
@@ -30,7 +32,6 @@ _C.INPUT = CN()
 _C.INPUT.SIZE = (224, 224)
 _C.INPUT.INTERPOLATION = "bilinear"
 _C.INPUT.TRANSFORMS = ()
-_C.INPUT.NO_TRANSFORM = False
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
 _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
 _C.INPUT.CROP_PADDING = 4
@@ -42,11 +43,8 @@ _C.INPUT.RRCROP_SCALE = (0.08, 1.0)
 _C.DATASET = CN()
 _C.DATASET.ROOT = ""
 _C.DATASET.NAME = ""
-_C.DATASET.SOURCE_DOMAINS = ()
-_C.DATASET.TARGET_DOMAINS = ()
 # -1 = use all training images; K >= 1 = K-shot per class.
 _C.DATASET.NUM_SHOTS = -1
-_C.DATASET.VAL_PERCENT = 0.1
 _C.DATASET.SUBSAMPLE_CLASSES = "all"
 # Few-shot sampler for leave-one-domain-out datasets: "official" reproduces the class-agnostic PACS
 # "balanced" sampler of the official code; "per_class_domain" draws K/#domains images per class and domain.
@@ -70,13 +68,10 @@ _C.DATASET.OOD_PER_CLASS_CAP = 100
 ###########################
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 0
-_C.DATALOADER.K_TRANSFORMS = 1
-_C.DATALOADER.RETURN_IMG0 = False
 _C.DATALOADER.TRAIN_X = CN()
 _C.DATALOADER.TRAIN_X.SAMPLER = "RandomSampler"
 _C.DATALOADER.TRAIN_X.BATCH_SIZE = 32
 _C.DATALOADER.TEST = CN()
-_C.DATALOADER.TEST.SAMPLER = "SequentialSampler"
 _C.DATALOADER.TEST.BATCH_SIZE = 32
 _C.DATALOADER.OOD_TEST = CN()
 # Transform applied to open-set (ood_test) images: "train" reproduces the official code (random resized
@@ -95,15 +90,11 @@ _C.FEATURE_CACHE.TRAIN_VIEWS = 10  # pre-computed augmented views per training i
 # Model
 ###########################
 _C.MODEL = CN()
-_C.MODEL.INIT_WEIGHTS = ""
 _C.MODEL.BACKBONE = CN()
 _C.MODEL.BACKBONE.NAME = ""
 # Local CLIP weights: OpenAI TorchScript .pt, a plain state dict, or an open_clip checkpoint. Empty: look
 # in ~/.cache/clip/<name>.pt (where OpenAI's loader keeps them). Nothing is ever downloaded.
 _C.MODEL.BACKBONE.WEIGHTS = ""
-_C.MODEL.BACKBONE.PRETRAINED = True
-_C.MODEL.HEAD = CN()
-_C.MODEL.HEAD.NAME = ""
 
 ###########################
 # Optimization
@@ -135,7 +126,6 @@ _C.TRAIN = CN()
 # 0: save only the last epoch (and best-val when TEST.FINAL_MODEL = best_val)
 _C.TRAIN.CHECKPOINT_FREQ = 0
 _C.TRAIN.PRINT_FREQ = 10
-_C.TRAIN.COUNT_ITER = "train_x"
 _C.TRAIN.TENSORBOARD = False
 
 ###########################
@@ -143,8 +133,6 @@ _C.TRAIN.TENSORBOARD = False
 ###########################
 _C.TEST = CN()
 _C.TEST.EVALUATOR = "Classification"
-_C.TEST.PER_CLASS_RESULT = False
-_C.TEST.COMPUTE_CMAT = False
 _C.TEST.NO_TEST = False
 _C.TEST.SPLIT = "test"
 # "best_val" (official) or "last_step"
@@ -162,6 +150,8 @@ _C.TEST.OOD_ID_CORRECT_ONLY = True
 _C.TEST.KNN_ID_CORRECT_ONLY = False
 # Save per-sample scores/features (.npz) and the energy-distribution PNG in evaluation runs.
 _C.TEST.SAVE_SCORES = True
+# With SAVE_SCORES: also draw energy_hist.png (False saves the matplotlib time of every evaluation run in sweeps).
+_C.TEST.SAVE_PLOTS = True
 
 ###########################
 # Trainer specifics
@@ -184,11 +174,11 @@ def get_cfg_default() -> CN:
     return _C.clone()
 
 
-def clean_cfg(cfg: CN, trainer: str) -> None:
-    """Drop the TRAINER.<X> sub-nodes of other trainers (keeps dumped configs readable)."""
+def clean_cfg(cfg: CN, node: str) -> None:
+    """Drop the TRAINER.<X> sub-nodes other than ``node`` (the running trainer's), so ``config.yaml`` holds only it."""
     keys = list(cfg.TRAINER.keys())
     for key in keys:
-        if key == "NAME" or key.upper() == trainer.upper():
+        if key == "NAME" or key.upper() == node.upper():
             continue
         if isinstance(cfg.TRAINER[key], CN):
             cfg.TRAINER.pop(key, None)

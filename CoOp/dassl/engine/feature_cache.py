@@ -138,6 +138,7 @@ class FeatureCache:
         with torch.random.fork_rng(devices=[]):
             for images, paths in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
                 feats_new.append(tr.image_encoder(images.to(tr.device, dtype=dtype)).float().cpu())
+                tr.encoder_images += len(images)
                 paths_new.extend(paths)
                 if len(paths_new) >= FLUSH_ROWS:
                     store.add(paths_new, torch.cat(feats_new))

@@ -44,6 +44,18 @@ def check_score_names(names: Any) -> list[str]:
     return names
 
 
+def id_keep_mask(logits: np.ndarray, labels: np.ndarray, only_correct: bool) -> np.ndarray:
+    """Which ID images count in detection: the correctly classified ones when ``only_correct`` (official
+    evaluator), else all; all, with a warning, when none is correct. The one ID filter of runs and KNN sweeps."""
+    keep = np.ones(len(labels), dtype=bool)
+    if only_correct:
+        keep = np.asarray(logits).argmax(1) == np.asarray(labels)
+        if not keep.any():
+            print("WARNING: no correctly classified ID image; using all ID images for detection")
+            keep[:] = True
+    return keep
+
+
 def run_evaluation(trainer: Any) -> dict[str, Any]:
     """Evaluate a loaded trainer; return the metrics dict stored in the run record."""
     cfg = trainer.cfg
@@ -55,10 +67,6 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     if trainer.val_loader is not None and "val" not in outs:
         outs["val"] = trainer.collect_outputs("val")
     id_out = outs[id_split]
-    correct = id_out["logits"].argmax(1) == id_out["labels"]
-    if not correct.any():
-        print("WARNING: no correctly classified ID image; using all ID images for detection")
-        correct[:] = True
     names = check_score_names(cfg.TEST.OOD_SCORES)
     has_feats = all("features" in o for o in outs.values()) and "val" in outs
     bank = outs["val"]["features"] if has_feats else None
@@ -78,7 +86,7 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
         per_split = {split: compute_score(name, inp) for split, inp in inputs.items()}
         all_scores[name] = per_split
         only_correct = bool(cfg.TEST.KNN_ID_CORRECT_ONLY if name == "knn" else cfg.TEST.OOD_ID_CORRECT_ONLY)
-        keep = correct if only_correct else np.ones(len(correct), dtype=bool)
+        keep = id_keep_mask(id_out["logits"], id_out["labels"], only_correct)
         id_scores = per_split[id_split][keep]
         threshold = ood.val_threshold_tpr95(id_scores)
         res = ood.ood_metrics(id_scores, per_split["ood_test"], threshold=threshold)
@@ -100,7 +108,9 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     metrics["ood"] = detection
     if cfg.TEST.SAVE_SCORES:
         _save_artifacts(trainer, outs, all_scores, id_split)
-        metrics["artifacts"] = {"scores": "scores.npz", "energy_plot": "energy_hist.png"}
+        metrics["artifacts"] = {"scores": "scores.npz"}
+        if "energy" in all_scores and cfg.TEST.SAVE_PLOTS:
+            metrics["artifacts"]["energy_plot"] = "energy_hist.png"
     return metrics
 
 
@@ -117,7 +127,7 @@ def _save_artifacts(trainer: Any, outs: dict[str, dict[str, np.ndarray]],
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(os.path.join(out_dir, "scores.npz"), buf.getvalue())
-    if "energy" in all_scores:
+    if "energy" in all_scores and trainer.cfg.TEST.SAVE_PLOTS:
         labels = {"val": "ID (source-domain val)", "test": "closed-set OOD (held-out domain)" if id_split == "test"
                   else "ID test", "ood_test": f"open-set OOD ({trainer.cfg.DATASET.NAME})"}
         plot_score_histograms({labels[s]: v for s, v in all_scores["energy"].items()},

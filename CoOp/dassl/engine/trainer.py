@@ -167,8 +167,8 @@ class TrainerBase:
             self._models[name].load_state_dict(sd, strict=False)
 
     def load_model_drop_keys(self) -> set[str]:
-        """State-dict keys ignored by :meth:`load_model` (CoOp drops its token prefix/suffix buffers)."""
-        return {"token_prefix", "token_suffix"}
+        """State-dict keys :meth:`load_model` ignores (none here; prompt trainers drop their token buffers)."""
+        return set()
 
     # ----------------------------------------------------------------- modes and updates
     def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
@@ -279,6 +279,7 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.feature_provider: Optional[Callable[[torch.Tensor, Optional[dict]], torch.Tensor]] = None
         self.image_encoder: Optional[nn.Module] = None
+        self.encoder_images = 0  # images passed through the image encoder by this run (cache fills included)
         self.metrics: dict[str, dict[str, Any]] = {}
         if cfg.TRAIN.TENSORBOARD:
             try:
@@ -340,6 +341,7 @@ class SimpleTrainer(TrainerBase):
         if self.image_encoder is None:
             raise RuntimeError("trainer set no image_encoder in build_model()")
         dtype = next(self.image_encoder.parameters()).dtype
+        self.encoder_images += len(images)
         with torch.no_grad():
             return self.image_encoder(images.to(self.device, dtype=dtype))
 

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from dassl.engine.records import is_done, load_record  # noqa: E402
+from dassl.engine.ood_eval import id_keep_mask  # noqa: E402
 from dassl.evaluation import ood  # noqa: E402
 from dassl.evaluation.scores import ScoreInputs, compute_score  # noqa: E402
 from launch.collect import cell, markdown, write_csv  # noqa: E402
@@ -49,9 +50,8 @@ def main(argv=None) -> int:
         found += 1
         id_split = rec["config"]["TEST"]["OOD_ID_SPLIT"]
         # official KNN script: every held-out image is ID; TEST.KNN_ID_CORRECT_ONLY True keeps the correct ones
-        keep = np.ones(len(z[f"{id_split}__labels"]), dtype=bool)
-        if rec["config"]["TEST"].get("KNN_ID_CORRECT_ONLY", False) or args.id_correct_only:
-            keep = z[f"{id_split}__logits"].argmax(1) == z[f"{id_split}__labels"]
+        only_correct = bool(rec["config"]["TEST"].get("KNN_ID_CORRECT_ONLY", False) or args.id_correct_only)
+        keep = id_keep_mask(z[f"{id_split}__logits"], z[f"{id_split}__labels"], only_correct)
         bank = torch.from_numpy(z["val__features"]).double()
         id_f = torch.from_numpy(z[f"{id_split}__features"][keep]).double()
         ood_f = torch.from_numpy(z["ood_test__features"]).double()

@@ -1,7 +1,6 @@
 """``Datum`` / ``DatasetBase`` and the few-shot samplers (Dassl API, plus the official PACS sampler)."""
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from typing import Any, Iterable, Optional
@@ -184,7 +183,3 @@ def subsample_per_class(items: list[Datum], cap: int) -> list[Datum]:
     for _, group in DatasetBase.split_dataset_by_label(items).items():
         out.extend(random.sample(group, cap) if len(group) > cap else group)
     return out
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

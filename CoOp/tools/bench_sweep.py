@@ -1,0 +1,270 @@
+"""Benchmark: one CRoFT lambda2 sweep on DigitsDG-mini, the official way and this project's way, timed.
+
+* official: a ``python train.py`` process per run, no feature cache (a fresh augmentation of every image every
+  epoch), training runs then open-set evaluation runs (``--launcher process --jobs 1``);
+* project: persistent workers (``--launcher workers --jobs N``) and the feature cache (``FEATURE_CACHE.ENABLED``,
+  filled inside the timed flow from an empty folder).
+
+Both flows run the same planned jobs (``launch.setup2``): 5 lambda2 values, one held-out domain, one seed, then
+evaluation against each open-set folder. Printed: image-encoder passes (summed from the run records), train and
+evaluation wall time, their ratios; evaluation throughput inside a run against a bare decode + ``encode_image``
+loop over the same images; with ``--device cuda``, ViT-B/16 (random weights) extraction images/s in fp32 and
+bf16 and the fraction of the device's measured matmul peak.
+
+    python tools/bench_sweep.py [--cache .cache] [--jobs 2] [--epochs 30] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+COOP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(COOP_DIR)
+if COOP_DIR not in sys.path:
+    sys.path.insert(0, COOP_DIR)
+
+LAMBDA2 = [1000.0, 100.0, 10.0, 1.0, 0.0]
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache", default=os.path.join(REPO_DIR, ".cache"), help="data + tiny CLIP (built if absent)")
+    p.add_argument("--work", default="", help="run folders (default: <cache>/bench; emptied first)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lambda2", nargs="+", type=float, default=LAMBDA2)
+    p.add_argument("--domain", default="mnist", help="held-out domain")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ood", nargs="+", default=["FashionMNIST", "Textures"])
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="workers of the project's flow")
+    p.add_argument("--per-class", type=int, help="DigitsDG-mini images per domain and class (builder default)")
+    p.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default: the demo's)")
+    p.add_argument("--weights", default="", help="an existing tinyclip-rn32 weights file (skips the pretraining; "
+                   "timings do not depend on how well it is trained)")
+    p.add_argument("--skip-official", action="store_true", help="only the project's flow")
+    p.add_argument("--skip-eval-throughput", action="store_true", help="no ZS-CLIP throughput comparison")
+    p.add_argument("--device", default="cpu", help="cpu (the sweeps), or cuda[:N] (only the ViT-B/16 extraction "
+                   "benchmark: images/s in fp32 and bf16, fraction of the measured matmul peak)")
+    p.add_argument("--json", default="", help="also write the numbers to this file")
+    return p
+
+
+def ensure_assets(cache: str, per_class: Optional[int], steps: Optional[int], weights: str = "") -> tuple[str, str]:
+    """(data root, tiny-CLIP weights): DigitsDG-mini + open-set folders and the pretrained tinyclip-rn32, built
+    (or reused) by the demo's own steps."""
+    from demo.run import ensure_backbone, ensure_data
+
+    data_root = os.path.join(cache, "data")
+    ensure_data(data_root, per_class)
+    if weights:
+        if not os.path.isfile(weights):
+            raise SystemExit(f"error: --weights {weights}: no such file (a tinyclip-rn32 state dict belongs there)")
+        return data_root, os.path.abspath(weights)
+    return data_root, ensure_backbone(cache, data_root, steps)
+
+
+def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cached: bool) -> tuple[list, list]:
+    from launch import setup2
+
+    argv = ["--root", data_root, "--trainer", "CRoFT", "--datasets", "DigitsDG", "--cfgs", "demo_digits",
+            "--domains", args.domain, "--seeds", str(args.seed), "--shots", "16", "--weights", weights,
+            "--lambda1", "15", "--lambda2", *map(str, args.lambda2), "--ratios", "0.2,0.5", "--gen-step", "1",
+            "--epochs", str(args.epochs),
+            "--output-root", os.path.join(work, "output"), "--eval-root", os.path.join(work, "eval"),
+            "--ood", *args.ood, "--device", "cpu", "--",
+            "FEATURE_CACHE.ENABLED", str(cached), "FEATURE_CACHE.DIR", os.path.join(work, "features")]
+    return setup2.plan(argv)[1], setup2.plan(argv, evaluate=True)[1]
+
+
+def encoder_images(jobs: list) -> int:
+    total = 0
+    for job in jobs:
+        with open(os.path.join(job.output_dir, "record.json"), encoding="utf-8") as f:
+            total += int(json.load(f)["timings"].get("encoder_images", 0))
+    return total
+
+
+def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int) -> dict[str, Any]:
+    """Run the training then the evaluation jobs with one launcher; wall times and encoder passes."""
+    from launch.launchers import LaunchOptions, make_launcher
+    from launch.sweep import run_jobs
+
+    runner = make_launcher(launcher, LaunchOptions(jobs=jobs))
+    runner.keep_alive = True  # one pool for both phases (a no-op for launchers without a pool)
+    try:
+        t0 = time.time()
+        failed = run_jobs(train, runner=runner)
+        t1 = time.time()
+        failed += run_jobs(evals, runner=runner)
+        t2 = time.time()
+    finally:
+        runner.close()
+    if failed:
+        raise SystemExit(f"error: {failed} runs of the {name} flow failed (see the messages above)")
+    return {"flow": name, "runs": len(train) + len(evals), "encoder_images": encoder_images(train + evals),
+            "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2)}
+
+
+def eval_throughput(data_root: str, weights: str, work: str, domain: str) -> dict[str, Any]:
+    """A ZS-CLIP evaluation run (this process, no cache) vs a bare decode + encode_image loop on its images."""
+    import io
+    import contextlib
+
+    import torch
+    import train as train_py
+    from torch.utils.data import DataLoader
+
+    from dassl.data.data_manager import read_image
+
+    out = os.path.join(work, "zs_eval")
+    argv = ["--root", data_root, "--seed", "1", "--trainer", "ZeroshotCLIP", "--dataset-config-file",
+            os.path.join(COOP_DIR, "configs", "datasets", "DigitsDG.yaml"), "--config-file",
+            os.path.join(COOP_DIR, "configs", "trainers", "ZeroshotCLIP", "demo_digits.yaml"), "--output-dir", out,
+            "--eval-only", "MODEL.BACKBONE.WEIGHTS", weights, "DEVICE", "cpu", "TEST_ENV",
+            f"test_on_{domain}.json", "FEATURE_CACHE.ENABLED", "False"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_py.main(argv)  # warm-up: imports, first touch of the files
+        t0 = time.time()
+        train_py.main(argv)
+        in_run = time.time() - t0
+        train_py.restore_stdout()
+        trainer = _trainer(argv)
+    items = trainer.dm.dataset.test
+    tfm = trainer.dm.tfm_test
+    enc = trainer.image_encoder
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(items)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return tfm(read_image(items[i].impath))
+
+    t0 = time.time()
+    with torch.no_grad():
+        for x in DataLoader(Images(), batch_size=trainer.cfg.DATALOADER.TEST.BATCH_SIZE, num_workers=0):
+            enc(x)
+    bare = time.time() - t0
+    return {"images": len(items), "in_run_s": round(in_run, 3), "bare_loop_s": round(bare, 3),
+            "ratio": round(in_run / bare, 2)}
+
+
+def _trainer(argv: list[str]) -> Any:
+    import train as train_py
+    from dassl.engine import build_trainer
+
+    return build_trainer(train_py.setup_cfg(train_py.get_parser().parse_args(argv)))
+
+
+def gpu_extraction(device: str, n: int = 512, batch: int = 128) -> dict[str, Any]:
+    """ViT-B/16 (random weights) image-encoder throughput in fp32 and bf16, and the fraction of the measured
+    dense-matmul peak (same dtype) it reaches; TF32 off."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clip_backbone import load_clip
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    visual = load_clip("ViT-B/16", "random").model.visual.to(device).eval()
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(device)}
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        visual(x[:1])
+    flops_per_image = fc.get_total_flops()
+    out["gflops_per_image"] = round(flops_per_image / 1e9, 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        v = visual.to(dtype)
+        xi = x.to(dtype)
+        with torch.no_grad():
+            v(xi)
+            torch.cuda.synchronize()
+            t0 = time.time()
+            for _ in range(n // batch):
+                v(xi)
+            torch.cuda.synchronize()
+        ips = (n // batch) * batch / (time.time() - t0)
+        peak = _matmul_peak(device, dtype)
+        key = "fp32" if dtype == torch.float32 else "bf16"
+        out[key] = {"images_per_s": round(ips, 1), "tflops": round(ips * flops_per_image / 1e12, 1),
+                    "matmul_peak_tflops": round(peak / 1e12, 1),
+                    "fraction_of_peak": round(ips * flops_per_image / peak, 3)}
+    return out
+
+
+def _matmul_peak(device: str, dtype: Any, size: int = 8192, reps: int = 10) -> float:
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size ** 3 * reps / (time.time() - t0)
+
+
+def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optional[dict[str, Any]]) -> str:
+    lines = ["| flow | runs | encoder passes | train s | eval s | total s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    base = flows[0] if flows else {}
+    for f in flows:
+        ratio = f"{base['total_s'] / f['total_s']:.1f}x (train {base['train_s'] / f['train_s']:.1f}x, eval " \
+                f"{base['eval_s'] / f['eval_s']:.1f}x)" if f is not base else "1x"
+        lines.append(f"| {f['flow']} | {f['runs']} | {f['encoder_images']:,} | {f['train_s']} | {f['eval_s']} | "
+                     f"{f['total_s']} | {ratio} |")
+    if ev:
+        lines.append(f"\nevaluation throughput: ZS-CLIP on {ev['images']} images: {ev['in_run_s']} s inside a run "
+                     f"vs {ev['bare_loop_s']} s for a bare decode + encode_image loop ({ev['ratio']}x)")
+    if gpu:
+        lines.append(f"\nViT-B/16 extraction on {gpu['device']} ({gpu['gflops_per_image']} GFLOP/image):")
+        for key in ("fp32", "bf16"):
+            g = gpu[key]
+            lines.append(f"  {key}: {g['images_per_s']} images/s, {g['tflops']} TFLOP/s = "
+                         f"{100 * g['fraction_of_peak']:.0f}% of the measured matmul peak "
+                         f"({g['matmul_peak_tflops']} TFLOP/s)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    cache = os.path.abspath(args.cache)
+    work = os.path.abspath(args.work or os.path.join(cache, "bench"))
+    if args.device != "cpu":  # the accelerator mode: extraction throughput only
+        gpu = gpu_extraction(args.device)
+        print(report([], None, gpu))
+        _dump(args.json, {"gpu": gpu})
+        return 0
+    data_root, weights = ensure_assets(cache, args.per_class, args.pretrain_steps, args.weights)
+    shutil.rmtree(work, ignore_errors=True)
+    load0 = os.getloadavg()[0]
+    flows = []
+    if not args.skip_official:
+        train, evals = plan(args, data_root, weights, os.path.join(work, "official"), cached=False)
+        flows.append(run_flow("official: process per run, no cache", train, evals, "process", 1))
+    train, evals = plan(args, data_root, weights, os.path.join(work, "project"), cached=True)
+    flows.append(run_flow(f"project: {args.jobs} persistent workers + feature cache", train, evals, "workers",
+                          args.jobs))
+    ev = None if args.skip_eval_throughput else eval_throughput(data_root, weights, work, args.domain)
+    text = report(flows, ev, None)
+    print(f"\n{os.cpu_count()} CPU cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(text)
+    _dump(args.json, {"flows": flows, "eval_throughput": ev, "cpus": os.cpu_count(), "load_avg": [load0,
+                                                                                                  os.getloadavg()[0]]})
+    return 0
+
+
+def _dump(path: str, obj: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
