@@ -29,6 +29,22 @@ def test_record_counts_image_encoder_passes(tmp_path):
     assert first["metrics"]["test"]["accuracy"] == again["metrics"]["test"]["accuracy"]
 
 
+def test_energy_plot_is_optional_per_run(tmp_path):
+    from synthetic_openset import write_all_openset
+
+    data = str(tmp_path / "d")
+    write_lodo_tree(data, per_class=3)
+    write_all_openset(data)
+    zs = [a if a != "configs/datasets/PACS.yaml" else "configs/datasets/PACS_DTD.yaml" for a in ZS]
+    for plots in (True, False):
+        out = tmp_path / f"plots{plots}"
+        rec = run_cli(["--root", data, "--output-dir", str(out), "--eval-only", *zs, *TINY,
+                       "TEST.SAVE_PLOTS", str(plots)])
+        assert "energy" in rec["metrics"]["ood"] and os.path.isfile(out / "scores.npz")
+        assert os.path.isfile(out / "energy_hist.png") is plots
+        assert ("energy_plot" in rec["metrics"]["artifacts"]) is plots
+
+
 NEEDS = [m for m in ("mlxtend", "skimage") if importlib.util.find_spec(m) is None]
 FASHION = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 NPM_CACHE = os.path.join(os.path.dirname(COOP), ".cache", "npm")

@@ -130,3 +130,28 @@ def test_unknown_launcher_names_the_choices():
 
     with pytest.raises(ValueError, match="unknown launcher 'nope' \\(choose from .*inprocess.*process.*workers"):
         get_launcher("nope")
+
+
+def test_worker_memo_reads_split_lists_once(data, monkeypatch):
+    import datasets.lodo as lodo
+    from dassl.data.datasets import DATASET_REGISTRY
+    from dassl.utils import resources
+
+    import train
+
+    cfg = train.setup_cfg(train.get_parser().parse_args(
+        ["--root", data, "--trainer", "CRoFT", "--dataset-config-file",
+         os.path.join(COOP, "configs", "datasets", "PACS.yaml"), "TEST_ENV", "sketch"]))
+    calls = []
+    real = lodo.read_json
+    monkeypatch.setattr(lodo, "read_json", lambda p: calls.append(p) or real(p))
+    resources.enable()
+    try:
+        first, second = DATASET_REGISTRY.get("PACS")(cfg), DATASET_REGISTRY.get("PACS")(cfg)
+    finally:
+        resources.enable(False)
+    assert len(calls) == 1
+    assert [d.impath for d in first.test] == [d.impath for d in second.test] and len(first.test) == 9
+    assert first.test[0] is not second.test[0]  # each job gets its own copies
+    DATASET_REGISTRY.get("PACS")(cfg)
+    assert len(calls) == 2  # disabled (plain train.py): read every time

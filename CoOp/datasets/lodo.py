@@ -15,11 +15,13 @@ held-out domain, ``train``/``val`` come from the source domains. The domain of a
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
 from dassl.data.datasets.checks import check_split_lists
+from dassl.utils import resources
 from dassl.utils.errors import ConfigError, DataError
 from dassl.utils.tools import listdir_nohidden, read_json
 
@@ -87,13 +89,20 @@ class LODODataset(DatasetBase):
         folders = [d.lower() for d in (self.domains or listdir_nohidden(self.image_dir, sort=True))]
         official = list(self.official_domain_order or folders)
         self.domain_list = official if self.domain_match == "substring" else folders
+        st = os.stat(self.split_path)
+        key = ("lodo_splits", type(self).__name__, self.split_path, st.st_size, st.st_mtime_ns, self.image_dir,
+               self.domain_match, tuple(self.domain_list))
+        lists = copy.deepcopy(resources.memo(key, self._read_checked_lists))  # once per sweep worker
+        return lists["train"], lists["val"], lists["test"]
+
+    def _read_checked_lists(self) -> dict[str, list[Datum]]:
         split = read_json(self.split_path)
         for key in ("train", "val", "test"):
             if key not in split:
                 raise DataError(f"split file {self.split_path} has no {key!r} list")
         lists = {key: self.read_items(split[key]) for key in ("train", "val", "test")}
         check_split_lists(lists, self.split_path, base=self.image_dir, disjoint=True)
-        return lists["train"], lists["val"], lists["test"]
+        return lists
 
     def split_files(self) -> list[str]:
         root = getattr(self, "dataset_root", "")

@@ -1,7 +1,7 @@
 """Persistent worker processes: the default launcher (``--launcher workers --jobs N``).
 
-Each worker is a fresh interpreter (multiprocessing ``spawn``) that imports the code once, keeps loaded CLIP
-weights and opened feature stores in memory (:mod:`dassl.engine.resources`) and runs job after job with
+Each worker is a fresh interpreter (multiprocessing ``spawn``) that imports the code once, keeps the checked
+split lists of the datasets it has read in memory (:mod:`dassl.utils.resources`) and runs job after job with
 ``train.main``: every job still gets a fresh config, trainer, seed and ``log.txt``, and the environment
 variables a job changes are restored. A job that crashes the interpreter or is killed takes down only its
 worker: the job is reported as failed (or run once more with ``--retry``) and a new worker takes the slot.
@@ -43,8 +43,10 @@ def worker_main(conn: Connection, parent_pid: int, device: Optional[str], thread
     import torch
 
     torch.set_num_threads(max(1, threads))
-    import train  # noqa: F401  (imports paid once per worker)
-    from dassl.engine import resources
+    from launch.entry import train_module
+
+    train_module()  # imports paid once per worker
+    from dassl.utils import resources
     from launch.sweep import Job
 
     resources.enable()

@@ -150,6 +150,8 @@ _C.TEST.OOD_ID_CORRECT_ONLY = True
 _C.TEST.KNN_ID_CORRECT_ONLY = False
 # Save per-sample scores/features (.npz) and the energy-distribution PNG in evaluation runs.
 _C.TEST.SAVE_SCORES = True
+# With SAVE_SCORES: also draw energy_hist.png (False saves the matplotlib time of every evaluation run in sweeps).
+_C.TEST.SAVE_PLOTS = True
 
 ###########################
 # Trainer specifics

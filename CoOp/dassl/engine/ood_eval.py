@@ -108,7 +108,9 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     metrics["ood"] = detection
     if cfg.TEST.SAVE_SCORES:
         _save_artifacts(trainer, outs, all_scores, id_split)
-        metrics["artifacts"] = {"scores": "scores.npz", "energy_plot": "energy_hist.png"}
+        metrics["artifacts"] = {"scores": "scores.npz"}
+        if "energy" in all_scores and cfg.TEST.SAVE_PLOTS:
+            metrics["artifacts"]["energy_plot"] = "energy_hist.png"
     return metrics
 
 
@@ -125,7 +127,7 @@ def _save_artifacts(trainer: Any, outs: dict[str, dict[str, np.ndarray]],
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(os.path.join(out_dir, "scores.npz"), buf.getvalue())
-    if "energy" in all_scores:
+    if "energy" in all_scores and trainer.cfg.TEST.SAVE_PLOTS:
         labels = {"val": "ID (source-domain val)", "test": "closed-set OOD (held-out domain)" if id_split == "test"
                   else "ID test", "ood_test": f"open-set OOD ({trainer.cfg.DATASET.NAME})"}
         plot_score_histograms({labels[s]: v for s, v in all_scores["energy"].items()},

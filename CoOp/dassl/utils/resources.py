@@ -1,8 +1,9 @@
 """Per-process memo of expensive, read-only resources, for persistent sweep workers (off by default).
 
 A worker (``launch.workers``) calls :func:`enable`; afterwards :func:`memo` returns the value cached under a key
-instead of recomputing it (e.g. CLIP weights read from disk). Every key includes what identifies the file
-(path, size, mtime), so a changed file is read again. Plain ``train.py`` runs never enable it.
+instead of recomputing it (e.g. a dataset's split lists, read and checked). Every key includes what identifies
+the file (path, size, mtime), so a changed file is read again; values must not consume random numbers (a memo
+hit would shift the run's random stream). Plain ``train.py`` runs never enable it.
 """
 from __future__ import annotations
 
