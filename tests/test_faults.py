@@ -254,3 +254,21 @@ def test_kill9_during_training_then_rerun_equals_uninterrupted(root, trained, tm
     assert res.returncode == 0, res.stderr
     assert hits >= 1
     same_run(trained, out)
+
+
+def test_sweep_reports_a_diverging_run_as_failed(root, tmp_path, capsys):
+    """A run stopped by the non-finite guard is a failed sweep run: exit 1, listed, no done (rerun next time)."""
+    from launch import setup2
+
+    out = str(tmp_path / "sweep")
+    common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains", "sketch",
+              "--lambda2", "1", "--epochs", "3", "--shots", "2", "--output-root", out, "--launcher", "inprocess",
+              "--", *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "OPTIM.LR", "1e30"]
+    cwd = os.getcwd()
+    try:
+        assert setup2.main(common, trainer="CRoFT") == 1
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    assert "1 of 1 runs failed" in captured.out and "non-finite" in captured.out + captured.err
+    assert not [dp for dp, _, fs in os.walk(out) if "done" in fs or "record.json" in fs]

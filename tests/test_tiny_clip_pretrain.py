@@ -52,6 +52,7 @@ def test_model_config_builds_open_clip_clip():
 
     model = open_clip.model.CLIP(**cfg)
     assert type(model.visual).__name__ == "ModifiedResNet"
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 12  # "a 12M-parameter CLIP" (demo summary)
     # CoOp's 16 context tokens + a class name + "." + SOT/EOT fit in the context
     tok = ptc.get_tokenizer(cfg)
     ids = tok(["X " * 16 + "seven."])

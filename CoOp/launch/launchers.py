@@ -120,9 +120,11 @@ def run_job_inprocess(job: "Job", quiet: bool) -> tuple[bool, str]:
     import contextlib
     import io
 
-    import train
     from dassl.utils.errors import UserError
     from dassl.utils.logger import restore_stdout
+    from launch.entry import train_module
+
+    train = train_module()
 
     import torch
 
