@@ -26,7 +26,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     if os.path.isdir(npm_cache):  # reuse the fetched npm tarball (sha256-checked by the pretraining tool)
         shutil.copytree(npm_cache, cache / "npm")
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- demo:start -->\nold\n<!-- demo:end -->\nrest\n", encoding="utf-8")
+    readme.write_text("intro\n<!-- demo:start -->\nOLD-PLACEHOLDER\n<!-- demo:end -->\nrest\n", encoding="utf-8")
     argv = ["--cache", str(cache), "--quick", "--per-class", "30", "--pretrain-steps", "8", "--methods", "ZS-CLIP",
             "CoOp", "CRoFT", "--jobs", "1", "--epochs", "2", "--readme", str(readme), "--figures", str(tmp_path / "fig")]
     cwd = os.getcwd()
@@ -46,7 +46,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert f"](fig/{png}.png)" in readme.read_text(encoding="utf-8")
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("intro\n<!-- demo:start -->\n") and text.endswith("<!-- demo:end -->\nrest\n")
-    assert "old" not in text
+    assert "OLD-PLACEHOLDER" not in text
     # the Setup-II collector writes the same kind of figures with --plots
     from launch import collect
 
