@@ -103,6 +103,7 @@ def test_summary_states_the_claim_with_numbers():
     rows = [dict(r, energy_fpr95=r["mcm_fpr95"]) for r in selection.select(_rows(), "val")]
     text = report.summary(rows)
     assert "50.00 % held-out accuracy vs 41.50 % for CoOp" in text and "neither supported nor refuted" in text
+    assert "with 2 pairs the smallest attainable two-sided p is 0.5" in text
 
 
 def test_coop_finding_names_the_class_agnostic_part(tmp_path):

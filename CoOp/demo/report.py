@@ -59,7 +59,8 @@ def summary(rows: list[dict[str, Any]], ref: str = "CRoFT") -> str:
             f"{fpr['diff']:+.2f} ± {fpr['diff_std']:.2f}, p = {fpr['p']:.3g}: {fpr_v}). The paper's claim "
             f"(CRoFT ≥ the best baseline on accuracy and ≤ on FPR95) is "
             f"{'supported' if acc_v == 'better' and fpr_v == 'better' else 'contradicted' if 'worse' in (acc_v, fpr_v) else 'neither supported nor refuted'}"
-            f" by this benchmark. It is a 12M-parameter CLIP pretrained here on digits, with 32 px images and "
+            f" by this benchmark (with {acc['n']} pairs the smallest attainable two-sided p is "
+            f"{min(1.0, 2 / 2 ** acc['n']):.3g}). It is a 12M-parameter CLIP pretrained here on digits, with 32 px images and "
             f"16 shots; it tests the code path and the direction of effects, not the paper's effect sizes on "
             f"PACS/VLCS with OpenAI CLIP.")
 
