@@ -7,10 +7,11 @@ PYTEST_ARGS ?= -q
 
 .PHONY: test test-all demo demo-full demo-readme venv system-deps clean-demo
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -234,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         else:
             metrics = {}
         record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
+        if getattr(trainer, "feature_cache_stats", None) is not None:  # batches served from the cache
+            record.set("feature_cache", dict(trainer.feature_cache_stats))
         record.data["timings"]["encoder_images"] = int(getattr(trainer, "encoder_images", 0))
         for section, values in metrics.items():
             record.add_metrics(section, values)

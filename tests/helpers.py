@@ -78,3 +78,34 @@ def register_probe_trainer() -> type:
 
     TRAINER_REGISTRY.register(TestProbe)
     return TestProbe
+
+
+def assert_logged_accuracy(out_dir: str, rec: dict[str, Any]) -> None:
+    """The record's test accuracy is 100 * correct / total of the run's last logged result block (total > 0)."""
+    import re
+
+    log = open(os.path.join(out_dir, "log.txt"), encoding="utf-8").read()
+    blocks = re.findall(r"\* total: ([\d,]+)\n\* correct: ([\d,]+)\n", log)
+    assert blocks, f"no result block in {out_dir}/log.txt"
+    total, correct = (int(x.replace(",", "")) for x in blocks[-1])
+    assert total > 0 and abs(rec["metrics"]["test"]["accuracy"] - 100.0 * correct / total) < 1e-9
+
+
+def assert_ood_matches_scores(out_dir: str, rec: dict[str, Any], scores: tuple[str, ...] = ("energy",)) -> None:
+    """Recompute accuracy and each score's AUROC (scikit-learn) and ID/OOD counts from the run's scores.npz."""
+    from sklearn.metrics import roc_auc_score
+
+    z = np.load(os.path.join(out_dir, "scores.npz"))
+    test_cfg = rec["config"]["TEST"]
+    id_split = test_cfg["OOD_ID_SPLIT"]
+    logits, labels = z[f"{id_split}__logits"], z[f"{id_split}__labels"]
+    correct = logits.argmax(1) == labels
+    if id_split == test_cfg["SPLIT"]:
+        assert abs(rec["metrics"]["test"]["accuracy"] - 100.0 * correct.mean()) < 1e-6
+    for name in scores:
+        det = rec["metrics"]["ood"][name]
+        keep = correct if det["id_correct_only"] and correct.any() else np.ones(len(labels), dtype=bool)
+        id_s, ood_s = z[f"{id_split}__score_{name}"][keep], z[f"ood_test__score_{name}"]
+        assert det["num_id"] == len(id_s) > 0 and det["num_ood"] == len(ood_s) > 0
+        truth = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]
+        assert abs(det["auroc"] - roc_auc_score(truth, np.r_[id_s, ood_s])) < 1e-9, name

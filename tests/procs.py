@@ -124,3 +124,13 @@ def popen_killable(cmd: Sequence[str], cwd: str = COOP, env: Optional[dict] = No
     """A real child process (argv list, no shell) whose pid is the process doing the work."""
     return subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
+
+
+def train_starter(argv: Sequence[str], workdir: str) -> Callable[[], tuple[int, str, str]]:
+    """A ``start`` for :func:`run_until_done`: fork ``train.cli(argv)``."""
+    def target() -> int:
+        import train
+
+        return train.cli(list(argv))
+
+    return lambda: start_forked(target, workdir)

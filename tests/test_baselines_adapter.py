@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dassl.engine.inference import InferenceOutput
-from helpers import COOP, cli_args, run_cli
+from helpers import COOP, assert_logged_accuracy, assert_ood_matches_scores, cli_args, run_cli
 from synthetic import write_lodo_tree
 from synthetic_openset import write_dtd_like
 
@@ -15,6 +15,11 @@ CONFIGS = {"CLIP_Adapter": "configs/trainers/CLIP_Adapter/rn50_ep30.yaml",
            "TIP_ADAPTER": "configs/trainers/TIP_ADAPTER/rn50_ep30.yaml"}
 FAST = ["OPTIM.WARMUP_EPOCH", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "12", "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH", "2",
         "TRAINER.TIP_ADAPTER.CACHE_MODE", "fixed"]
+
+
+def fast(trainer):
+    """FAST without Tip-Adapter's keys for other trainers (a key the trainer ignores is refused)."""
+    return FAST if trainer == "TIP_ADAPTER" else FAST[:4]
 FEWSHOT = ["DATASET.NUM_SHOTS", "3", "DATASET.FEWSHOT_SAMPLER", "per_class_domain"]
 
 
@@ -35,7 +40,7 @@ def build(root, out, trainer, extra=(), seed=1, dataset="PACS"):
     from dassl.utils import set_random_seed
 
     args = cli_args(root, str(out), trainer, dataset_cfg=os.path.join(COOP, f"configs/datasets/{dataset}.yaml"),
-                    config=os.path.join(COOP, CONFIGS[trainer]), extra=FAST + list(extra), seed=seed)
+                    config=os.path.join(COOP, CONFIGS[trainer]), extra=fast(trainer) + list(extra), seed=seed)
     if dataset == "VLCS":
         args[args.index("TEST_ENV") + 1] = "sun"
     cfg = train.setup_cfg(train.get_parser().parse_args(args))
@@ -176,14 +181,14 @@ def test_checkpoint_round_trip(name, data_root, tmp_path):
 def test_cli_train_then_eval_only(name, data_root, tmp_path):
     out = str(tmp_path / "train")
     extra = FEWSHOT + ["OPTIM.MAX_EPOCH", "2"]
-    rec = run_cli(cli_args(data_root, out, name, config=CONFIGS[name], extra=FAST + extra))
-    assert 0 <= rec["metrics"]["test"]["accuracy"] <= 100
+    rec = run_cli(cli_args(data_root, out, name, config=CONFIGS[name], extra=fast(name) + extra))
+    assert_logged_accuracy(out, rec)
     assert os.path.isfile(os.path.join(out, rec_model_name(name), "model.pth.tar-2"))
     ev = str(tmp_path / "eval")
-    rec2 = run_cli(cli_args(data_root, ev, name, config=CONFIGS[name], extra=FAST + extra,
+    rec2 = run_cli(cli_args(data_root, ev, name, config=CONFIGS[name], extra=fast(name) + extra,
                             flags=["--eval-only", "--model-dir", out, "--load-epoch", "2"]))
-    assert rec2["mode"] == "eval" and 0 <= rec2["metrics"]["test"]["accuracy"] <= 100
-    assert "* accuracy:" in open(os.path.join(ev, "log.txt")).read()
+    assert rec2["mode"] == "eval" and rec2["metrics"]["test"] == rec["metrics"]["test"]  # last epoch reloaded
+    assert_logged_accuracy(ev, rec2)
 
 
 def rec_model_name(name):
@@ -199,7 +204,7 @@ def test_tip_eval_on_openset_dataset_with_other_train_list(data_root, tmp_path):
     rec = run_cli(cli_args(data_root, ev, "TIP_ADAPTER", dataset_cfg="configs/datasets/PACS_DTD.yaml",
                            config=CONFIGS["TIP_ADAPTER"], extra=FAST + ["TEST.OOD_SCORES", "['energy', 'knn']"],
                            flags=["--eval-only", "--model-dir", out, "--load-epoch", "1"]))
-    assert 0 <= rec["metrics"]["ood"]["energy"]["auroc"] <= 1 and "knn" in rec["metrics"]["ood"]
+    assert_ood_matches_scores(ev, rec, ("energy", "knn"))
     assert not os.path.exists(os.path.join(ev, "tip_cache"))
 
 

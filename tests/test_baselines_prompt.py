@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dassl.engine.inference import InferenceOutput
-from helpers import COOP, cli_args, run_cli
+from helpers import COOP, assert_logged_accuracy, assert_ood_matches_scores, cli_args, run_cli
 from synthetic import write_lodo_tree
 
 NAMES = ("CoOp", "CoCoOp", "DPLCLIP")
@@ -366,7 +366,8 @@ def test_bad_config_values_are_config_errors(key, value, data_root, tmp_path):
 def test_cli_train_then_eval_only(name, data_root, tmp_path):
     out = str(tmp_path / "train")
     rec = run_cli(cli_args(data_root, out, name, config=config(name), extra=FAST + ["OPTIM.MAX_EPOCH", "1"]))
-    assert rec["mode"] == "train" and 0 <= rec["metrics"]["test"]["accuracy"] <= 100
+    assert rec["mode"] == "train"
+    assert_logged_accuracy(out, rec)
     assert os.path.isfile(os.path.join(out, MODEL_NAMES[name], "model.pth.tar-1"))
     ev = str(tmp_path / "eval")
     if not HAVE_OPENSET:
@@ -377,10 +378,8 @@ def test_cli_train_then_eval_only(name, data_root, tmp_path):
     rec2 = run_cli(cli_args(data_root, ev, name, config=config(name), dataset_cfg="configs/datasets/PACS_DTD.yaml",
                             extra=FAST + ["TEST.OOD_SCORES", "['energy', 'mcm', 'knn']"],
                             flags=["--eval-only", "--model-dir", out, "--load-epoch", "1"]))
-    assert rec2["mode"] == "eval" and 0 <= rec2["metrics"]["test"]["accuracy"] <= 100
-    ood = rec2["metrics"]["ood"]
-    for score in ("energy", "mcm", "knn"):
-        assert 0 <= ood[score]["auroc"] <= 1 and ood[score]["num_ood"] > 0
+    assert rec2["mode"] == "eval"
+    assert_ood_matches_scores(ev, rec2, ("energy", "mcm", "knn"))
     assert "OODD_FPR95:" in open(os.path.join(ev, "log.txt")).read()
 
 

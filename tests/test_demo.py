@@ -37,7 +37,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "| method | mnist | Avg | seeds |" in out
     for score in ("energy", "MCM", "MSP", "KNN"):
         assert f"Open-set detection with the {score} score" in out
-    for method in ("ZS-CLIP", "CoOp", "CRoFT", "CRoFT λ2=1", "CRoFT λ2=100"):
+    for method in ("ZS-CLIP", "CoOp", "CRoFT", "CRoFT λ2=1", "CRoFT λ2=100", "CRoFT (fixed)"):
         assert f"| {method} |" in out
     assert "Paired differences CRoFT − method" in out and "**Summary.**" in out
     assert os.path.isfile(cache / "demo-quick" / "setup2_oodg.csv")

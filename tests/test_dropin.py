@@ -1,6 +1,7 @@
 """CoOp-family files drop in: trainer and dataset files written only against the upstream APIs (Dassl, OpenAI
 ``clip``; see ``tests/dropin_files``) are copied into ``trainers/``/``datasets/`` of a copy of the tree -- the
-project's ``coop.py``, ``cocoop.py`` and ``zsclip.py`` replaced, nothing else edited -- and train + evaluate
+project's ``coop.py``, ``cocoop.py`` and ``zsclip.py`` replaced (the family's ``zsclip.py`` imports
+``IMAGENET_TEMPLATES`` from the project's ``imagenet_templates.py``), nothing else edited -- and train + evaluate
 through ``train.py`` with the family's yaml style and OpenAI-layout weights in ``~/.cache/clip``."""
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from procs import run_train_forked
+from procs import run_train_forked, run_until_done, train_starter
 from synthetic import write_lodo_tree
 
 CRoFT_CFG = "configs/trainers/CRoFT/rn50_ep30.yaml"
@@ -243,3 +243,32 @@ def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_pat
     assert "WARNING: skipping an unreadable checkpoint" in res.stdout and "model.pth.tar-2" in res.stdout
     assert "(epoch = 1)" in res.stdout
     same_run(trained, out)
+
+
+# ------------------------------------------------------------------ kill -9 anywhere (fast representative)
+def test_kill9_during_training_then_rerun_equals_uninterrupted(root, trained, tmp_path):
+    """Two kill -9 at random points of a CRoFT run, then a rerun: same checkpoints, best epoch, history, metrics."""
+    out = str(tmp_path / "killed")
+    start = train_starter(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    hits, res = run_until_done(start, kills=2, max_delay=5.0, seed=14)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 1
+    same_run(trained, out)
+
+
+def test_sweep_reports_a_diverging_run_as_failed(root, tmp_path, capsys):
+    """A run stopped by the non-finite guard is a failed sweep run: exit 1, listed, no done (rerun next time)."""
+    from launch import setup2
+
+    out = str(tmp_path / "sweep")
+    common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains", "sketch",
+              "--lambda2", "1", "--epochs", "3", "--shots", "2", "--output-root", out, "--launcher", "inprocess",
+              "--", *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "OPTIM.LR", "1e30"]
+    cwd = os.getcwd()
+    try:
+        assert setup2.main(common, trainer="CRoFT") == 1
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    assert "1 of 1 runs failed" in captured.out and "non-finite" in captured.out + captured.err
+    assert not [dp for dp, _, fs in os.walk(out) if "done" in fs or "record.json" in fs]

@@ -55,6 +55,8 @@ def test_cache_is_built_once_and_reused(root, tmp_path):
     stamps = _stamps(os.path.join(cache, key))
     r2 = run_cli(_args(root, str(tmp_path / "b"), cache))
     assert stamps == _stamps(os.path.join(cache, key))  # nothing re-encoded
+    assert r2["feature_cache"] == r1["feature_cache"] and r2["feature_cache"]["hits"] > 0  # served from the cache
+    assert r2["feature_cache"]["fallbacks"] == 0
     assert r1["metrics"]["test"] == r2["metrics"]["test"]
     a = torch.load(tmp_path / "a" / "clip_adapter" / "model.pth.tar-2", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b" / "clip_adapter" / "model.pth.tar-2", weights_only=False)["state_dict"]
@@ -68,10 +70,13 @@ def test_cached_test_features_equal_direct_encoding(root, tmp_path):
     """Evaluation with cached features gives the same outputs as encoding images on the fly."""
     out_direct, out_cached = tmp_path / "d", tmp_path / "c"
     ev = ["--eval-only"]
-    run_cli(cli_args(root, str(out_direct), "ZeroshotCLIP", dataset_cfg="configs/datasets/PACS_DTD.yaml",
-                     flags=ev, extra=["DATALOADER.OOD_TEST.TRANSFORM", "test"]))
-    run_cli(_args(root, str(out_cached), str(tmp_path / "fc"), "ZeroshotCLIP", flags=ev,
-                  dataset_cfg="configs/datasets/PACS_DTD.yaml", extra=["DATALOADER.OOD_TEST.TRANSFORM", "test"]))
+    direct = run_cli(cli_args(root, str(out_direct), "ZeroshotCLIP", dataset_cfg="configs/datasets/PACS_DTD.yaml",
+                              flags=ev, extra=["DATALOADER.OOD_TEST.TRANSFORM", "test"]))
+    cached = run_cli(_args(root, str(out_cached), str(tmp_path / "fc"), "ZeroshotCLIP", flags=ev,
+                           dataset_cfg="configs/datasets/PACS_DTD.yaml", extra=["DATALOADER.OOD_TEST.TRANSFORM", "test"]))
+    assert "feature_cache" not in direct
+    # every evaluation batch (test for accuracy, then test, ood_test and val for detection) came from the cache
+    assert cached["feature_cache"]["fallbacks"] == 0 and cached["feature_cache"]["hits"] >= 4
     zd, zc = np.load(out_direct / "scores.npz"), np.load(out_cached / "scores.npz")
     for key in ("test__logits", "val__features", "ood_test__score_energy"):
         np.testing.assert_allclose(zd[key], zc[key], rtol=1e-5, atol=1e-5)

@@ -113,6 +113,17 @@ def test_croft_setup2_presets_and_selected_models():
     assert len(tr) == 6 and sum(j.labels["selected"] for j in tr) == 1
 
 
+def test_user_overrides_win_over_official_values_in_every_run():
+    from launch import setup2
+
+    base = ["--root", "/x", "--datasets", "PACS", "--domains", "sketch", "--seeds", "1", "--ood", "DTD",
+            "--cfgs", "ViT_ep30", "--", "TRAINER.CRoFT.ratio", "0.3", "OPTIM.MAX_EPOCH", "2"]
+    for evaluate in (False, True):
+        for j in _plan(setup2, base, "CRoFT", evaluate):
+            o = _opts(j.argv)
+            assert o["TRAINER.CRoFT.ratio"] == "0.3" and o["OPTIM.MAX_EPOCH"] == "2"
+
+
 def test_unknown_dataset_needs_explicit_grid_values():
     from launch import official, setup2
 
@@ -228,5 +239,21 @@ def test_every_planned_run_saves_official_config(data, setup, trainer):
 
     if trainer not in TRAINER_REGISTRY:
         pytest.skip(f"trainer {trainer} is not registered in this tree")
+    if (trainer, setup) == ("BCAL", 1):  # spec 3: the official Setup-I Bayes-CAL scripts cannot run (no domains)
+        from launch import setup1
+        from launch.sweep import run_jobs
+
+        cwd = os.getcwd()
+        try:
+            _, jobs = setup1.plan(["--root", str(data / "d1"), "--seeds", "1", "--shots", "1", "--output-root",
+                                   str(data / "bcal1"), "--epochs", "1", *TINY], trainer="BCAL")
+            assert run_jobs(jobs, launcher="inprocess") == 1
+            jobs = setup1.plan(["--root", str(data / "d1"), "--seeds", "1", "--shots", "1", "--output-root",
+                                str(data / "bcal1"), "--epochs", "1", *TINY, "TRAINER.BCAL.DOMAIN_NAMES",
+                                "['imagenet']"], trainer="BCAL")[1]
+            assert run_jobs(jobs, launcher="inprocess") == 0
+        finally:
+            os.chdir(cwd)
+        return
     job, cfg = _run_one(data, setup, trainer)
     _check(job, cfg, setup, trainer)

@@ -120,9 +120,11 @@ def run_job_inprocess(job: "Job", quiet: bool) -> tuple[bool, str]:
     import contextlib
     import io
 
-    import train
     from dassl.utils.errors import UserError
     from dassl.utils.logger import restore_stdout
+    from launch.entry import train_module
+
+    train = train_module()
 
     import torch
 
@@ -145,13 +147,22 @@ def run_job_inprocess(job: "Job", quiet: bool) -> tuple[bool, str]:
         torch.use_deterministic_algorithms(deterministic)
 
 
+def _die_with_driver() -> None:
+    """In a job's child process (Linux): SIGKILL it when the driver dies (``PR_SET_PDEATHSIG``)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 def run_job_subprocess(job: "Job", quiet: bool, env: Optional[dict[str, str]] = None) -> tuple[bool, str]:
     """Run one job as ``python train.py ...`` (cwd: the CoOp folder); the last stderr line explains a failure."""
     os.makedirs(os.path.dirname(os.path.abspath(job.output_dir)), exist_ok=True)
     env = dict(env if env is not None else os.environ)
     if quiet:
         env["CROFT_NO_PROGRESS"] = "1"
-    res = subprocess.run(job.command(), cwd=COOP_DIR, env=env, text=True,
+    res = subprocess.run(job.command(), cwd=COOP_DIR, env=env, text=True, preexec_fn=_die_with_driver,
                          stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE)
     if not quiet and res.stderr:
         sys.stderr.write(res.stderr)

@@ -69,7 +69,8 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config("imagenetood46"),
                     "--config-file", config_path(trainer, lab["cfg"]), "--output-dir", out, "--eval-only",
-                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, "TEST_OOD", test_set]
+                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, *common_overrides(args),
+                    "TEST_OOD", test_set]  # the user's overrides win over the official evaluation values
             labels = dict(lab, kind="eval", domain=test_set, ood="ImageNet-600", train_dir=tj.output_dir)
             jobs.append(Job(f"{trainer}/{group}/shots{lab['shots']}/{test_set}/seed{lab['seed']}", out, argv,
                             labels))

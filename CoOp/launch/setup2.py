@@ -131,7 +131,7 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config(name), "--config-file", config_path(trainer, lab["cfg"]),
                     "--output-dir", out, "--eval-only", "--model-dir", tj.output_dir, "TEST_ENV", env,
-                    *tj.argv[tj.argv.index("TEST_ENV") + 2:], *extra]
+                    *tj.argv[tj.argv.index("TEST_ENV") + 2:], *extra, *common_overrides(args)]  # user's win
             labels = dict(lab, kind="eval", ood=ood, train_dir=tj.output_dir)
             jobs.append(Job(f"{trainer}/{group}/{env}/seed{lab['seed']}", out, _drop_shots(argv), labels))
     return jobs

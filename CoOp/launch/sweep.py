@@ -14,12 +14,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-COOP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if COOP_DIR not in sys.path:
-    sys.path.insert(0, COOP_DIR)
-
-from dassl.utils.tools import atomic_write_json, read_json  # noqa: E402
-from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args, make_launcher  # noqa: E402,F401
+from dassl.utils.tools import atomic_write_json, read_json
+from launch.entry import COOP_DIR
+from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args, make_launcher  # noqa: F401
 
 
 @dataclass

@@ -43,7 +43,9 @@ def worker_main(conn: Connection, parent_pid: int, device: Optional[str], thread
     import torch
 
     torch.set_num_threads(max(1, threads))
-    import train  # noqa: F401  (imports paid once per worker)
+    from launch.entry import train_module
+
+    train_module()  # imports paid once per worker
     from dassl.utils import resources
     from launch.sweep import Job
 

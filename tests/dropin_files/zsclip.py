@@ -6,6 +6,7 @@ from clip import clip
 from clip.model import convert_weights  # noqa: F401  (imported by the family's zsclip.py)
 
 from .coop import load_clip_to_cpu
+from .imagenet_templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT  # noqa: F401
 
 CUSTOM_TEMPLATES = {"DescribableTextures": "{} texture."}
 

@@ -201,7 +201,8 @@ class FeatureCache:
             tr.ood_test_loader = _LazyLoader(lambda: DataLoader(
                 FeatureDataset(ds.ood_test, self._views(ds.ood_test, n_aug, "ood_test")), batch_size=bs_test,
                 shuffle=False), len(ds.ood_test), bs_test, False)
-        tr.feature_provider = _pass_features(tr.device)
+        tr.feature_cache_stats = {"hits": 0, "fallbacks": 0}
+        tr.feature_provider = _pass_features(tr.device, tr.feature_cache_stats)
 
 
 class _LazyLoader:
@@ -221,11 +222,13 @@ class _LazyLoader:
         return iter(self._loader)
 
 
-def _pass_features(device: torch.device) -> Any:
-    """Batches of the feature loaders (N x D) pass through; image batches (e.g. Tip-Adapter's own cache
-    loader) fall back to the encoder."""
+def _pass_features(device: torch.device, stats: dict[str, int]) -> Any:
+    """Batches of the feature loaders (N x D) pass through (``stats["hits"]`` counts them); image batches
+    (e.g. Tip-Adapter's own cache loader) fall back to the encoder (``stats["fallbacks"]``)."""
 
     def provider(images: torch.Tensor, batch: Optional[dict]) -> Optional[torch.Tensor]:
-        return images.to(device).float() if images.dim() == 2 else None
+        hit = images.dim() == 2
+        stats["hits" if hit else "fallbacks"] += 1
+        return images.to(device).float() if hit else None
 
     return provider

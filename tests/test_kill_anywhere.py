@@ -1,0 +1,162 @@
+"""kill -9 at random points, then the same command again: results equal an uninterrupted run, nothing lost or doubled.
+
+(a) training (5 kills, CRoFT), (b) a sweep of several runs through the real Setup-II driver, (c) a feature-cache
+fill, (d) an open-set evaluation. The killed process is the forked child doing the work (:mod:`procs`), never a
+wrapper shell. All marked ``slow``; the fast representative is in ``test_faults.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY
+from procs import run_until_done, start_forked, train_starter, wait_forked
+from synthetic import write_lodo_tree
+from synthetic_openset import write_all_openset
+
+pytestmark = pytest.mark.slow
+
+CRoFT_CFG = "configs/trainers/CRoFT/rn50_ep30.yaml"
+FAST = ["OPTIM.MAX_EPOCH", "3", "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "DATALOADER.TEST.BATCH_SIZE", "16",
+        "TRAIN.CHECKPOINT_FREQ", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm():
+    import train  # noqa: F401
+    from launch import setup2  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = str(tmp_path_factory.mktemp("data"))
+    write_lodo_tree(r, per_class=6)
+    write_all_openset(r)
+    return r
+
+
+def argv(root: str, out: str, dataset: str = "PACS", flags=(), extra=()) -> list[str]:
+    return ["--root", root, "--seed", "1", "--trainer", "CRoFT", "--dataset-config-file",
+            f"configs/datasets/{dataset}.yaml", "--config-file", CRoFT_CFG, "--output-dir", out, *flags, *TINY,
+            "VERBOSE", "False", "TEST_ENV", "sketch", *FAST, *extra]
+
+
+def record(d: str) -> dict:
+    with open(os.path.join(d, "record.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def same_result(a: str, b: str, checkpoints: bool = True) -> None:
+    ra, rb = record(a), record(b)
+    for key in ("best_epoch", "val_history", "metrics"):
+        assert ra.get(key) == rb.get(key), key
+    assert os.path.isfile(os.path.join(b, "done"))
+    if not checkpoints:
+        return
+    for model in ("clip_adapter", "generator"):
+        names = sorted(f for f in os.listdir(os.path.join(a, model)) if f.startswith("model"))
+        assert names == sorted(f for f in os.listdir(os.path.join(b, model)) if f.startswith("model"))
+        for f in names:
+            sa = torch.load(os.path.join(a, model, f), weights_only=False)["state_dict"]
+            sb = torch.load(os.path.join(b, model, f), weights_only=False)["state_dict"]
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), (model, f)
+
+
+def uninterrupted(args: list[str], workdir: str) -> None:
+    res = wait_forked(*train_starter(args, workdir)())
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_training_five_kills(root, tmp_path):
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    uninterrupted(argv(root, ref), str(tmp_path))
+    hits, res = run_until_done(train_starter(argv(root, out), str(tmp_path)), kills=5, max_delay=8.0, seed=5)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 3
+    same_result(ref, out)
+
+
+def _sweep_dirs(base: str) -> list[str]:
+    return sorted(dp for dp, _, files in os.walk(base) if "done" in files)
+
+
+def test_b_sweep_of_several_runs(root, tmp_path):
+    from launch import setup2
+
+    def sweep(out: str):
+        common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains",
+                  "sketch", "photo", "--lambda2", "1", "10", "--epochs", "2", "--shots", "2", "--output-root", out,
+                  "--launcher", "inprocess", "--", *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", "8",
+                  "TRAIN.CHECKPOINT_FREQ", "1"]
+        return lambda: start_forked(lambda: setup2.main(common, trainer="CRoFT"), str(tmp_path))
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    assert wait_forked(*sweep(ref)()).returncode == 0
+    hits, res = run_until_done(sweep(out), kills=4, max_delay=25.0, seed=7)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 2
+    runs_ref = [os.path.relpath(d, ref) for d in _sweep_dirs(ref)]
+    assert len(runs_ref) == 4 and runs_ref == [os.path.relpath(d, out) for d in _sweep_dirs(out)]
+    for rel in runs_ref:
+        same_result(os.path.join(ref, rel), os.path.join(out, rel))
+    manifests = [os.path.join(dp, f) for dp, _, fs in os.walk(out) for f in fs if dp.endswith("sweeps")]
+    for path in manifests:
+        with open(path) as f:
+            dirs = [j["output_dir"] for j in json.load(f)["jobs"]]
+        assert len(dirs) == len(set(dirs))  # nothing listed twice
+
+
+def test_c_feature_cache_fill(root, tmp_path):
+    cache = ["FEATURE_CACHE.ENABLED", "True", "FEATURE_CACHE.TRAIN_VIEWS", "3"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    uninterrupted(argv(root, ref, extra=cache + ["FEATURE_CACHE.DIR", str(tmp_path / "cache_ref")]), str(tmp_path))
+    start = train_starter(argv(root, out, extra=cache + ["FEATURE_CACHE.DIR", str(tmp_path / "cache_k")]),
+                          str(tmp_path))
+    hits, res = run_until_done(start, kills=3, max_delay=4.0, seed=3)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 1
+    same_result(ref, out)
+
+    ref_store, killed_store = stored(str(tmp_path / "cache_ref")), stored(str(tmp_path / "cache_k"))
+    assert ref_store.keys() == killed_store.keys() and ref_store
+    for key, feats in ref_store.items():
+        assert sorted(feats) == sorted(killed_store[key]), key
+        assert all(np.array_equal(feats[p], killed_store[key][p]) for p in feats), key
+
+
+def stored(cache_dir: str) -> dict:
+    """{store folder: {image path: feature}} from the committed shards; a path stored twice fails."""
+    out: dict = {}
+    for dp, _, fs in os.walk(cache_dir):
+        for f in sorted(fs):
+            if not f.endswith(".json") or f.startswith(".") or not os.path.isfile(os.path.join(dp, f[:-5] + ".npy")):
+                continue
+            with open(os.path.join(dp, f)) as fh:
+                index = json.load(fh)
+            if not isinstance(index, dict) or "paths" not in index:
+                continue
+            paths = index["paths"]
+            feats = np.load(os.path.join(dp, f[:-5] + ".npy"))
+            store = out.setdefault(os.path.relpath(dp, cache_dir), {})
+            for p, x in zip(paths, feats):
+                assert p not in store, f"{p} stored twice in {dp}"
+                store[p] = x
+    return out
+
+
+def test_d_open_set_evaluation(root, tmp_path):
+    model = str(tmp_path / "model")
+    uninterrupted(argv(root, model), str(tmp_path))
+    ev = ["--eval-only", "--model-dir", model]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    uninterrupted(argv(root, ref, "PACS_DTD", ev), str(tmp_path))
+    hits, res = run_until_done(train_starter(argv(root, out, "PACS_DTD", ev), str(tmp_path)), kills=3,
+                               max_delay=3.0, seed=11)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 1
+    same_result(ref, out, checkpoints=False)
+    assert "ood" in record(out)["metrics"]
