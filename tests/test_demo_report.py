@@ -103,3 +103,25 @@ def test_summary_states_the_claim_with_numbers():
     rows = [dict(r, energy_fpr95=r["mcm_fpr95"]) for r in selection.select(_rows(), "val")]
     text = report.summary(rows)
     assert "50.00 % held-out accuracy vs 41.50 % for CoOp" in text and "neither supported nor refuted" in text
+    assert "with 2 pairs the smallest attainable two-sided p is 0.5" in text
+
+
+def test_coop_finding_names_the_class_agnostic_part(tmp_path):
+    """Open-set logits with a larger common offset but flat classes: energy and the mean logit rank them as ID,
+    the centred logsumexp does not; the generated finding says so and draws the figure."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, offset in (("CoOp", 8.0), ("ZS-CLIP", 1.0)):
+        for dom, shift in (("mnist", offset), ("inkpaper", -offset)):
+            d = tmp_path / method / dom
+            d.mkdir(parents=True)
+            idl = rng.normal(size=(60, 10)) + 6.0 * np.eye(10)[rng.integers(0, 10, 60)]
+            ood = rng.normal(size=(50, 10)) * 0.3 + shift
+            np.savez(d / "scores.npz", test__logits=idl, ood_test__logits=ood)
+            rows.append({"method": method, "setting": "", "domain": dom, "seed": 1, "ood": "F", "dir": str(d)})
+    dec = investigate.decompose(rows)
+    coop_mnist = next(x for x in dec if x["method"] == "CoOp" and x["domain"] == "mnist")
+    assert coop_mnist["energy"] < 50 and coop_mnist["agnostic"] < 50 <= coop_mnist["discriminative"]
+    text = "\n".join(report.coop_finding(rows, str(tmp_path / "fig"), "fig"))
+    assert "with mnist held out" in text and "CoOp's energy follows the class-agnostic part" in text
+    assert (tmp_path / "fig" / "coop_energy_parts.png").is_file()

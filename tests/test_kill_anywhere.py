@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,10 +121,31 @@ def test_c_feature_cache_fill(root, tmp_path):
     assert hits >= 1
     same_result(ref, out)
 
-    def files(d):
-        return sorted(os.path.relpath(os.path.join(dp, f), d) for dp, _, fs in os.walk(d) for f in fs)
+    ref_store, killed_store = stored(str(tmp_path / "cache_ref")), stored(str(tmp_path / "cache_k"))
+    assert ref_store.keys() == killed_store.keys() and ref_store
+    for key, feats in ref_store.items():
+        assert sorted(feats) == sorted(killed_store[key]), key
+        assert all(np.array_equal(feats[p], killed_store[key][p]) for p in feats), key
 
-    assert files(str(tmp_path / "cache_ref")) == files(str(tmp_path / "cache_k"))  # no duplicate or stray file
+
+def stored(cache_dir: str) -> dict:
+    """{store folder: {image path: feature}} from the committed shards; a path stored twice fails."""
+    out: dict = {}
+    for dp, _, fs in os.walk(cache_dir):
+        for f in sorted(fs):
+            if not f.endswith(".json") or f.startswith(".") or not os.path.isfile(os.path.join(dp, f[:-5] + ".npy")):
+                continue
+            with open(os.path.join(dp, f)) as fh:
+                index = json.load(fh)
+            if not isinstance(index, dict) or "paths" not in index:
+                continue
+            paths = index["paths"]
+            feats = np.load(os.path.join(dp, f[:-5] + ".npy"))
+            store = out.setdefault(os.path.relpath(dp, cache_dir), {})
+            for p, x in zip(paths, feats):
+                assert p not in store, f"{p} stored twice in {dp}"
+                store[p] = x
+    return out
 
 
 def test_d_open_set_evaluation(root, tmp_path):

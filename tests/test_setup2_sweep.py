@@ -217,6 +217,7 @@ def test_knn_script(sweep, capsys):
     assert mod.main(["--eval-root", str(base / "eval"), "--k", "1", "5"]) == 0
     out = capsys.readouterr().out
     assert "| runs | K | FPR95↓ | AUROC↑ |" in out and os.path.isfile(base / "eval" / "setup2_knn.csv")
+    assert "> FPR95: knn → fpr95_tpr_id (official KNN convention)" in out and "all held-out images (official)" in out
 
 
 def test_shell_driver_matches_python_driver(sweep, tmp_path):

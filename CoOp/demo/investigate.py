@@ -29,7 +29,8 @@ def auroc(id_s: np.ndarray, ood_s: np.ndarray) -> float:
 
 
 def decompose(run_dir_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per evaluation row (with ``dir``): AUROC (%) of energy, of the mean logit and of the centred logsumexp."""
+    """Per evaluation row (with ``dir``): AUROC (%) of energy, of the mean logit and of the centred logsumexp, and
+    ``spread`` = std of the class-agnostic part / std of the class-discriminative part over ID and open-set images."""
     out = []
     for r in run_dir_rows:
         arr = scores_file(r["dir"])
@@ -38,8 +39,7 @@ def decompose(run_dir_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         (mi, ci), (mo, co) = parts(arr["test__logits"]), parts(arr["ood_test__logits"])
         out.append(dict(method=r["method"], domain=r["domain"], seed=r["seed"], ood=r["ood"],
                         energy=auroc(mi + ci, mo + co), agnostic=auroc(mi, mo), discriminative=auroc(ci, co),
-                        agnostic_gap=float(np.median(mo) - np.median(mi)),
-                        discriminative_gap=float(np.median(ci) - np.median(co))))
+                        spread=float(np.std(np.r_[mi, mo]) / np.std(np.r_[ci, co]))))
     return out
 
 
@@ -70,7 +70,7 @@ def figure(rows: Sequence[dict[str, Any]], method: str, domains: Sequence[str], 
                     and r["seed"] == seed), None) for d in domains]
     if any(p is None for p in picked):
         return None
-    fig = Figure(figsize=(4.2 * len(domains), 3.6))
+    fig = Figure(figsize=(4.2 * len(domains), 3.6), layout="constrained")
     axes = fig.subplots(1, len(domains), squeeze=False)[0]
     for ax, r in zip(axes, picked):
         arr = scores_file(r["dir"])

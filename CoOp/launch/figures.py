@@ -54,7 +54,7 @@ def sensitivity(rows: Sequence[dict[str, Any]], path: str, param: str = "lambda2
     """Rows (one per run: method, setting, domain, seed and metric keys) -> grid of panels (metric x domain);
     one line per method, x = ``param`` (symlog axis), values per seed averaged over open sets first."""
     domains = sorted({r["domain"] for r in rows})
-    fig = Figure(figsize=(3.2 * len(domains), 2.6 * len(metrics)))
+    fig = Figure(figsize=(3.2 * len(domains), 2.6 * len(metrics)), layout="constrained")
     axes = fig.subplots(len(metrics), len(domains), squeeze=False)
     for i, (key, label) in enumerate(metrics):
         for j, dom in enumerate(domains):
@@ -86,7 +86,7 @@ def score_histograms(groups: Mapping[str, Mapping[str, np.ndarray]], path: str, 
     n = len(groups)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(3.4 * cols, 2.6 * rows))
+    fig = Figure(figsize=(3.4 * cols, 2.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax, (method, per_group) in zip(axes, groups.items()):
         allv = np.concatenate([np.asarray(v, float) for v in per_group.values()])

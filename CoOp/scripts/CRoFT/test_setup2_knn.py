@@ -73,6 +73,9 @@ def main(argv=None) -> int:
         a = [float(np.mean([v[1] for v in vals])) for vals in per_seed.values()]
         rows.append([label, str(k), cell(f), cell(a)])
         csv_rows.append([label, k, np.mean(f), np.std(f), np.mean(a), np.std(a), len(f)])
+    print(f"> FPR95: knn → {args.fpr}" + (" (official KNN convention)" if args.fpr == "fpr95_tpr_id" else ""))
+    print("> ID side: " + ("correctly classified held-out images" if args.id_correct_only else
+                           "all held-out images (official), unless a run set TEST.KNN_ID_CORRECT_ONLY True") + "\n")
     print(markdown(["runs", "K", "FPR95↓", "AUROC↑"], rows))
     path = os.path.join(root, "setup2_knn.csv")
     write_csv(path, ["runs", "k", "fpr95_mean", "fpr95_std", "auroc_mean", "auroc_std", "n_seeds"], csv_rows)
