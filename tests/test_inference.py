@@ -98,3 +98,30 @@ def test_a_trainer_returning_a_list_fails_with_a_clear_error(data_root, tmp_path
         TRAINER_REGISTRY.register(ListProbe)
     with pytest.raises(TypeError, match="ListProbe.model_inference returned a list"):
         run_cli(cli_args(data_root, str(tmp_path / "ev"), "ListProbe", flags=["--eval-only"]))
+
+
+def test_extras_reach_the_scores_and_scores_npz(data_root, tmp_path, monkeypatch):
+    from dassl.engine import TRAINER_REGISTRY
+    from dassl.evaluation import scores as S
+
+    cls = register_probe_trainer()
+
+    class ExtrasProbe(cls):
+        def model_inference(self, input):
+            logits = self.model(self.encode_images(input))
+            return InferenceOutput(logits=logits, extras={"top": logits.max(dim=1).values})
+
+    if "ExtrasProbe" not in TRAINER_REGISTRY:
+        TRAINER_REGISTRY.register(ExtrasProbe)
+    monkeypatch.setattr(S, "_REGISTRY", dict(S._REGISTRY))  # the test score stays local to this test
+    S.register_score("top_logit", needs=("logits",))(lambda inp: inp.extras["top"])
+    out = tmp_path / "ev"
+    rec = run_cli(cli_args(data_root, str(out), "ExtrasProbe", dataset_cfg="configs/datasets/PACS_DTD.yaml",
+                           flags=["--eval-only"], extra=["TEST.OOD_SCORES", "['top_logit']",
+                                                         "TEST.OOD_ID_CORRECT_ONLY", "False"]))
+    z = np.load(out / "scores.npz")
+    np.testing.assert_allclose(z["test__extra_top"], z["test__logits"].max(1), rtol=1e-6)
+    np.testing.assert_allclose(z["test__score_top_logit"], z["test__logits"].max(1), rtol=1e-6)
+    truth = np.r_[np.ones(len(z["test__labels"])), np.zeros(len(z["ood_test__labels"]))]
+    expected = roc_auc_score(truth, np.r_[z["test__logits"].max(1), z["ood_test__logits"].max(1)])
+    assert rec["metrics"]["ood"]["top_logit"]["auroc"] == pytest.approx(expected, abs=1e-9)

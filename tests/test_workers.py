@@ -155,3 +155,14 @@ def test_worker_memo_reads_split_lists_once(data, monkeypatch):
     assert first.test[0] is not second.test[0]  # each job gets its own copies
     DATASET_REGISTRY.get("PACS")(cfg)
     assert len(calls) == 2  # disabled (plain train.py): read every time
+
+
+def test_inprocess_job_restores_environment(data, tmp_path, monkeypatch):
+    from launch.launchers import run_job_inprocess
+
+    monkeypatch.delenv("CROFT_NO_PROGRESS", raising=False)
+    job = _jobs(data, str(tmp_path), [("bad", 1, 1)])[0]
+    job.argv[job.argv.index("TEST_ENV") + 1] = "mars"  # fails while building the dataset
+    ok, msg = run_job_inprocess(job, quiet=True)  # quiet sets CROFT_NO_PROGRESS for the job
+    assert not ok and "mars" in msg
+    assert "CROFT_NO_PROGRESS" not in os.environ

@@ -119,10 +119,16 @@ class WorkerLauncher(Launcher):
         self._pool = workers
         try:
             while pending or any(w.job is not None for w in workers):
-                for w in workers:
+                for i, w in enumerate(workers):
                     if w.job is None and pending:
+                        if not w.process.is_alive():  # died while idle
+                            w.stop()
+                            workers[i] = w = self._spawn(ctx, i, n)
                         w.job, w.attempt = pending.popleft()
-                        w.conn.send(asdict(w.job))
+                        try:
+                            w.conn.send(asdict(w.job))
+                        except OSError:  # it died just now: _poll reports the job's worker as dead
+                            pass
                 busy = [w for w in workers if w.job is not None]
                 wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
                 for w in busy:

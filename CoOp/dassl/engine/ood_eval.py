@@ -32,7 +32,8 @@ def _score_inputs(out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | N
 
     return ScoreInputs(logits=t(out["logits"]), features=t(out.get("features")), bank=t(bank),
                        score=t(out.get("score")), logit_scale=trainer.logit_scale_value(),
-                       mcm_temperature=trainer.cfg.TEST.MCM_TEMPERATURE, k=k)
+                       mcm_temperature=trainer.cfg.TEST.MCM_TEMPERATURE, k=k,
+                       extras={key[len("extra_"):]: t(v) for key, v in out.items() if key.startswith("extra_")})
 
 
 def check_score_names(names: Any) -> list[str]:

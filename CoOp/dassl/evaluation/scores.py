@@ -16,7 +16,7 @@ the building blocks; the metrics live in :mod:`dassl.evaluation.ood`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -43,7 +43,8 @@ class ScoreInputs:
     """What a score may read. Tensors are ``(N, C)`` logits, ``(N, D)`` features, ``(M, D)`` bank, ``(N,)`` score.
 
     ``score`` is the trainer's own detection score (:class:`dassl.engine.inference.InferenceOutput.score`;
-    the energy of the logits unless the trainer sets another one). ``logit_scale`` turns logits back into
+    the energy of the logits unless the trainer sets another one); ``extras`` its further per-image tensors.
+    ``logit_scale`` turns logits back into
     cosines for MCM; ``mcm_temperature`` and ``k`` come from ``TEST.MCM_TEMPERATURE`` / ``TEST.KNN_K``.
     """
 
@@ -54,6 +55,7 @@ class ScoreInputs:
     logit_scale: float = 100.0
     mcm_temperature: float = 1.0
     k: int = 50
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # InferenceOutput.extras, by name
 
 
 ScoreFn = Callable[[ScoreInputs], torch.Tensor]
