@@ -1,6 +1,8 @@
 """Process helpers for fault tests: run ``train.cli`` in a forked child (no interpreter start-up), kill -9.
 
 The forked child is the real process doing the work (no wrapper shell), so ``kill -9`` hits it directly.
+The child runs torch with one intra-op thread: the parent's OpenMP pool does not survive ``fork`` and a
+parallel region entered in the child would wait forever on its lost threads.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ def _child(target: Callable[[], int], out_path: str, err_path: str) -> None:
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
         os.environ["CROFT_NO_PROGRESS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
         os.chdir(COOP)
         code = int(target() or 0)
     except SystemExit as err:

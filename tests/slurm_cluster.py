@@ -134,8 +134,27 @@ def _wait_for(cond, timeout: float, cluster: Cluster, what: str) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{logs}")
 
 
+def _cluster_pids(conf: str) -> list[int]:
+    """Pids of processes that run under this cluster's ``SLURM_CONF`` (job steps outlive slurmd)."""
+    tag = f"SLURM_CONF={conf}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if tag in f.read().split(b"\0"):
+                    pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
 def stop_cluster(cluster: Cluster) -> None:
-    """Stop the daemons this cluster started (by pid), slurmd first."""
+    """Cancel the jobs, stop the daemons this cluster started (by pid, slurmd first), then any job step left."""
+    conf = cluster.env.get("SLURM_CONF", "")
+    if cluster.procs and conf:
+        subprocess.run(["scancel", "--user", "root"], env=cluster.env, capture_output=True)
     for p in reversed(cluster.procs):
         if p.poll() is None:
             p.terminate()
@@ -145,3 +164,8 @@ def stop_cluster(cluster: Cluster) -> None:
                 p.kill()
                 p.wait(5)
     cluster.procs.clear()
+    for pid in _cluster_pids(conf) if conf else []:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
