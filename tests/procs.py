@@ -109,6 +109,29 @@ def kill_after(pid: int, delay: float) -> bool:
         return False
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (read from /proc; the child is not reaped here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_when(pid: int, ready: Callable[[], bool], delay: float = 0.0, timeout: float = 300) -> bool:
+    """SIGKILL ``pid`` ``delay`` s after ``ready()`` first holds; False if it had finished before."""
+    t0 = time.time()
+    while not ready():
+        if not _running(pid) or time.time() - t0 > timeout:
+            return False
+        time.sleep(0.01)
+    time.sleep(delay)
+    if not _running(pid):
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
 def run_until_done(start: Callable[[], tuple[int, str, str]], kills: int, max_delay: float, seed: int,
                    timeout: float = 600) -> tuple[int, Result]:
     """Start, kill -9 at ``kills`` random points (uniform in [0.3, max_delay] s), then run to the end.

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 
 import pytest
 import torch
 
 from helpers import TINY
-from procs import run_train_forked, run_until_done, train_starter
+from procs import kill_when, run_train_forked, train_starter, wait_forked
 from synthetic import write_lodo_tree
 
 CRoFT_CFG = "configs/trainers/CRoFT/rn50_ep30.yaml"
@@ -247,12 +248,19 @@ def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_pat
 
 # ------------------------------------------------------------------ kill -9 anywhere (fast representative)
 def test_kill9_during_training_then_rerun_equals_uninterrupted(root, trained, tmp_path):
-    """Two kill -9 at random points of a CRoFT run, then a rerun: same checkpoints, best epoch, history, metrics."""
+    """Two kill -9 of a CRoFT run (once its log exists, once epoch 1's checkpoint does, each after a random
+    delay), then a rerun: same checkpoints, best epoch, history, metrics."""
     out = str(tmp_path / "killed")
     start = train_starter(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
-    hits, res = run_until_done(start, kills=2, max_delay=5.0, seed=14)
-    assert res.returncode == 0, res.stderr
+    rng = random.Random(14)
+    hits = 0
+    for marker in ("log.txt", os.path.join("clip_adapter", "model.pth.tar-1")):
+        pid, o, e = start()
+        hits += kill_when(pid, lambda m=marker: os.path.exists(os.path.join(out, m)), rng.uniform(0, 0.2))
+        wait_forked(pid, o, e)
     assert hits >= 1
+    res = wait_forked(*start())
+    assert res.returncode == 0, res.stderr
     same_run(trained, out)
 
 

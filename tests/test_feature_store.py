@@ -179,7 +179,7 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
     cfg = get_cfg_default()
     cfg.DATALOADER.TEST.BATCH_SIZE = 2
     trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"),
-                              image_encoder=nn.Sequential(nn.Flatten(), nn.Linear(48, 5)))
+                              image_encoder=nn.Sequential(nn.Flatten(), nn.Linear(48, 5)), encoder_images=0)
     cache = fc.FeatureCache.__new__(fc.FeatureCache)
     cache.trainer = trainer
     monkeypatch.setattr(fc, "FLUSH_ROWS", 4)
@@ -188,3 +188,4 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
     sizes = sorted(len(json.load(open(os.path.join(store.folder, f)))["paths"])
                    for f in os.listdir(store.folder) if f.endswith(".json"))
     assert sizes == [2, 4, 4] and len(fc.FeatureStore(store.folder)) == 10
+    assert trainer.encoder_images == 10

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARIES = ("dassl", "clip", "clip_backbone", "launch", "trainers", "datasets")
+LIBRARIES = ("dassl", "clip", "clip_backbone", "launch", "trainers", "datasets", "demo")
 
 
 def _readme_defaults_table() -> list[tuple[str, str, str]]:

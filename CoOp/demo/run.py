@@ -84,18 +84,14 @@ def run_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple
     """Train, then evaluate every runnable job; returns the number of failed runs."""
     from launch.sweep import run_jobs, runnable, write_manifest
 
-    cwd = os.getcwd()
-    try:  # the drivers plan from CoOp/; the caller's working directory comes back afterwards
-        print("== 3/4 leave-one-domain-out training")
-        train = plan_all(args, data_root, weights, roots, evaluate=False)
-        write_manifest(roots[0], "demo_train", train)
-        failures = run_jobs(train, num_workers=args.jobs)
-        print("== 4/4 open-set evaluation")
-        evals = plan_all(args, data_root, weights, roots, evaluate=True)
-        write_manifest(roots[1], "demo_eval", evals)
-        return failures + run_jobs(runnable(evals, True), num_workers=args.jobs)
-    finally:
-        os.chdir(cwd)
+    print("== 3/4 leave-one-domain-out training")
+    train = plan_all(args, data_root, weights, roots, evaluate=False)
+    write_manifest(roots[0], "demo_train", train)
+    failures = run_jobs(train, num_workers=args.jobs)
+    print("== 4/4 open-set evaluation")
+    evals = plan_all(args, data_root, weights, roots, evaluate=True)
+    write_manifest(roots[1], "demo_eval", evals)
+    return failures + run_jobs(runnable(evals, True), num_workers=args.jobs)
 
 
 def header(args: argparse.Namespace, tiny: dict) -> str:
