@@ -160,7 +160,6 @@ def test_zero_shot_eval_table(trained, tmp_path, capsys):
     model, tok, _ = ptc.load_pretrained(cache)
     res = ptc.evaluate_zero_shot(model, tok, data, verbose=True)
     assert set(res["accuracy"]) == set(bdm.DOMAINS) and set(res["accuracy_ensemble"]) == set(bdm.DOMAINS)
-    assert all(0.0 <= a <= 100.0 for a in res["accuracy"].values())
     assert set(res["msp_auroc_vs_mnist"]) == {bdm.FASHION_FOLDER, bdm.TEXTURES_FOLDER}
     assert "zero-shot accuracy" in capsys.readouterr().out
     assert ptc.main(["--eval", "--cache-dir", str(cache), "--data-root", str(tmp_path / "none")]) == 2
