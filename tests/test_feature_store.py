@@ -159,20 +159,19 @@ def test_old_single_file_cache_is_imported_or_rejected(tmp_path):
         open_store(str(tmp_path), "train_v0")
 
 
-def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
-    """``FeatureCache._fill`` writes a shard each ``FLUSH_ROWS`` encoded images (here 4 of 10: 4 + 4 + 2)."""
+def _tiny_cache(tmp_path, n: int = 10):
+    """A FeatureCache over a linear encoder and ``n`` 4x4 images: (cache, its trainer, items)."""
     from types import SimpleNamespace
 
     import torch.nn as nn
     from PIL import Image
-    from torchvision import transforms
 
     from dassl.config import get_cfg_default
     from dassl.data.datasets import Datum
     from dassl.engine import feature_cache as fc
 
     items = []
-    for i in range(10):
+    for i in range(n):
         path = str(tmp_path / f"im{i}.png")
         Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(path)
         items.append(Datum(impath=path, label=0, domain=0))
@@ -182,6 +181,16 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
                               image_encoder=nn.Sequential(nn.Flatten(), nn.Linear(48, 5)), encoder_images=0)
     cache = fc.FeatureCache.__new__(fc.FeatureCache)
     cache.trainer = trainer
+    return cache, trainer, items
+
+
+def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
+    """``FeatureCache._fill`` writes a shard each ``FLUSH_ROWS`` encoded images (here 4 of 10: 4 + 4 + 2)."""
+    from torchvision import transforms
+
+    from dassl.engine import feature_cache as fc
+
+    cache, trainer, items = _tiny_cache(tmp_path)
     monkeypatch.setattr(fc, "FLUSH_ROWS", 4)
     store = fc.FeatureStore(str(tmp_path / "store"))
     cache._fill(items, transforms.ToTensor(), store, None, "t")
@@ -189,3 +198,28 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
                    for f in os.listdir(store.folder) if f.endswith(".json"))
     assert sizes == [2, 4, 4] and len(fc.FeatureStore(store.folder)) == 10
     assert trainer.encoder_images == 10
+
+
+def test_a_second_filler_waits_for_the_first_and_encodes_nothing(tmp_path):
+    """While another process holds a store's fill lock, a fill waits; it then reads that filler's shards."""
+    import fcntl
+    import threading
+
+    from torchvision import transforms
+
+    from dassl.engine import feature_cache as fc
+
+    cache, trainer, items = _tiny_cache(tmp_path)
+    folder = str(tmp_path / "store")
+    os.makedirs(folder)
+    store = fc.FeatureStore(folder)
+    with open(os.path.join(folder, ".fill.lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "the first filler"
+        waiter = threading.Thread(target=cache._fill, args=(items, transforms.ToTensor(), store, None, "t"))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and trainer.encoder_images == 0
+        fc.FeatureStore(folder, writer="first").add([d.impath for d in items], torch.zeros(len(items), 5))
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert not waiter.is_alive() and trainer.encoder_images == 0 and len(store) == len(items)

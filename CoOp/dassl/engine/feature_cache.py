@@ -17,10 +17,13 @@ deliberate deviation from the official code (fresh augmentation every epoch): it
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -58,6 +61,21 @@ def open_store(cache_dir: str, kind: str) -> FeatureStore:
             raise DataError(str(err)) from None
         print(f"Feature cache: imported {n} features of the old single-file store {legacy}")
     return store
+
+
+@contextlib.contextmanager
+def _fill_lock(folder: str, enabled: bool) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``folder/.fill.lock`` for the block (no-op when not ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".fill.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def view_seed(view: int, path: str, root: str) -> int:
@@ -124,9 +142,19 @@ class FeatureCache:
               rank: int = 0, world_size: int = 1) -> None:
         """Encode the images of ``items`` missing from ``store`` (this rank's share of them) and append them."""
         shard = sorted({d.impath for d in items})[rank::world_size]  # shard the full list: ranks never overlap
-        todo = [p for p in shard if p not in store]
-        if not todo:
+        if all(p in store for p in shard):
             return
+        # one filler per store at a time (runs of a sweep start together): the others wait, then read its shards;
+        # torchrun ranks fill disjoint shares and need no lock. The kernel drops the lock of a killed process.
+        with _fill_lock(store.folder, world_size == 1):
+            store.refresh()
+            todo = [p for p in shard if p not in store]
+            if todo:
+                self._encode(todo, transform, store, view, desc)
+
+    @torch.no_grad()
+    def _encode(self, todo: list[str], transform: Any, store: FeatureStore, view: Optional[int], desc: str) -> None:
+        """Encode ``todo`` and append the features to ``store`` in shards of ``FLUSH_ROWS``."""
         tr = self.trainer
         loader = DataLoader(_SeededViews(todo, transform, view, tr.cfg.DATASET.ROOT),
                             batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False, num_workers=0)
