@@ -64,6 +64,16 @@ class Protocol:
     eval_opts: tuple[str, ...] = ()                         # evaluation runs only
     selected: Mapping[str, Mapping[str, Setting]] = field(default_factory=dict)  # dataset -> cfg -> model
     note: str = ""
+    requires: Mapping[str, str] = field(default_factory=dict)  # override key the user must give -> why
+
+    def missing(self, overrides: Sequence[str]) -> Optional[str]:
+        """The one-line error for the first required key not set to a non-empty value in ``overrides``."""
+        given = {k: v for k, v in zip(overrides[::2], overrides[1::2])}
+        for key, why in self.requires.items():
+            if given.get(key, "").strip() in ("", "[]", "()"):
+                return f"error: {self.trainer} cannot run Setup-{self.setup} as the official code does ({why}); " \
+                       f"pass the named fix after '--', e.g. -- {key} \"['imagenet']\""
+        return None
 
     def train_opts(self, cfg: str) -> list[str]:
         """Overrides of a training run with trainer config ``cfg`` (unknown configs get no per-config values)."""
@@ -112,7 +122,8 @@ def _table() -> dict[tuple[str, int], Protocol]:
                              "TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "TRAINER.COOP.PREC", "fp16"))
         add("CoCoOp", s, cfg_opts=COCOOP_CFGS, opts=("TRAINER.COCOOP.N_CTX", "16", "TRAINER.COCOOP.PREC", "fp16"))
         add("DPLCLIP", s, opts=("TRAINER.DPLCLIP.PREC", "fp16"))
-        add("BCAL", s, opts=BCAL_OPTS, note="Bayes-CAL; the official Setup-I scripts cannot run (no domain names)")
+        add("BCAL", s, opts=BCAL_OPTS, note="Bayes-CAL; the official Setup-I scripts cannot run (no domain names)",
+            requires={"TRAINER.BCAL.DOMAIN_NAMES": "ImageNet46 has no domain names"} if s == 1 else {})
     add("CLIP_Adapter", 1, shots=(4,), opts=("TRAINER.CLIP_ADAPTER.RATIO", "0.2", "TRAINER.CLIP_ADAPTER.PREC", "fp32"))
     add("CLIP_Adapter", 2, opts=("TRAINER.CLIP_ADAPTER.RATIO", "0.2", "TRAINER.CLIP_ADAPTER.PREC", "fp32"))
     add("TIP_ADAPTER", 1, cfg_opts=TIP_CFGS, opts=("TRAINER.TIP_ADAPTER.ALPHA", "1.17", "TRAINER.TIP_ADAPTER.BETA",

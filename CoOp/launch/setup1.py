@@ -39,6 +39,10 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
     jobs = []
     out_root = os.path.join(args.output_root, trainer)
     prot = official.protocol(trainer, 1)
+    error = prot.missing(common_overrides(args))
+    if error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2)
     for cfg, shots in itertools.product(args.cfgs or prot.cfgs, args.shots or prot.shots):
         for (tag, overrides), seed in itertools.product(settings(trainer, shots, args), args.seeds):
             group = f"imagenet46_{cfg}{tag}"

@@ -8,13 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch.setup1 import main  # noqa: E402
-from setup1_guard import check  # noqa: E402
 
 if __name__ == "__main__":
-    error = None if ("-h" in sys.argv or "--help" in sys.argv) else check()
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
     sys.exit(main(trainer="BCAL", evaluate=True))
