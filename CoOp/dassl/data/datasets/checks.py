@@ -30,32 +30,31 @@ def label_space(splits: Mapping[str, Sequence[Datum]], source: str, base: str = 
             if not 0 <= item.label < k:
                 raise DataError(f"{source}: {_entry(split, i, item, base)}: label out of range [0, {k}) "
                                 f"({k} class names in the lists)")
-    lab2name: dict[int, tuple[str, str]] = {}
-    name2lab: dict[str, tuple[int, str]] = {}
+    lab2name: dict[int, tuple[str, tuple]] = {}
+    name2lab: dict[str, tuple[int, tuple]] = {}
     for split, items in splits.items():
         for i, item in enumerate(items):
-            where = _entry(split, i, item, base)
+            where = (split, i, item)  # formatted only for an error message
             seen = lab2name.setdefault(item.label, (item.classname, where))
             if seen[0] != item.classname:
-                raise DataError(f"{source}: {where}: label {item.label} is {seen[0]!r} in {seen[1]} "
-                                f"(one class name per label)")
+                raise DataError(f"{source}: {_entry(*where, base)}: label {item.label} is {seen[0]!r} in "
+                                f"{_entry(*seen[1], base)} (one class name per label)")
             seen_lab = name2lab.setdefault(item.classname, (item.label, where))
             if seen_lab[0] != item.label:
-                raise DataError(f"{source}: {where}: class {item.classname!r} has label {seen_lab[0]} in "
-                                f"{seen_lab[1]} (one label per class name)")
+                raise DataError(f"{source}: {_entry(*where, base)}: class {item.classname!r} has label "
+                                f"{seen_lab[0]} in {_entry(*seen_lab[1], base)} (one label per class name)")
     return {lab: name for lab, (name, _) in lab2name.items()}
 
 
 def check_disjoint(splits: Mapping[str, Sequence[Datum]], source: str, base: str = "") -> None:
     """No image path in two of the lists (nor twice in one)."""
-    first: dict[str, str] = {}
+    first: dict[str, tuple] = {}
     for split, items in splits.items():
         for i, item in enumerate(items):
-            where = _entry(split, i, item, base)
             if item.impath in first:
-                raise DataError(f"{source}: {where}: the same image is already listed as {first[item.impath]} "
-                                f"(train, val and test must not share images)")
-            first[item.impath] = where
+                raise DataError(f"{source}: {_entry(split, i, item, base)}: the same image is already listed as "
+                                f"{_entry(*first[item.impath], base)} (train, val and test must not share images)")
+            first[item.impath] = (split, i, item)
 
 
 def check_files_exist(splits: Mapping[str, Sequence[Datum]], source: str, base: str = "") -> None:
