@@ -14,10 +14,12 @@ when a run fails before training starts. NaN/Inf losses, gradients or logits pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -26,9 +28,10 @@ from dassl.config import COMPAT_KEYS, add_coop_config, cfg_to_dict, clean_cfg, g
 from dassl.config.checks import check_ignored_keys, trainer_node
 from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
+from dassl.engine.records import is_done
 from dassl.engine.protocol import protocol_block
 from dassl.engine.guards import NonFiniteError
-from dassl.engine.ood_eval import run_evaluation
+from dassl.engine.ood_eval import detect_open_set, run_evaluation
 from dassl.utils import collect_env_info, set_random_seed
 from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.logger import Logger, restore_stdout
@@ -54,6 +57,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only")
     parser.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    parser.add_argument("--eval-open-set", nargs=2, action="append", metavar=("DATASET_CONFIG_FILE", "OUTPUT_DIR"),
+                        help="with --eval-only, instead of --dataset-config-file/--output-dir (repeatable): one "
+                             "evaluation run per pair, all in one pass (model loaded and ID splits run once); "
+                             "each directory gets the records of its own run, a done one is skipped")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="modify config options using the command line (KEY VALUE pairs)")
     return parser
@@ -182,45 +189,65 @@ def _open_log(output_dir: str, buffered: str) -> Logger:
     return logger
 
 
+def seed_run(cfg: Any) -> None:
+    """Seed the run (``SEED`` >= 0) and switch on deterministic algorithms when asked for."""
+    if cfg.SEED >= 0:
+        print(f"Setting fixed seed: {cfg.SEED}")
+        set_random_seed(cfg.SEED, cfg.DETERMINISTIC)
+    if cfg.DETERMINISTIC:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def print_header(args: argparse.Namespace, cfg: Any, env_info: str = "") -> None:
+    """The Dassl start-of-log block: arguments, resolved config, system info."""
+    print("***************")
+    print("** Arguments **")
+    print("***************")
+    for key in sorted(vars(args)):
+        print(f"{key}: {getattr(args, key)}")
+    print("************")
+    print("** Config **")
+    print("************")
+    print(cfg)
+    print("Collecting env info ...")
+    print("** System info **\n" + (env_info or collect_env_info()) + "\n")
+
+
+def start_record(args: argparse.Namespace, cfg: Any, trainer: Any, dataset: Any) -> RunRecord:
+    """Write ``config.yaml``/``args.json`` (and a dataset's ``class_split.json``); a record with the run's
+    protocol block and precision."""
+    atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+    atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "args.json"), vars(args))
+    split_record = getattr(dataset, "split_record", None)
+    if callable(split_record):  # e.g. the ImageNet46 class split of this seed
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
+    record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
+    notes = getattr(dataset, "protocol_notes", None)
+    record.set("protocol", protocol_block(record.data["config"], notes() if callable(notes) else None))
+    # precision requested vs used (CPU always fp32); trainers that never take PREC run fp32
+    record.set("precision", getattr(trainer, "precision_info", {"requested": "fp32", "used": "fp32"}))
+    return record
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run one job; return its record (also written to ``<output-dir>/record.json``)."""
+    """Run one job; return its record (also written to ``<output-dir>/record.json``). With ``--eval-open-set``:
+    the pass over several open-set runs (:func:`evaluate_open_sets`)."""
     args = get_parser().parse_args(argv)
+    if args.eval_open_set:
+        return evaluate_open_sets(args)
     cfg = setup_cfg(args)
     console = sys.stdout
     buffer = _StartupBuffer(console)
     sys.stdout = buffer
     try:
-        if cfg.SEED >= 0:
-            print(f"Setting fixed seed: {cfg.SEED}")
-            set_random_seed(cfg.SEED, cfg.DETERMINISTIC)
-        if cfg.DETERMINISTIC:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        print("***************")
-        print("** Arguments **")
-        print("***************")
-        for key in sorted(vars(args)):
-            print(f"{key}: {getattr(args, key)}")
-        print("************")
-        print("** Config **")
-        print("************")
-        print(cfg)
-        print("Collecting env info ...")
-        print("** System info **\n" + collect_env_info() + "\n")
+        seed_run(cfg)
+        print_header(args, cfg)
         trainer = build_trainer(cfg)
     finally:
         sys.stdout = console
     logger = _open_log(cfg.OUTPUT_DIR, buffer.getvalue())
     try:
-        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
-        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "args.json"), vars(args))
-        split_record = getattr(trainer.dm.dataset, "split_record", None)
-        if callable(split_record):  # e.g. the ImageNet46 class split of this seed
-            atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "class_split.json"), split_record())
-        record = RunRecord(cfg_to_dict(cfg), vars(args), mode="eval" if args.eval_only else "train")
-        notes = getattr(trainer.dm.dataset, "protocol_notes", None)
-        record.set("protocol", protocol_block(record.data["config"], notes() if callable(notes) else None))
-        # precision requested vs used (CPU always fp32); trainers that never take PREC run fp32
-        record.set("precision", getattr(trainer, "precision_info", {"requested": "fp32", "used": "fp32"}))
+        record = start_record(args, cfg, trainer, trainer.dm.dataset)
         t0 = time.time()
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)
@@ -242,6 +269,219 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if args.eval_only or not args.no_train:
             path = record.write(cfg.OUTPUT_DIR)
             print(f"Run record written to {path}")
+        return record.data
+    finally:
+        if sys.stdout is logger:
+            restore_stdout()
+
+
+# ------------------------------------------------------------------------ --eval-open-set: one evaluation pass
+def open_set_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One command line per ``--eval-open-set`` pair: what ``--dataset-config-file C --output-dir D`` gives."""
+    if not args.eval_only:
+        raise ConfigError("--eval-open-set evaluates a trained model: add --eval-only (and --model-dir)")
+    if args.dataset_config_file or args.output_dir:
+        raise ConfigError("--eval-open-set names each run's dataset config and output directory; drop "
+                          "--dataset-config-file/--output-dir")
+    dirs = [os.path.abspath(d) for _, d in args.eval_open_set]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"--eval-open-set: an output directory is named twice: {dirs}")
+    return [argparse.Namespace(**{**vars(args), "dataset_config_file": c, "output_dir": d})
+            for c, d in args.eval_open_set]
+
+
+def _shared_cfg(cfg: Any) -> dict[str, Any]:
+    """What runs of one pass must agree on: the config without ``DATASET.NAME`` and ``OUTPUT_DIR``."""
+    d = cfg_to_dict(cfg)
+    d.pop("OUTPUT_DIR", None)
+    d["DATASET"] = {k: v for k, v in d["DATASET"].items() if k != "NAME"}
+    return d
+
+
+def check_one_pass(cfgs: list[Any]) -> None:
+    """Runs share a model and ID splits only if their configs differ in nothing but the open-set dataset."""
+    first = _shared_cfg(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = _shared_cfg(cfg)
+        if other != first:
+            keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            raise ConfigError(f"--eval-open-set: {cfg.DATASET.NAME} and {cfgs[0].DATASET.NAME} differ in more than "
+                              f"DATASET.NAME (in {', '.join(keys)}); evaluate them in separate runs")
+
+
+def _id_split_mismatch(a: Any, b: Any) -> str:
+    """The first ID split (or the class names) two ``<ID>_<OOD>`` datasets disagree on; "" if none."""
+    for split in ("train_x", "val", "test"):
+        if [(d.impath, d.label) for d in getattr(a, split) or []] != [(d.impath, d.label) for d in getattr(b, split) or []]:
+            return split
+    return "" if a.classnames == b.classnames else "classnames"
+
+
+class _KeepRNG:
+    """Saves the python, numpy and torch random states on entry and restores them on exit."""
+
+    def __enter__(self) -> "_KeepRNG":
+        self.state = rng_state()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        set_rng_state(self.state)
+
+
+def rng_state() -> tuple[Any, ...]:
+    import random
+
+    import numpy as np
+
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: tuple[Any, ...]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
+
+
+def _open_set_data(cfg: Any, trainer: Any) -> Any:
+    """The dataset of one run of the pass, drawn as that run alone would draw it (re-seeded, the pass's random
+    state kept); its ID splits must be the trainer's."""
+    from dassl.data import DataManager
+    from dassl.utils.errors import DataError
+
+    with _KeepRNG():
+        if cfg.SEED >= 0:
+            set_random_seed(cfg.SEED, cfg.DETERMINISTIC)
+        ds = DataManager(cfg).dataset
+    bad = _id_split_mismatch(trainer.dm.dataset, ds)
+    if bad:
+        raise DataError(f"--eval-open-set: {cfg.DATASET.NAME} and {trainer.cfg.DATASET.NAME} draw different ID "
+                        f"{bad} lists; evaluate them in separate runs")
+    return ds
+
+
+@dataclass
+class OnePass:
+    """What the runs of one ``--eval-open-set`` pass share (computed once)."""
+
+    trainer: Any
+    test_metrics: dict[str, Any]
+    id_outs: dict[str, Any]          # TEST.OOD_ID_SPLIT outputs (empty when the dataset has no open-set split)
+    before_ood: tuple[Any, ...]      # random state a separate run collects its open-set split from
+    info: dict[str, Any]             # the record's ``shared_pass`` block
+    id_scores: dict[tuple[str, str], Any] = field(default_factory=dict)  # (score, split) of the ID side
+    val_out: Optional[dict[str, Any]] = None  # val outputs (the KNN bank), collected by the first run
+
+
+def evaluate_open_sets(args: argparse.Namespace) -> dict[str, Any]:
+    """``--eval-only --eval-open-set C1 D1 --eval-open-set C2 D2 ...``: the runs ``--dataset-config-file Ci
+    --output-dir Di`` would make, in one pass.
+
+    The trainer is built (seeded) with the first unfinished run's config, the model loaded once, closed-set
+    accuracy and the ID split collected once (``val``, the KNN bank, once by the first run); each open-set split is
+    then collected from the random state a separate run would have and scored with every ``TEST.OOD_SCORES``
+    entry. Each directory gets its own ``log.txt`` (its header, the shared part, its own part), ``config.yaml``,
+    ``args.json``, artifacts, ``record.json`` (with a ``shared_pass`` block) and then ``done``; a directory that
+    is already done is skipped. A failing open-set dataset fails only its run (the error is raised at the end).
+    Returns ``{"records": {dir: record}, "skipped": [dirs]}``.
+    """
+    runs = open_set_runs(args)
+    skipped = [a.output_dir for a in runs if is_done(a.output_dir)]
+    todo = [a for a in runs if not is_done(a.output_dir)]
+    for d in skipped:
+        print(f"{d}: done (skipped)")
+    if not todo:
+        return {"records": {}, "skipped": skipped}
+    cfgs = [setup_cfg(a) for a in todo]
+    check_one_pass(cfgs)
+    env_info = collect_env_info()
+    headers = []
+    for a, cfg in zip(todo, cfgs):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            if cfg.SEED >= 0:
+                print(f"Setting fixed seed: {cfg.SEED}")
+            print_header(a, cfg, env_info)
+        headers.append(buf.getvalue())
+    console = sys.stdout
+    log = _StartupBuffer(console)
+    t0 = time.time()
+    console.write(headers[0])
+    sys.stdout = log
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            seed_run(cfgs[0])
+        print(f"** One evaluation pass for {len(todo)} open-set runs ({', '.join(c.DATASET.NAME for c in cfgs)}): "
+              f"the model, {cfgs[0].TEST.SPLIT} accuracy and the ID side are computed once (trainer built with "
+              f"{cfgs[0].DATASET.NAME}) **")
+        trainer = build_trainer(cfgs[0])
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        test_metrics = dict(trainer.test(split=cfgs[0].TEST.SPLIT))
+        id_split = cfgs[0].TEST.OOD_ID_SPLIT
+        id_outs = {id_split: trainer.collect_outputs(id_split)} if trainer.ood_test_loader is not None else {}
+    finally:
+        sys.stdout = console
+    info = {"runs": [a.output_dir for a in runs], "built_with": cfgs[0].DATASET.NAME, "model_loads": 1,
+            "shared_seconds": round(time.time() - t0, 3), "encoder_images": int(trainer.encoder_images)}
+    one = OnePass(trainer, test_metrics, id_outs, rng_state(), info)
+    records: dict[str, Any] = {}
+    errors: list[Exception] = []
+    for i, (a, cfg) in enumerate(zip(todo, cfgs)):
+        try:
+            records[a.output_dir] = _open_set_run(a, cfg, one, i, headers[i] + log.getvalue())
+        except UserError as err:
+            restore_stdout()
+            print(f"error: {cfg.DATASET.NAME} ({a.output_dir}): {err}", file=sys.stderr)
+            errors.append(err)
+    if errors:
+        raise errors[0]
+    return {"records": records, "skipped": skipped}
+
+
+def _open_set_run(args: argparse.Namespace, cfg: Any, one: OnePass, index: int, log_head: str) -> dict[str, Any]:
+    """One run of the pass: its dataset and open-set loader, log, detection, record then ``done``."""
+    trainer = one.trainer
+    console = sys.stdout
+    section = _StartupBuffer(console)
+    sys.stdout = section
+    try:
+        print(f"** Open-set run {index + 1} of the pass: {cfg.DATASET.NAME} **")
+        ds = trainer.dm.dataset if index == 0 else _open_set_data(cfg, trainer)
+        if ds.ood_test:
+            trainer.set_ood_test(ds.ood_test)
+    finally:
+        sys.stdout = console
+    logger = _open_log(cfg.OUTPUT_DIR, log_head + section.getvalue())
+    try:
+        record = start_record(args, cfg, trainer, ds)
+        record.set("model_dir", args.model_dir)
+        t0, enc0 = time.time(), trainer.encoder_images
+        metrics: dict[str, Any] = {"test": one.test_metrics}
+        if ds.ood_test and one.id_outs:
+            set_rng_state(one.before_ood)
+            outs = dict(one.id_outs, ood_test=trainer.collect_outputs("ood_test"))
+            if trainer.val_loader is not None and "val" not in outs:
+                if one.val_out is None:
+                    one.val_out = trainer.collect_outputs("val")
+                outs["val"] = one.val_out
+            metrics.update(detect_open_set(trainer, outs, cfg, one.id_scores))
+        record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
+        if getattr(trainer, "feature_cache_stats", None) is not None:
+            record.set("feature_cache", dict(trainer.feature_cache_stats))
+        # encoder passes: the shared part's are counted in the pass's first record (sums over records stay exact)
+        own = trainer.encoder_images - enc0 + (one.info["encoder_images"] if index == 0 else 0)
+        record.data["timings"]["encoder_images"] = int(own)
+        record.set("shared_pass", dict(one.info, position=index))
+        for name, values in metrics.items():
+            record.add_metrics(name, values)
+        path = record.write(cfg.OUTPUT_DIR)
+        print(f"Run record written to {path}")
         return record.data
     finally:
         if sys.stdout is logger:

@@ -3,6 +3,10 @@
 Training runs:   output/<TRAINER>/<DATASET>_<CFG>[_<swept values>]/test_on_<domain>.json/seed<S>/shots<K>/
 Evaluation runs: eval_open_ood/<TRAINER>/<DATASET>_<OOD>_<CFG>[_<swept values>]/test_on_<domain>.json/seed<S>/
 
+Evaluation is one job per trained model: ``train.py --eval-only --eval-open-set`` loads the model and runs the ID
+splits once and writes every open-set dataset's run directory (the records of separate runs); ``--eval-per-ood``
+plans one job per run directory instead (the official flow).
+
 The directory names encode every swept value (the official VLCS sweep silently skipped two of its three ratio
 settings because they did not), and a run is skipped only when its ``done`` marker exists. What runs comes from
 :mod:`launch.official` (configs, shots, every official override, the CRoFT grids and selected models):
@@ -109,6 +113,8 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
 
 
 def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
+    """One evaluation job per trained model: a ``train.py --eval-open-set`` pass over all ``--ood`` datasets that
+    writes each (model, open-set dataset) run directory; ``--eval-per-ood``: one job per run (official flow)."""
     jobs = []
     eval_root = os.path.join(args.eval_root, trainer)
     prot = official.protocol(trainer, 2)
@@ -118,6 +124,7 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
         lab = tj.labels
         if (lab["dataset"], lab["cfg"], lab["setting"]) not in wanted:
             continue
+        runs = []
         for ood in args.ood:
             name = f"{lab['dataset']}_{ood}"
             group = f"{name}_{lab['cfg']}" + (f"_{lab['setting']}" if lab["setting"] else "")
@@ -133,8 +140,31 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
                     "--output-dir", out, "--eval-only", "--model-dir", tj.output_dir, "TEST_ENV", env,
                     *tj.argv[tj.argv.index("TEST_ENV") + 2:], *extra, *common_overrides(args)]  # user's win
             labels = dict(lab, kind="eval", ood=ood, train_dir=tj.output_dir)
-            jobs.append(Job(f"{trainer}/{group}/{env}/seed{lab['seed']}", out, _drop_shots(argv), labels))
+            runs.append(Job(f"{trainer}/{group}/{env}/seed{lab['seed']}", out, _drop_shots(argv), labels))
+        jobs.extend(runs if args.eval_per_ood or len(runs) < 2 else [one_pass_job(runs)])
     return jobs
+
+
+def one_pass_job(runs: list[Job]) -> Job:
+    """The evaluation runs of one trained model (argv equal but for the dataset config and output directory) as
+    one ``train.py --eval-open-set`` job; the runs stay its ``parts`` (manifest, ``done``)."""
+    def strip(argv: list[str]) -> list[str]:
+        out = list(argv)
+        for flag in ("--dataset-config-file", "--output-dir"):
+            i = out.index(flag)
+            del out[i:i + 2]
+        return out
+
+    head = strip(runs[0].argv)
+    cut = head.index("--eval-only") + 3  # after --eval-only --model-dir DIR: the flags end before TEST_ENV
+    pairs = [a for r in runs for a in ("--eval-open-set", r.argv[r.argv.index("--dataset-config-file") + 1],
+                                       r.output_dir)]
+    first = runs[0].labels
+    oods = [r.labels["ood"] for r in runs]
+    name = runs[0].name.replace(f"{first['dataset']}_{oods[0]}_", f"{first['dataset']}_{'+'.join(oods)}_", 1)
+    labels = dict(first, ood="+".join(oods))
+    parts = [{"name": r.name, "output_dir": r.output_dir, "labels": r.labels} for r in runs]
+    return Job(name, runs[0].output_dir, head[:cut] + pairs + head[cut:], labels, parts)
 
 
 def _drop_shots(argv: list[str]) -> list[str]:
@@ -184,6 +214,9 @@ def get_parser(trainer: Optional[str] = None, evaluate: bool = False) -> argpars
     p.add_argument("--output-root", default="output")
     p.add_argument("--eval-root", default="eval_open_ood")
     p.add_argument("--ood", nargs="+", default=OFFICIAL_OOD, help="open-set datasets (evaluation)")
+    p.add_argument("--eval-per-ood", action="store_true",
+                   help="one evaluation run per (trained model, open-set dataset), as the official scripts (default: "
+                        "one pass per trained model over all --ood datasets, same run directories and records)")
     p.add_argument("--eval-ratio", type=float, help="CRoFT ratio at evaluation (default: official, 0.5)")
     p.add_argument("--eval-ratio-text", type=float, help="CRoFT ratio_text at evaluation (default: official, 0)")
     add_launcher_args(p)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from dassl.utils.tools import atomic_write_json, read_json
@@ -21,15 +21,28 @@ from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args,
 
 @dataclass
 class Job:
-    """One ``train.py`` invocation and how collectors should label it."""
+    """One ``train.py`` invocation and how collectors should label it.
+
+    ``parts``: the runs of a job that writes several run directories (``train.py --eval-open-set``), each a dict
+    with ``name``, ``output_dir`` and ``labels``; the manifest lists them one by one and the job is done when they
+    all are. Empty: the job is the one run ``name``/``output_dir``/``labels``.
+    """
 
     name: str
     output_dir: str
     argv: list[str]
     labels: dict[str, Any] = field(default_factory=dict)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The runs (name, output_dir, labels) this job writes."""
+        return self.parts or [{"name": self.name, "output_dir": self.output_dir, "labels": self.labels}]
+
+    def runs_done(self) -> int:
+        return sum(os.path.isfile(os.path.join(r["output_dir"], "done")) for r in self.runs())
 
     def done(self) -> bool:
-        return os.path.isfile(os.path.join(self.output_dir, "done"))
+        return self.runs_done() == len(self.runs())
 
     def command(self) -> list[str]:
         return [sys.executable, "train.py", *self.argv]
@@ -45,7 +58,8 @@ def write_manifest(output_root: str, sweep_name: str, jobs: list[Job]) -> str:
     path = os.path.join(output_root, "sweeps", f"{sweep_name}.json")
     existing = read_json(path)["jobs"] if os.path.isfile(path) else []
     seen = {j["output_dir"] for j in existing}
-    merged = existing + [asdict(j) for j in jobs if j.output_dir not in seen]
+    runs = [dict(r, argv=j.argv) for j in jobs for r in j.runs()]  # every run directory, by name
+    merged = existing + [r for r in runs if r["output_dir"] not in seen]
     atomic_write_json(path, {"sweep": sweep_name, "jobs": merged})
     return path
 
@@ -67,10 +81,17 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
     """Run the unfinished jobs with the named launcher (:mod:`launch.launchers`), or with ``runner`` (a launcher
     instance that may be reused across calls); return the number of failures."""
     todo = [j for j in jobs if not j.done()]
-    print(f"{len(jobs)} runs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    planned, done = sum(len(j.runs()) for j in jobs), sum(j.runs_done() for j in jobs)
+    multi = planned != len(jobs)  # some job writes several runs (one evaluation pass over several open sets)
+    unit = "jobs" if multi else "runs"
+    print(f"{planned} runs planned, {done} already done, {planned - done} to run"
+          + (f" ({len(todo)} of {len(jobs)} jobs)" if multi else ""))
     if dry_run:
         for j in jobs:
             print(("[done] " if j.done() else "[todo] ") + j.name)
+            for r in j.parts:
+                print(("    [done] " if os.path.isfile(os.path.join(r["output_dir"], "done")) else "    [todo] ")
+                      + r["name"])
             print("    python train.py " + quote(j.argv))
         return 0
     if not todo:
@@ -83,7 +104,7 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=len(todo), desc="runs", unit="run", file=sys.stderr) if tqdm else None
+    bar = tqdm(total=len(todo), desc=unit, unit=unit[:-1], file=sys.stderr) if tqdm else None
 
     def report(job: Job, ok: bool, msg: str) -> None:
         if not ok:
@@ -96,11 +117,11 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
     if bar is not None:
         bar.close()
     if failures:
-        print(f"{len(failures)} of {len(todo)} runs failed:")
+        print(f"{len(failures)} of {len(todo)} {unit} failed:")
         for name, msg in failures:
             print(f"  {name}: {msg}")
     else:
-        print(f"all {len(todo)} runs finished")
+        print(f"all {len(todo)} {unit} finished")
     return len(failures)
 
 

@@ -69,13 +69,18 @@ class DataManager:
                                             pin_memory=pin) if ds.val else None
         self.test_loader = build_data_loader(ds.test, cfg.DATALOADER.TEST.BATCH_SIZE, self.tfm_test, False, nw,
                                              pin_memory=pin) if ds.test else None
-        ood_tfm = self.tfm_train if cfg.DATALOADER.OOD_TEST.TRANSFORM == "train" else self.tfm_test
-        self.ood_test_loader = build_data_loader(ds.ood_test, cfg.DATALOADER.TEST.BATCH_SIZE, ood_tfm, False, nw,
-                                                 pin_memory=pin) if ds.ood_test else None
+        self._ood = (cfg.DATALOADER.TEST.BATCH_SIZE,
+                     self.tfm_train if cfg.DATALOADER.OOD_TEST.TRANSFORM == "train" else self.tfm_test, nw, pin)
+        self.ood_test_loader = self.build_ood_loader(ds.ood_test) if ds.ood_test else None
         self._num_classes = ds.num_classes
         self._lab2cname = ds.lab2cname
         if cfg.VERBOSE:
             self.show_dataset_summary(cfg)
+
+    def build_ood_loader(self, items: list[Datum]) -> DataLoader:
+        """A loader over open-set images built like ``ood_test_loader`` (``DATALOADER.OOD_TEST.TRANSFORM``)."""
+        batch_size, tfm, nw, pin = self._ood
+        return build_data_loader(items, batch_size, tfm, False, nw, pin_memory=pin)
 
     @property
     def num_classes(self) -> int:

@@ -225,12 +225,17 @@ class FeatureCache:
                     FeatureDataset(it, self._views(it, 0, sp)), batch_size=bs_test, shuffle=False),
                     len(items), bs_test, False))
         if ds.ood_test:
-            n_aug = 1 if cfg.DATALOADER.OOD_TEST.TRANSFORM == "train" else 0  # one fixed view: repeatable eval
-            tr.ood_test_loader = _LazyLoader(lambda: DataLoader(
-                FeatureDataset(ds.ood_test, self._views(ds.ood_test, n_aug, "ood_test")), batch_size=bs_test,
-                shuffle=False), len(ds.ood_test), bs_test, False)
+            tr.ood_test_loader = self.ood_loader(ds.ood_test)
         tr.feature_cache_stats = {"hits": 0, "fallbacks": 0}
         tr.feature_provider = _pass_features(tr.device, tr.feature_cache_stats)
+        tr.feature_cache = self
+
+    def ood_loader(self, items: list[Datum]) -> "_LazyLoader":
+        """A feature loader over open-set images (one fixed view under the train transform: repeatable eval)."""
+        n_aug = 1 if self.trainer.cfg.DATALOADER.OOD_TEST.TRANSFORM == "train" else 0
+        bs = self.trainer.cfg.DATALOADER.TEST.BATCH_SIZE
+        return _LazyLoader(lambda: DataLoader(FeatureDataset(items, self._views(items, n_aug, "ood_test")),
+                                              batch_size=bs, shuffle=False), len(items), bs, False)
 
 
 class _LazyLoader:

@@ -25,14 +25,15 @@ from ..utils.errors import ConfigError
 from ..utils.tools import atomic_write_bytes
 
 
-def _score_inputs(out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | None, k: int) -> ScoreInputs:
+def _score_inputs(out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | None, k: int,
+                  cfg: Any) -> ScoreInputs:
     """The registry's view of one split's outputs (float64, as the official numpy evaluation)."""
     def t(a: np.ndarray | None) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.asarray(a)).double()
 
     return ScoreInputs(logits=t(out["logits"]), features=t(out.get("features")), bank=t(bank),
                        score=t(out.get("score")), logit_scale=trainer.logit_scale_value(),
-                       mcm_temperature=trainer.cfg.TEST.MCM_TEMPERATURE, k=k,
+                       mcm_temperature=cfg.TEST.MCM_TEMPERATURE, k=k,
                        extras={key[len("extra_"):]: t(v) for key, v in out.items() if key.startswith("extra_")})
 
 
@@ -67,6 +68,19 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     outs = {id_split: trainer.collect_outputs(id_split), "ood_test": trainer.collect_outputs("ood_test")}
     if trainer.val_loader is not None and "val" not in outs:
         outs["val"] = trainer.collect_outputs("val")
+    metrics.update(detect_open_set(trainer, outs))
+    return metrics
+
+
+def detect_open_set(trainer: Any, outs: dict[str, dict[str, np.ndarray]], cfg: Any = None,
+                    id_scores: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, Any]:
+    """Every ``TEST.OOD_SCORES`` entry and its detection metrics from one run's split outputs (``outs``: the ID
+    split, ``ood_test`` and ``val`` when present, in collection order); writes the artifacts to
+    ``cfg.OUTPUT_DIR`` (``cfg``: the run's config, default ``trainer.cfg``). ``id_scores`` (score, split) ->
+    scores of the splits other than ``ood_test``: filled on first use and reused, so a pass over several open
+    sets scores the ID side once."""
+    cfg = trainer.cfg if cfg is None else cfg
+    id_split = cfg.TEST.OOD_ID_SPLIT
     id_out = outs[id_split]
     names = check_score_names(cfg.TEST.OOD_SCORES)
     has_feats = all("features" in o for o in outs.values()) and "val" in outs
@@ -74,23 +88,31 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
     k = min(cfg.TEST.KNN_K, len(bank)) if bank is not None else 0
     if bank is not None and k < cfg.TEST.KNN_K:
         print(f"Note: KNN bank has {len(bank)} images < TEST.KNN_K={cfg.TEST.KNN_K}; using k={k}")
-    inputs = {split: _score_inputs(o, trainer, bank, k) for split, o in outs.items()}
+    inputs = {split: _score_inputs(o, trainer, bank, k, cfg) for split, o in outs.items()}
     for name in list(names):
         missing = sorted({m for inp in inputs.values() for m in missing_inputs(name, inp)})
         if missing:
             print(f"Note: {name} score skipped (this run has no {', '.join(missing)}: the trainer returns no "
                   f"image features or there is no val split)")
             names.remove(name)
+    cache = {} if id_scores is None else id_scores
     detection: dict[str, Any] = {}
     all_scores: dict[str, dict[str, np.ndarray]] = {}
     for name in names:
-        per_split = {split: compute_score(name, inp) for split, inp in inputs.items()}
+        per_split = {}
+        for split, inp in inputs.items():
+            if split == "ood_test":
+                per_split[split] = compute_score(name, inp)
+            else:
+                if (name, split) not in cache:
+                    cache[(name, split)] = compute_score(name, inp)
+                per_split[split] = cache[(name, split)]
         all_scores[name] = per_split
         only_correct = bool(cfg.TEST.KNN_ID_CORRECT_ONLY if name == "knn" else cfg.TEST.OOD_ID_CORRECT_ONLY)
         keep = id_keep_mask(id_out["logits"], id_out["labels"], only_correct)
-        id_scores = per_split[id_split][keep]
-        threshold = ood.val_threshold_tpr95(id_scores)
-        res = ood.ood_metrics(id_scores, per_split["ood_test"], threshold=threshold)
+        id_side = per_split[id_split][keep]
+        threshold = ood.val_threshold_tpr95(id_side)
+        res = ood.ood_metrics(id_side, per_split["ood_test"], threshold=threshold)
         res["num_id"] = int(keep.sum())
         res["id_correct_only"] = only_correct
         res["num_ood"] = int(len(per_split["ood_test"]))
@@ -106,18 +128,18 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
         print(f"  {name}: FPR95(TPR-ID) {100 * res['fpr95_tpr_id']:.2f}  FPR95(val-thr) "
               f"{100 * res['fpr95_val_threshold']:.2f}  FPR95(TPR-OOD) {100 * res['fpr95_tpr_ood']:.2f}  "
               f"AUROC {100 * res['auroc']:.2f}  AUPR-In {100 * res['aupr_in']:.2f}  AUPR-Out {100 * res['aupr_out']:.2f}")
-    metrics["ood"] = detection
+    metrics: dict[str, Any] = {"ood": detection}
     if cfg.TEST.SAVE_SCORES:
-        _save_artifacts(trainer, outs, all_scores, id_split)
+        _save_artifacts(cfg, outs, all_scores, id_split)
         metrics["artifacts"] = {"scores": "scores.npz"}
         if "energy" in all_scores and cfg.TEST.SAVE_PLOTS:
             metrics["artifacts"]["energy_plot"] = "energy_hist.png"
     return metrics
 
 
-def _save_artifacts(trainer: Any, outs: dict[str, dict[str, np.ndarray]],
+def _save_artifacts(cfg: Any, outs: dict[str, dict[str, np.ndarray]],
                     all_scores: dict[str, dict[str, np.ndarray]], id_split: str) -> None:
-    out_dir = trainer.cfg.OUTPUT_DIR
+    out_dir = cfg.OUTPUT_DIR
     arrays: dict[str, np.ndarray] = {}
     for split, o in outs.items():
         for key, val in o.items():
@@ -128,9 +150,9 @@ def _save_artifacts(trainer: Any, outs: dict[str, dict[str, np.ndarray]],
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(os.path.join(out_dir, "scores.npz"), buf.getvalue())
-    if "energy" in all_scores and trainer.cfg.TEST.SAVE_PLOTS:
+    if "energy" in all_scores and cfg.TEST.SAVE_PLOTS:
         labels = {"val": "ID (source-domain val)", "test": "closed-set OOD (held-out domain)" if id_split == "test"
-                  else "ID test", "ood_test": f"open-set OOD ({trainer.cfg.DATASET.NAME})"}
+                  else "ID test", "ood_test": f"open-set OOD ({cfg.DATASET.NAME})"}
         plot_score_histograms({labels[s]: v for s, v in all_scores["energy"].items()},
                               os.path.join(out_dir, "energy_hist.png"),
-                              title=f"{trainer.cfg.TRAINER.NAME} on {trainer.cfg.DATASET.NAME}")
+                              title=f"{cfg.TRAINER.NAME} on {cfg.DATASET.NAME}")

@@ -278,6 +278,7 @@ class SimpleTrainer(TrainerBase):
         self.max_epoch = cfg.OPTIM.MAX_EPOCH
         self.output_dir = cfg.OUTPUT_DIR
         self.feature_provider: Optional[Callable[[torch.Tensor, Optional[dict]], torch.Tensor]] = None
+        self.feature_cache: Any = None  # the installed FeatureCache (FEATURE_CACHE.ENABLED)
         self.image_encoder: Optional[nn.Module] = None
         self.encoder_images = 0  # images passed through the image encoder by this run (cache fills included)
         self.metrics: dict[str, dict[str, Any]] = {}
@@ -327,6 +328,12 @@ class SimpleTrainer(TrainerBase):
 
     def build_model(self) -> None:
         raise NotImplementedError
+
+    def set_ood_test(self, items: list[Any]) -> None:
+        """Evaluate against other open-set images (a pass over several open-set datasets): ``ood_test_loader``
+        is rebuilt over ``items`` as the run's own was (through the feature cache when it is installed)."""
+        cache = getattr(self, "feature_cache", None)
+        self.ood_test_loader = cache.ood_loader(items) if cache is not None else self.dm.build_ood_loader(items)
 
     def encode_images(self, images: torch.Tensor, batch: Optional[dict[str, Any]] = None) -> torch.Tensor:
         """Frozen CLIP image features of a batch: the one call through which all trainers get them.
