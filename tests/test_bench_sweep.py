@@ -62,12 +62,14 @@ def test_bench_sweep_smoke(tmp_path, capsys):
         shutil.copytree(NPM_CACHE, cache / "npm")
     out_json = tmp_path / "bench.json"
     rc = bench_sweep.main(["--cache", str(cache), "--per-class", "20", "--pretrain-steps", "3", "--epochs", "1",
-                           "--lambda2", "1", "0", "--ood", "FashionMNIST", "--jobs", "1", "--json", str(out_json)])
+                           "--lambda2", "1", "0", "--ood", "FashionMNIST", "Textures", "--jobs", "1",
+                           "--json", str(out_json)])
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     res = json.loads(out_json.read_text())
     official, project = res["flows"]
-    assert official["runs"] == project["runs"] == 4  # 2 training + 2 evaluation runs in each flow
+    assert official["runs"] == project["runs"] == 6  # 2 training + 2 x 2 evaluation runs in each flow
+    assert official["jobs"] == 6 and project["jobs"] == 4  # the project evaluates each model in one pass
     assert official["encoder_images"] > 0 and project["encoder_images"] > 0
-    assert "| official: process per run, no cache | 4 |" in out and "bare decode + encode_image loop" in out
+    assert "| official: process per run, no cache | 6 | 6 |" in out and "bare decode + encode_image loop" in out
     assert res["eval_throughput"]["images"] > 0

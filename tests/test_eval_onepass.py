@@ -97,8 +97,11 @@ def test_one_pass_equals_one_run_per_open_set(sweep):
     # encoder passes: the pass encodes the ID side once; each record counts what it ran (the shared part: first)
     total = {root: sum(_record(d)["timings"]["encoder_images"] for d in dirs.values())
              for root, dirs in (("one", one), ("sep", sep))}
-    id_side = _record(next(iter(sep.values())))["metrics"]["ood"]["knn"]["num_id"]
-    assert total["sep"] - total["one"] >= 2 * id_side  # test() + the ID split, once instead of twice
+    any_dir = next(iter(sep.values()))
+    n_test = _record(any_dir)["metrics"]["ood"]["knn"]["num_id"]  # KNN's ID side: every held-out image
+    with np.load(os.path.join(any_dir, "scores.npz")) as z:
+        n_val = len(z["val__labels"])
+    assert total["sep"] - total["one"] == 2 * n_test + n_val  # accuracy, ID split and KNN bank: once, not twice
 
 
 def test_plan_one_job_per_model_and_manifest_lists_every_run(sweep, capsys):
@@ -187,3 +190,15 @@ def test_one_pass_refuses_runs_that_differ_in_more_than_the_open_set(zs_data, tm
     with pytest.raises(ConfigError, match="--eval-only"):
         run_cli(["--root", zs_data, *[a for a in ZS if a != "--eval-only"], *pairs[:3], *TINY])
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_one_pass_refuses_open_sets_with_different_id_splits():
+    import train
+    from dassl.data.datasets import Datum, DatasetBase
+
+    def ds(test_paths):
+        items = [Datum(impath=p, label=i % 2, classname=f"c{i % 2}") for i, p in enumerate(test_paths)]
+        return DatasetBase(train_x=items[:2], val=items[:2], test=items)
+
+    assert train._id_split_mismatch(ds(["a", "b", "c"]), ds(["a", "b", "c"])) == ""
+    assert train._id_split_mismatch(ds(["a", "b", "c"]), ds(["a", "b", "d"])) == "test"
