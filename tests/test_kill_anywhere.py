@@ -110,6 +110,29 @@ def test_b_sweep_of_several_runs(root, tmp_path):
         assert len(dirs) == len(set(dirs))  # nothing listed twice
 
 
+def test_e_stacked_sweep(root, tmp_path):
+    """``--stack``: a killed stacked λ-sweep resumes to the uninterrupted stacked sweep, bit for bit (members
+    checkpointed at different epochs are rewound to the common one)."""
+    from launch import setup2
+
+    def sweep(out: str):
+        common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains",
+                  "sketch", "--lambda2", "1", "10", "100", "--epochs", "4", "--shots", "2", "--output-root", out,
+                  "--launcher", "inprocess", "--stack", "--", *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+                  "TRAIN.CHECKPOINT_FREQ", "1"]
+        return lambda: start_forked(lambda: setup2.main(common, trainer="CRoFT"), str(tmp_path))
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    assert wait_forked(*sweep(ref)()).returncode == 0
+    hits, res = run_until_done(sweep(out), kills=4, max_delay=12.0, seed=11)
+    assert res.returncode == 0, res.stderr
+    assert hits >= 2
+    runs = [os.path.relpath(d, ref) for d in _sweep_dirs(ref)]
+    assert len(runs) == 3 and runs == [os.path.relpath(d, out) for d in _sweep_dirs(out)]
+    for rel in runs:
+        same_result(os.path.join(ref, rel), os.path.join(out, rel))
+
+
 def test_c_feature_cache_fill(root, tmp_path):
     cache = ["FEATURE_CACHE.ENABLED", "True", "FEATURE_CACHE.TRAIN_VIEWS", "3"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")

@@ -3,7 +3,8 @@
 * official: a ``python train.py`` process per run, no feature cache (a fresh augmentation of every image every
   epoch), training runs then open-set evaluation runs (``--launcher process --jobs 1``);
 * project: persistent workers (``--launcher workers --jobs N``) and the feature cache (``FEATURE_CACHE.ENABLED``,
-  filled inside the timed flow from an empty folder).
+  filled inside the timed flow from an empty folder);
+* project with ``--stack``: the same, with the λ-sweep's training runs trained as one vectorised run.
 
 Both flows run the same planned jobs (``launch.setup2``): 5 lambda2 values, one held-out domain, one seed, then
 evaluation against each open-set folder. Printed: image-encoder passes (summed from the run records), train and
@@ -46,6 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="an existing tinyclip-rn32 weights file (skips the pretraining; "
                    "timings do not depend on how well it is trained)")
     p.add_argument("--skip-official", action="store_true", help="only the project's flow")
+    p.add_argument("--skip-stack", action="store_true", help="no flow with the λ-sweep trained as one stack")
     p.add_argument("--skip-eval-throughput", action="store_true", help="no ZS-CLIP throughput comparison")
     p.add_argument("--device", default="cpu", help="cpu (the sweeps), or cuda[:N] (only the ViT-B/16 extraction "
                    "benchmark: images/s in fp32 and bf16, fraction of the measured matmul peak)")
@@ -83,15 +85,21 @@ def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cach
 def encoder_images(jobs: list) -> int:
     total = 0
     for job in jobs:
-        with open(os.path.join(job.output_dir, "record.json"), encoding="utf-8") as f:
-            total += int(json.load(f)["timings"].get("encoder_images", 0))
+        for run_dir in job.members or [job.output_dir]:
+            with open(os.path.join(run_dir, "record.json"), encoding="utf-8") as f:
+                total += int(json.load(f)["timings"].get("encoder_images", 0))
     return total
 
 
-def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int) -> dict[str, Any]:
-    """Run the training then the evaluation jobs with one launcher; wall times and encoder passes."""
+def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int, stack: bool = False) -> dict[str, Any]:
+    """Run the training then the evaluation jobs with one launcher; wall times and encoder passes. ``stack``:
+    the λ-sweep's training runs as one vectorised job (``--stack``)."""
     from launch.launchers import LaunchOptions, make_launcher
-    from launch.sweep import run_jobs
+    from launch.sweep import run_jobs, stack_jobs
+
+    n_runs = len(train) + len(evals)
+    if stack:
+        train = stack_jobs(train)
 
     runner = make_launcher(launcher, LaunchOptions(jobs=jobs))
     runner.keep_alive = True  # one pool for both phases (a no-op for launchers without a pool)
@@ -105,7 +113,7 @@ def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int) -> d
         runner.close()
     if failed:
         raise SystemExit(f"error: {failed} runs of the {name} flow failed (see the messages above)")
-    return {"flow": name, "runs": len(train) + len(evals), "encoder_images": encoder_images(train + evals),
+    return {"flow": name, "runs": n_runs, "encoder_images": encoder_images(train + evals),
             "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2)}
 
 
@@ -251,6 +259,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train, evals = plan(args, data_root, weights, os.path.join(work, "project"), cached=True)
     flows.append(run_flow(f"project: {args.jobs} persistent workers + feature cache", train, evals, "workers",
                           args.jobs))
+    if not args.skip_stack:
+        train, evals = plan(args, data_root, weights, os.path.join(work, "stacked"), cached=True)
+        flows.append(run_flow(f"project, --stack: {args.jobs} workers + feature cache + one vectorised λ-sweep",
+                              train, evals, "workers", args.jobs, stack=True))
     ev = None if args.skip_eval_throughput else eval_throughput(data_root, weights, work, args.domain)
     text = report(flows, ev, None)
     print(f"\n{os.cpu_count()} CPU cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
