@@ -57,6 +57,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only")
     parser.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    parser.add_argument("--member", nargs="+", action="append", metavar="DIR [KEY VALUE ...]",
+                        help="train several runs as one stack (vectorised; e.g. a lambda sweep): each --member gives "
+                             "a run's output directory and its own KEY VALUE overrides (see dassl.engine.stacked)")
     parser.add_argument("--eval-open-set", nargs=2, action="append", metavar=("DATASET_CONFIG_FILE", "OUTPUT_DIR"),
                         help="with --eval-only, instead of --dataset-config-file/--output-dir (repeatable): one "
                              "evaluation run per pair, all in one pass (model loaded and ID splits run once); "
@@ -229,14 +232,37 @@ def start_record(args: argparse.Namespace, cfg: Any, trainer: Any, dataset: Any)
     return record
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run one job; return its record (also written to ``<output-dir>/record.json``). With ``--eval-open-set``:
-    the pass over several open-set runs (:func:`evaluate_open_sets`)."""
-    args = get_parser().parse_args(argv)
-    if args.eval_open_set:
-        return evaluate_open_sets(args)
-    cfg = setup_cfg(args)
-    console = sys.stdout
+class RunSession:
+    """One run between start-up and its record: config, trainer, log and the record being filled."""
+
+    def __init__(self, args: argparse.Namespace, cfg: Any, trainer: Any, logger: Logger, record: RunRecord) -> None:
+        self.args, self.cfg, self.trainer, self.logger, self.record = args, cfg, trainer, logger, record
+        self.t0 = time.time()
+
+    def activate(self) -> None:
+        """Send prints to this run's ``log.txt`` (and the console)."""
+        sys.stdout = self.logger
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Fill timings, cache statistics and metrics, write ``record.json`` then ``done``; return the record."""
+        record, trainer = self.record, self.trainer
+        record.data["timings"]["run_seconds"] = round(time.time() - self.t0, 3)
+        if getattr(trainer, "feature_cache_stats", None) is not None:  # batches served from the cache
+            record.set("feature_cache", dict(trainer.feature_cache_stats))
+        record.data["timings"]["encoder_images"] = int(getattr(trainer, "encoder_images", 0))
+        for section, values in metrics.items():
+            record.add_metrics(section, values)
+        if self.args.eval_only or not self.args.no_train:
+            path = record.write(self.cfg.OUTPUT_DIR)
+            print(f"Run record written to {path}")
+        return record.data
+
+
+def open_session(args: argparse.Namespace, cfg: Optional[Any] = None) -> RunSession:
+    """Seed, build the trainer (nothing written if that fails), open ``log.txt``, write ``config.yaml``,
+    ``args.json`` and the run record's start; stdout is left on the run's log."""
+    cfg = cfg if cfg is not None else setup_cfg(args)
+    console = sys.stdout.console if hasattr(sys.stdout, "console") else sys.stdout
     buffer = _StartupBuffer(console)
     sys.stdout = buffer
     try:
@@ -248,30 +274,53 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     logger = _open_log(cfg.OUTPUT_DIR, buffer.getvalue())
     try:
         record = start_record(args, cfg, trainer, trainer.dm.dataset)
-        t0 = time.time()
+    except BaseException:
+        restore_stdout()
+        raise
+    return RunSession(args, cfg, trainer, logger, record)
+
+
+def train_metrics(session: RunSession) -> dict[str, Any]:
+    """After training: the trainer's metrics; best epoch and validation history go into the record."""
+    session.record.set("best_epoch", session.trainer.best_epoch)
+    session.record.set("val_history", session.trainer.val_history)
+    return session.trainer.metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run one job; return its record (also written to ``<output-dir>/record.json``).
+
+    With ``--member`` the runs of a stack are trained together (:mod:`dassl.engine.stacked`); the records of
+    all members are returned as ``{"stack": [...]}``. With ``--eval-open-set``: one evaluation pass over several
+    open-set runs (:func:`evaluate_open_sets`).
+    """
+    args = get_parser().parse_args(argv)
+    if args.eval_open_set:
+        return evaluate_open_sets(args)
+    if args.member:
+        from dassl.engine.stacked import run_stack
+
+        return {"stack": run_stack(args, sys.modules[__name__])}
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One run from parsed arguments: train (or evaluate), then write its record."""
+    session = open_session(args)
+    try:
+        trainer = session.trainer
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)
-            record.set("model_dir", args.model_dir)
+            session.record.set("model_dir", args.model_dir)
             metrics = run_evaluation(trainer)
         elif not args.no_train:
             trainer.train(trainer.start_epoch, trainer.max_epoch)
-            metrics = trainer.metrics
-            record.set("best_epoch", trainer.best_epoch)
-            record.set("val_history", trainer.val_history)
+            metrics = train_metrics(session)
         else:
             metrics = {}
-        record.data["timings"]["run_seconds"] = round(time.time() - t0, 3)
-        if getattr(trainer, "feature_cache_stats", None) is not None:  # batches served from the cache
-            record.set("feature_cache", dict(trainer.feature_cache_stats))
-        record.data["timings"]["encoder_images"] = int(getattr(trainer, "encoder_images", 0))
-        for section, values in metrics.items():
-            record.add_metrics(section, values)
-        if args.eval_only or not args.no_train:
-            path = record.write(cfg.OUTPUT_DIR)
-            print(f"Run record written to {path}")
-        return record.data
+        return session.finish(metrics)
     finally:
-        if sys.stdout is logger:
+        if sys.stdout is session.logger:
             restore_stdout()
 
 
@@ -280,9 +329,9 @@ def open_set_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
     """One command line per ``--eval-open-set`` pair: what ``--dataset-config-file C --output-dir D`` gives."""
     if not args.eval_only:
         raise ConfigError("--eval-open-set evaluates a trained model: add --eval-only (and --model-dir)")
-    if args.dataset_config_file or args.output_dir:
+    if args.dataset_config_file or args.output_dir or args.member:
         raise ConfigError("--eval-open-set names each run's dataset config and output directory; drop "
-                          "--dataset-config-file/--output-dir")
+                          "--dataset-config-file/--output-dir (and --member)")
     dirs = [os.path.abspath(d) for _, d in args.eval_open_set]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"--eval-open-set: an output directory is named twice: {dirs}")

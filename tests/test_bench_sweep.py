@@ -67,9 +67,10 @@ def test_bench_sweep_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     res = json.loads(out_json.read_text())
-    official, project = res["flows"]
-    assert official["runs"] == project["runs"] == 6  # 2 training + 2 x 2 evaluation runs in each flow
-    assert official["jobs"] == 6 and project["jobs"] == 4  # the project evaluates each model in one pass
+    official, project, stacked = res["flows"]
+    assert official["runs"] == project["runs"] == stacked["runs"] == 6  # 2 training + 2 x 2 evaluation runs each
+    # jobs: the project evaluates each model in one pass; --stack also trains the 2 lambda2 values as one job
+    assert (official["jobs"], project["jobs"], stacked["jobs"]) == (6, 4, 3)
     assert official["encoder_images"] > 0 and project["encoder_images"] > 0
     assert "| official: process per run, no cache | 6 | 6 |" in out and "bare decode + encode_image loop" in out
     assert res["eval_throughput"]["images"] > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from procs import run_until_done, start_forked, train_starter, wait_forked
+from procs import kill_when, run_until_done, start_forked, train_starter, wait_forked
 from synthetic import write_lodo_tree
 from synthetic_openset import write_all_openset
 
@@ -84,30 +84,60 @@ def _sweep_dirs(base: str) -> list[str]:
     return sorted(dp for dp, _, files in os.walk(base) if "done" in files)
 
 
-def test_b_sweep_of_several_runs(root, tmp_path):
+def _sweep_starter(root: str, tmp_path, out: str, domains, lambda2, epochs: int, batch: int, flags=()):
+    """A ``start`` forking the Setup-II driver on a small CRoFT sweep (checkpoints every epoch)."""
     from launch import setup2
 
-    def sweep(out: str):
-        common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains",
-                  "sketch", "photo", "--lambda2", "1", "10", "--epochs", "2", "--shots", "2", "--output-root", out,
-                  "--launcher", "inprocess", "--", *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", "8",
-                  "TRAIN.CHECKPOINT_FREQ", "1"]
-        return lambda: start_forked(lambda: setup2.main(common, trainer="CRoFT"), str(tmp_path))
+    common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains", *domains,
+              "--lambda2", *lambda2, "--epochs", str(epochs), "--shots", "2", "--output-root", out, "--launcher",
+              "inprocess", *flags, "--", *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", str(batch), "TRAIN.CHECKPOINT_FREQ",
+              "1"]
+    return lambda: start_forked(lambda: setup2.main(common, trainer="CRoFT"), str(tmp_path))
 
+
+def _same_sweeps(ref: str, out: str) -> list[str]:
+    runs = [os.path.relpath(d, ref) for d in _sweep_dirs(ref)]
+    assert runs == [os.path.relpath(d, out) for d in _sweep_dirs(out)]
+    for rel in runs:
+        same_result(os.path.join(ref, rel), os.path.join(out, rel))
+    return runs
+
+
+def test_b_sweep_of_several_runs(root, tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    sweep = lambda o: _sweep_starter(root, tmp_path, o, ["sketch", "photo"], ["1", "10"], epochs=2, batch=8)  # noqa: E731
     assert wait_forked(*sweep(ref)()).returncode == 0
     hits, res = run_until_done(sweep(out), kills=4, max_delay=25.0, seed=7)
     assert res.returncode == 0, res.stderr
     assert hits >= 2
-    runs_ref = [os.path.relpath(d, ref) for d in _sweep_dirs(ref)]
-    assert len(runs_ref) == 4 and runs_ref == [os.path.relpath(d, out) for d in _sweep_dirs(out)]
-    for rel in runs_ref:
-        same_result(os.path.join(ref, rel), os.path.join(out, rel))
+    assert len(_same_sweeps(ref, out)) == 4
     manifests = [os.path.join(dp, f) for dp, _, fs in os.walk(out) for f in fs if dp.endswith("sweeps")]
     for path in manifests:
         with open(path) as f:
             dirs = [j["output_dir"] for j in json.load(f)["jobs"]]
         assert len(dirs) == len(set(dirs))  # nothing listed twice
+
+
+def test_e_stacked_sweep(root, tmp_path):
+    """``--stack``: a stacked λ-sweep killed between (and right after) its members' checkpoints resumes to the
+    uninterrupted stacked sweep, bit for bit (members saved one epoch further are rewound to the common one)."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    sweep = lambda o: _sweep_starter(root, tmp_path, o, ["sketch"], ["1", "10", "100"], epochs=6, batch=4,  # noqa: E731
+                                     flags=["--stack"])
+    assert wait_forked(*sweep(ref)()).returncode == 0
+    members = [os.path.join(out, os.path.relpath(d, ref)) for d in _sweep_dirs(ref)]
+    assert len(members) == 3
+    hits = 0
+    # (member, epoch, delay): right after member 0's checkpoint (before the others'), then later points
+    for k, epoch, delay in ((0, 2, 0.0), (1, 3, 0.0), (2, 4, 0.05), (0, 6, 0.0)):
+        marker = os.path.join(members[k], "clip_adapter", f"model.pth.tar-{epoch}")
+        pid, o, e = sweep(out)()
+        hits += kill_when(pid, lambda m=marker: os.path.exists(m), delay)
+        wait_forked(pid, o, e)
+    res = wait_forked(*sweep(out)())
+    assert res.returncode == 0, res.stderr
+    assert hits >= 3
+    assert len(_same_sweeps(ref, out)) == 3
 
 
 def test_c_feature_cache_fill(root, tmp_path):

@@ -49,7 +49,7 @@ def data(tmp_path_factory):
 def test_workers_records_equal_one_process_per_run(data, tmp_path):
     from launch.sweep import run_jobs
 
-    spec = [("a", 2, 1), ("b", 1, 2), ("c", 2, 3)]
+    spec = [("a", 2, 1), ("b", 1, 2), ("c", 2, 3), ("d", 1, 1), ("e", 2, 2)]  # repeated seeds: CLIP memo hits
     assert run_jobs(_jobs(data, str(tmp_path / "proc"), spec), launcher="process") == 0
     assert run_jobs(_jobs(data, str(tmp_path / "work"), spec), launcher="workers", num_workers=2) == 0
     for name, _, _ in spec:
@@ -159,6 +159,50 @@ def test_worker_memo_reads_split_lists_once(data, monkeypatch):
         second.test[0].impath = "elsewhere"
     DATASET_REGISTRY.get("PACS")(cfg)
     assert len(calls) == 2  # disabled (plain train.py): read every time
+
+
+@pytest.mark.parametrize("weights", ["file", "random"])
+def test_worker_memo_builds_clip_once_per_random_state(tmp_path, monkeypatch, weights):
+    """A worker builds each CLIP once; a hit leaves the random stream where a fresh build would, and every job
+    gets its own copy (random weights: one model per starting random state)."""
+    import torch
+    from yacs.config import CfgNode as CN
+
+    import trainers.clip_common as cc
+    from dassl.utils import resources, set_random_seed
+
+    if weights == "file":
+        set_random_seed(0)
+        path = str(tmp_path / "tiny.pt")
+        torch.save(cc.load_clip("tiny-rn-test", "random").model.state_dict(), path)
+    else:
+        path = "random"
+    cfg = CN({"MODEL": CN({"BACKBONE": CN({"NAME": "tiny-rn-test", "WEIGHTS": path})})})
+    calls = []
+    real = cc.load_clip
+    monkeypatch.setattr(cc, "load_clip", lambda *a: calls.append(a) or real(*a))
+
+    def build(seed):
+        set_random_seed(seed)
+        bundle = cc.load_clip_to_cpu(cfg)
+        return bundle, torch.get_rng_state(), torch.rand(3)
+
+    fresh = {seed: build(seed) for seed in (1, 2)}  # memo off (plain train.py): built every time
+    assert len(calls) == 2
+    resources.enable()
+    try:
+        got = [build(seed) for seed in (1, 1, 2, 1)]
+    finally:
+        resources.enable(False)
+    assert len(calls) == 4  # once per starting random state (seeds 1 and 2)
+    for (bundle, state, draw), seed in zip(got, (1, 1, 2, 1)):
+        ref_bundle, ref_state, ref_draw = fresh[seed]
+        assert torch.equal(state, ref_state) and torch.equal(draw, ref_draw)
+        for (k, v), (_, w) in zip(bundle.model.state_dict().items(), ref_bundle.model.state_dict().items()):
+            assert torch.equal(v, w), k
+    got[0][0].model.visual.half()  # a job changing its copy does not reach the next job's
+    assert got[1][0].model is not got[0][0].model
+    assert next(got[1][0].model.visual.parameters()).dtype == torch.float32
 
 
 def test_inprocess_job_restores_environment(data, tmp_path, monkeypatch):

@@ -107,6 +107,9 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel runs (worker processes for --launcher workers)")
     p.add_argument("--devices", nargs="+", help="GPU ids assigned round-robin to workers")
     p.add_argument("--retry", action="store_true", help="run a failed job once more (e.g. its worker was killed)")
+    p.add_argument("--stack", action="store_true",
+                   help="train runs that differ only in their trainer's STACK_KEYS (CRoFT: lambda1/lambda2) as one "
+                        "vectorised run per seed/domain/config (train.py --member; equal to separate runs to 1e-5)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--verbose", action="store_true", help="show each run's log on the console")
     for name in sorted(LAUNCHERS):

@@ -164,7 +164,7 @@ def one_pass_job(runs: list[Job]) -> Job:
     name = runs[0].name.replace(f"{first['dataset']}_{oods[0]}_", f"{first['dataset']}_{'+'.join(oods)}_", 1)
     labels = dict(first, ood="+".join(oods))
     parts = [{"name": r.name, "output_dir": r.output_dir, "labels": r.labels} for r in runs]
-    return Job(name, runs[0].output_dir, head[:cut] + pairs + head[cut:], labels, parts)
+    return Job(name, runs[0].output_dir, head[:cut] + pairs + head[cut:], labels, parts=parts)
 
 
 def _drop_shots(argv: list[str]) -> list[str]:

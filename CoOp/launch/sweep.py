@@ -32,17 +32,22 @@ class Job:
     output_dir: str
     argv: list[str]
     labels: dict[str, Any] = field(default_factory=dict)
-    parts: list[dict[str, Any]] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)  # a stacked job: the run directories it trains
+    parts: list[dict[str, Any]] = field(default_factory=list)  # an evaluation pass: its runs (see above)
 
     def runs(self) -> list[dict[str, Any]]:
-        """The runs (name, output_dir, labels) this job writes."""
+        """The runs (name, output_dir, labels) the manifest lists for this job."""
         return self.parts or [{"name": self.name, "output_dir": self.output_dir, "labels": self.labels}]
 
+    def run_dirs(self) -> list[str]:
+        """Every run directory this job writes."""
+        return [r["output_dir"] for r in self.parts] or self.members or [self.output_dir]
+
     def runs_done(self) -> int:
-        return sum(os.path.isfile(os.path.join(r["output_dir"], "done")) for r in self.runs())
+        return sum(os.path.isfile(os.path.join(d, "done")) for d in self.run_dirs())
 
     def done(self) -> bool:
-        return self.runs_done() == len(self.runs())
+        return self.runs_done() == len(self.run_dirs())
 
     def command(self) -> list[str]:
         return [sys.executable, "train.py", *self.argv]
@@ -81,17 +86,16 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
     """Run the unfinished jobs with the named launcher (:mod:`launch.launchers`), or with ``runner`` (a launcher
     instance that may be reused across calls); return the number of failures."""
     todo = [j for j in jobs if not j.done()]
-    planned, done = sum(len(j.runs()) for j in jobs), sum(j.runs_done() for j in jobs)
-    multi = planned != len(jobs)  # some job writes several runs (one evaluation pass over several open sets)
+    planned, done = sum(len(j.run_dirs()) for j in jobs), sum(j.runs_done() for j in jobs)
+    multi = planned != len(jobs)  # some job writes several runs (an evaluation pass, a stack)
     unit = "jobs" if multi else "runs"
     print(f"{planned} runs planned, {done} already done, {planned - done} to run"
           + (f" ({len(todo)} of {len(jobs)} jobs)" if multi else ""))
     if dry_run:
         for j in jobs:
             print(("[done] " if j.done() else "[todo] ") + j.name)
-            for r in j.parts:
-                print(("    [done] " if os.path.isfile(os.path.join(r["output_dir"], "done")) else "    [todo] ")
-                      + r["name"])
+            for d in (j.run_dirs() if len(j.run_dirs()) > 1 else []):
+                print(("    [done] " if os.path.isfile(os.path.join(d, "done")) else "    [todo] ") + d)
             print("    python train.py " + quote(j.argv))
         return 0
     if not todo:
@@ -125,6 +129,61 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
     return len(failures)
 
 
+def stack_keys(trainer: str) -> tuple[str, ...]:
+    """The config keys in which the runs of a ``trainer`` stack may differ (empty: no stacked training)."""
+    from dassl.engine import TRAINER_REGISTRY
+    from dassl.utils.plugins import load_plugins
+
+    if trainer not in TRAINER_REGISTRY:
+        load_plugins(COOP_DIR)  # registers the trainers of trainers/ (as train.py does)
+
+    return tuple(getattr(TRAINER_REGISTRY.get(trainer), "STACK_KEYS", ())) if trainer in TRAINER_REGISTRY else ()
+
+
+def _parts(argv: list[str]) -> tuple[list[str], list[str], str]:
+    """(flags before ``--output-dir``, the KEY VALUE overrides after it, the output directory)."""
+    i = argv.index("--output-dir")
+    return argv[:i], argv[i + 2:], argv[i + 1]
+
+
+def stack_jobs(jobs: list[Job]) -> list[Job]:
+    """Merge the unfinished training jobs that differ only in their trainer's ``STACK_KEYS`` (e.g. CRoFT's λ1/λ2
+    with the same seed, domain and config) into one ``train.py --member ...`` job each; others are unchanged."""
+    groups: dict[tuple, list[tuple[Job, list[str]]]] = {}
+    order: list[Any] = []
+    for job in jobs:
+        keys = stack_keys(job.labels.get("trainer", "")) if "--output-dir" in job.argv else ()
+        if job.done() or not keys or job.members:
+            order.append(job)
+            continue
+        flags, opts, _ = _parts(job.argv)
+        pairs = list(zip(opts[::2], opts[1::2]))
+        base = tuple((k, v) for k, v in pairs if k not in keys)
+        own = [x for k, v in pairs if k in keys for x in (k, v)]
+        key = (tuple(flags), base)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append((job, own))
+    out = []
+    for item in order:
+        if isinstance(item, Job):
+            out.append(item)
+            continue
+        members = groups[item]
+        if len(members) == 1:
+            out.append(members[0][0])
+            continue
+        flags, base = list(item[0]), [x for kv in item[1] for x in kv]
+        argv = flags + [x for job, own in members for x in ("--member", job.output_dir, *own)] + ["--", *base]
+        first = members[0][0]
+        out.append(Job(f"{first.name} (+{len(members) - 1} stacked)", first.output_dir, argv,
+                       dict(first.labels, stacked=len(members)), [job.output_dir for job, _ in members]))
+    if len(out) < len(jobs):
+        print(f"--stack: {len(jobs)} runs in {len(out)} jobs (runs differing only in their stack keys train as one)")
+    return out
+
+
 def split_opts(argv: Optional[Sequence[str]]) -> tuple[list[str], list[str]]:
     """Split a driver command line at ``--``: (driver flags, yacs ``KEY VALUE`` overrides for every run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,6 +210,8 @@ def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> int
     if not args.dry_run:
         write_manifest(root, manifest_name, jobs)
     todo = jobs if args.dry_run else runnable(jobs, evaluate)  # a dry run lists every planned job
+    if getattr(args, "stack", False) and not evaluate:
+        todo = stack_jobs(todo)
     failures = run_jobs(todo, launcher=args.launcher, num_workers=args.jobs,
                         devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose,
                         retry=getattr(args, "retry", False), sweep_dir=os.path.join(root, "sweeps", manifest_name),

@@ -5,7 +5,8 @@
   ``--eval-per-ood``);
 * project: persistent workers (``--launcher workers --jobs N``), the feature cache (``FEATURE_CACHE.ENABLED``,
   filled inside the timed flow from an empty folder) and one evaluation pass per trained model over all open-set
-  folders (``train.py --eval-open-set``, the drivers' default).
+  folders (``train.py --eval-open-set``, the drivers' default);
+* project with ``--stack``: the same, with the λ-sweep's training runs trained as one vectorised run.
 
 Both flows make the same runs (``launch.setup2``; the same run directories and records): 5 lambda2 values, one
 held-out domain, one seed, then evaluation against each open-set folder. ``runs`` counts run directories,
@@ -49,6 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="an existing tinyclip-rn32 weights file (skips the pretraining; "
                    "timings do not depend on how well it is trained)")
     p.add_argument("--skip-official", action="store_true", help="only the project's flow")
+    p.add_argument("--skip-stack", action="store_true", help="no flow with the λ-sweep trained as one stack")
     p.add_argument("--skip-eval-throughput", action="store_true", help="no ZS-CLIP throughput comparison")
     p.add_argument("--device", default="cpu", help="cpu (the sweeps), or cuda[:N] (only the ViT-B/16 extraction "
                    "benchmark: images/s in fp32 and bf16, fraction of the measured matmul peak)")
@@ -88,16 +90,21 @@ def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cach
 def encoder_images(jobs: list) -> int:
     """Image-encoder passes summed over the records of every run the jobs made."""
     total = 0
-    for run in (r for job in jobs for r in job.runs()):
-        with open(os.path.join(run["output_dir"], "record.json"), encoding="utf-8") as f:
+    for run_dir in (d for job in jobs for d in job.run_dirs()):
+        with open(os.path.join(run_dir, "record.json"), encoding="utf-8") as f:
             total += int(json.load(f)["timings"].get("encoder_images", 0))
     return total
 
 
-def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int) -> dict[str, Any]:
-    """Run the training then the evaluation jobs with one launcher; wall times and encoder passes."""
+def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int, stack: bool = False) -> dict[str, Any]:
+    """Run the training then the evaluation jobs with one launcher; wall times and encoder passes. ``stack``:
+    the λ-sweep's training runs as one vectorised job (``--stack``)."""
     from launch.launchers import LaunchOptions, make_launcher
-    from launch.sweep import run_jobs
+    from launch.sweep import run_jobs, stack_jobs
+
+    n_runs = sum(len(j.run_dirs()) for j in train + evals)  # run directories, however many jobs make them
+    if stack:
+        train = stack_jobs(train)
 
     runner = make_launcher(launcher, LaunchOptions(jobs=jobs))
     runner.keep_alive = True  # one pool for both phases (a no-op for launchers without a pool)
@@ -111,7 +118,7 @@ def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int) -> d
         runner.close()
     if failed:
         raise SystemExit(f"error: {failed} runs of the {name} flow failed (see the messages above)")
-    return {"flow": name, "runs": sum(len(j.runs()) for j in train + evals), "jobs": len(train) + len(evals),
+    return {"flow": name, "runs": n_runs, "jobs": len(train) + len(evals),
             "encoder_images": encoder_images(train + evals),
             "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2)}
 
@@ -258,6 +265,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train, evals = plan(args, data_root, weights, os.path.join(work, "project"), cached=True)
     flows.append(run_flow(f"project: {args.jobs} persistent workers + feature cache + one evaluation pass per model",
                           train, evals, "workers", args.jobs))
+    if not args.skip_stack:
+        train, evals = plan(args, data_root, weights, os.path.join(work, "stacked"), cached=True)
+        flows.append(run_flow(f"project, --stack: {args.jobs} workers + feature cache + one vectorised λ-sweep",
+                              train, evals, "workers", args.jobs, stack=True))
     ev = None if args.skip_eval_throughput else eval_throughput(data_root, weights, work, args.domain)
     text = report(flows, ev, None)
     print(f"\n{os.cpu_count()} CPU cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")

@@ -1,6 +1,8 @@
 """What every CLIP trainer shares: backbone loading from the config, prompts and text features."""
 from __future__ import annotations
 
+import copy
+import os
 from typing import Any
 
 import torch
@@ -8,8 +10,9 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from clip_backbone import CLIPBundle, load_clip, tokenize
+from clip_backbone import CLIPBundle, default_weights_path, load_clip, tokenize
 from dassl.engine import TrainerX
+from dassl.utils import resources
 from dassl.utils.errors import ConfigError
 from dassl.engine.inference import InferenceOutput
 
@@ -20,7 +23,18 @@ def load_clip_to_cpu(cfg: Any) -> CLIPBundle:
     """Build the configured CLIP (``MODEL.BACKBONE.NAME``/``WEIGHTS``) on CPU in fp32."""
     if not cfg.MODEL.BACKBONE.NAME:
         raise ConfigError("MODEL.BACKBONE.NAME is empty (e.g. RN50, ViT-B/16)")
-    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS)
+    name, weights = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS
+    if not resources.enabled():
+        return load_clip(name, weights)
+    random_weights = weights.strip().lower() == "random"
+    path = weights if random_weights else (weights or default_weights_path(name))
+    if not random_weights and not os.path.isfile(path):
+        return load_clip(name, weights)  # its one-line error names the path
+    st = None if random_weights else os.stat(path)
+    ident = ("random",) if st is None else (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    # a sweep worker builds each CLIP once (per seed's random state: see resources.memo_rng); jobs get copies
+    return resources.memo_rng(("clip", name, ident), lambda: load_clip(name, weights), copy.deepcopy,
+                              per_state=random_weights)
 
 
 def setup_frozen_clip(trainer: Any, prec: str) -> tuple[CLIPBundle, str]:

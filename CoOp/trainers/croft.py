@@ -63,6 +63,14 @@ class CRoFT(TrainerX):
     """Concurrent optimisation for OOD generalisation and open-set OOD detection (Zhu et al., ICML 2024)."""
 
     cfg_node = "CRoFT"  # the TRAINER.<node> this trainer reads
+    STACK_KEYS = ("TRAINER.CRoFT.lambda1", "TRAINER.CRoFT.lambda2")  # train.py --member: one vectorised λ-sweep
+
+    @classmethod
+    def make_stack(cls, trainers: list["CRoFT"]) -> Any:
+        """The members of a λ-sweep as one vectorised run (:mod:`trainers.croft_stack`)."""
+        from .croft_stack import CRoFTStack
+
+        return CRoFTStack(trainers)
 
     CFG_RANGES = {"TRAINER.CRoFT.PREC": PREC, "TRAINER.CRoFT.ratio": unit("image residual ratio"),
                   "TRAINER.CRoFT.ratio_text": unit("text residual ratio"), "TRAINER.CRoFT.lambda1": nonneg(),

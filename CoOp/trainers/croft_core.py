@@ -96,13 +96,22 @@ Scale = Union[float, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------- modules
-class Adapter(nn.Module):
-    """Image and text adapters: two free D x D matrices, identity-initialised (checkpoint keys fc_i, fc_t)."""
+def _eye(dim: int, stack: Optional[int], dtype: Optional[torch.dtype], device: Any) -> nn.Parameter:
+    eye = torch.eye(dim, dtype=dtype, device=device)
+    return nn.Parameter(eye if stack is None else eye.expand(stack, dim, dim).clone())
 
-    def __init__(self, dim: int, dtype: Optional[torch.dtype] = None, device: Any = None) -> None:
+
+class Adapter(nn.Module):
+    """Image and text adapters: two free D x D matrices, identity-initialised (checkpoint keys fc_i, fc_t).
+
+    ``stack=K`` holds K independent adapters as K x D x D weights (one vectorised λ-sweep, see ``croft_stack``).
+    """
+
+    def __init__(self, dim: int, dtype: Optional[torch.dtype] = None, device: Any = None,
+                 stack: Optional[int] = None) -> None:
         super().__init__()
-        self.fc_i = nn.Parameter(torch.eye(dim, dtype=dtype, device=device))
-        self.fc_t = nn.Parameter(torch.eye(dim, dtype=dtype, device=device))
+        self.fc_i = _eye(dim, stack, dtype, device)
+        self.fc_t = _eye(dim, stack, dtype, device)
 
     def forward(self, X: torch.Tensor, T: torch.Tensor, ratio: float, ratio_text: float,
                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,11 +121,13 @@ class Adapter(nn.Module):
 
 
 class OODImgGen(nn.Module):
-    """Worst-case covariate-shift feature generator: one D x D matrix, identity-initialised (key img2img_cov)."""
+    """Worst-case covariate-shift feature generator: one D x D matrix, identity-initialised (key img2img_cov);
+    ``stack=K``: K generators as K x D x D."""
 
-    def __init__(self, dim: int, dtype: Optional[torch.dtype] = None, device: Any = None) -> None:
+    def __init__(self, dim: int, dtype: Optional[torch.dtype] = None, device: Any = None,
+                 stack: Optional[int] = None) -> None:
         super().__init__()
-        self.img2img_cov = nn.Parameter(torch.eye(dim, dtype=dtype, device=device))
+        self.img2img_cov = _eye(dim, stack, dtype, device)
 
     def forward(self, img_feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         """Cg = n(img_feat W_g + img_feat) (no transpose on W_g)."""
@@ -179,7 +190,7 @@ def normalize(v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def _residual_mix(Z: torch.Tensor, W: torch.Tensor, rho: float, eps: float, transpose: bool) -> torch.Tensor:
     """n(rho * Z W' + (1 - rho) * Z) with W' = W^T if transpose else W."""
-    Wm = W.t() if transpose else W
+    Wm = W.transpose(-1, -2) if transpose else W
     return normalize(rho * (Z @ Wm) + (1.0 - rho) * Z, eps)
 
 
@@ -195,13 +206,31 @@ def _scale(s: Optional[Scale], opts: CRoFTOptions, ref: torch.Tensor) -> Scale:
 
 def _scaled_logits(s: Scale, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     # (s * A) @ B^T: the scale goes into the left operand first, as the official code does.
-    return (s * A) @ B.t()
+    return (s * A) @ B.transpose(-1, -2)
 
 
 def _same_label_mean(A: torch.Tensor, B: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """mean over all N^2 pairs of 1[y_i = y_j] <A_i, B_j> (diagonal included, plain mean)."""
+    """mean over all N^2 pairs of 1[y_i = y_j] <A_i, B_j> (diagonal included, plain mean); one per stacked run."""
     mask = (y.view(-1, 1) == y.view(1, -1)).to(A.dtype)
-    return (mask * (A @ B.t())).mean()
+    return (mask * (A @ B.transpose(-1, -2))).mean(dim=(-2, -1))
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; for stacked logits (K x N x C) one mean per run (K,)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y)
+    k, n, c = logits.shape
+    return F.cross_entropy(logits.reshape(k * n, c), y.repeat(k), reduction="none").view(k, n).mean(dim=1)
+
+
+def _per_run_mean(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """Mean over the last ``dims`` dimensions, summed over stacked runs (each run's gradient is its own)."""
+    return t.mean(dim=tuple(range(-dims, 0))).sum()
+
+
+def _lead(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (M x D) broadcast to the stacked leading dimension of ``like`` (K x N x D), if any."""
+    return t if like.dim() == t.dim() else t.expand(*like.shape[:-2], *t.shape)
 
 
 # --------------------------------------------------------------------------------------------- maths
@@ -214,7 +243,7 @@ def forward(adapter: Adapter, X: torch.Tensor, T: torch.Tensor, opts: CRoFTOptio
     txt_zs = normalize(T, eps)
     img_feat, txt_feat = adapter(X, T, opts.ratio, opts.ratio_text, eps)
     logits = _scaled_logits(s, img_feat, txt_feat)
-    score = torch.logsumexp(logits, dim=1)
+    score = torch.logsumexp(logits, dim=-1)
     return CRoFTOutput(logits, img_feat, txt_feat, img_zs, txt_zs, score)
 
 
@@ -224,7 +253,7 @@ def generator_loss(generator: OODImgGen, img_feat: torch.Tensor, txt_feat: torch
     """(L_gen, Cg, CE part): L_gen = CE(s Cg T_hat^T, y) + lambda1 * mean_ij(M_ij <Cg_i, X_hat_j>)."""
     s = _scale(s, opts, img_feat)
     cg = generator(img_feat, opts.norm_eps)
-    ce = F.cross_entropy(_scaled_logits(s, cg, txt_feat), y)
+    ce = _cross_entropy(_scaled_logits(s, cg, txt_feat), y)
     loss = ce + opts.lambda1 * _same_label_mean(cg, img_feat, y)
     return loss, cg, ce
 
@@ -246,14 +275,14 @@ def edr_loss(adapter: Adapter, Cg: torch.Tensor, img_feat: torch.Tensor, txt_fea
     dis = _same_label_mean(Cg, img_zs, y)
     if opts.effective_branch == "A":
         if consistent:
-            cmix = rho * (Cg @ W_i.t()) + (1.0 - rho) * Cg
+            cmix = rho * (Cg @ W_i.transpose(-1, -2)) + (1.0 - rho) * Cg
         else:  # official: ratios swapped w.r.t. the forward pass, no transpose, no renormalisation
             cmix = rho * Cg + (1.0 - rho) * (Cg @ W_i)
-        l1_ce = F.cross_entropy(_scaled_logits(s, cmix, txt_feat), y)
+        l1_ce = _cross_entropy(_scaled_logits(s, cmix, txt_feat), y)
         l1 = l1_ce - opts.lambda1 * dis
-        Z = torch.cat([img_zs, Cg], dim=0)
+        Z = torch.cat([_lead(img_zs, Cg), Cg], dim=-2)
     else:
-        l1_ce = F.cross_entropy(_scaled_logits(s, Cg, txt_feat), y)
+        l1_ce = _cross_entropy(_scaled_logits(s, Cg, txt_feat), y)
         l1 = l1_ce
         Z = img_zs
 
@@ -261,20 +290,20 @@ def edr_loss(adapter: Adapter, Cg: torch.Tensor, img_feat: torch.Tensor, txt_fea
     delta = torch.full(tuple(W_i.shape), opts.delta, dtype=W_i.dtype, device=W_i.device, requires_grad=True)
     z_p = _residual_mix(Z, W_i + delta, rho, eps, transpose=consistent)
     t_p = _residual_mix(txt_zs, W_t + delta, rho_t, eps, transpose=consistent)
-    sim = z_p @ t_p.t()
+    sim = z_p @ t_p.transpose(-1, -2)
     p_red, g_red = EDR_REDUCTIONS[opts.edr_reduction]
     if opts.fix_edr_temperature:
         # the energy at the detection score's temperature T = 1/s: -E_i = T * logsumexp_c(cos / T)
         # (same ranking as the score logsumexp(s * cos); the factor T keeps its gradient on the scale of cos)
         scale = _scale(s, opts, sim)
-        neg_energy = torch.logsumexp(scale * sim, dim=1) / scale
-        target = neg_energy.sum() if p_red == "sum" else neg_energy.mean()
+        neg_energy = torch.logsumexp(scale * sim, dim=-1) / scale
+        target = neg_energy.sum() if p_red == "sum" else _per_run_mean(neg_energy, 1)
     else:
         P = torch.exp(sim)
-        target = P.sum() if p_red == "sum" else P.mean()
-    (G,) = torch.autograd.grad(target, delta, create_graph=True)
+        target = P.sum() if p_red == "sum" else _per_run_mean(P, 2)
+    (G,) = torch.autograd.grad(target, delta, create_graph=True)  # stacked runs: G[k] = d target_k / d Delta_k
     G2 = G * G
-    l2 = G2.mean() if g_red == "mean" else G2.sum()
+    l2 = G2.mean(dim=(-2, -1)) if g_red == "mean" else G2.sum(dim=(-2, -1))
 
     edr = (l1 + opts.lambda2 * l2) if opts.wccf else (opts.lambda2 * l2)
     return edr, {"L1": l1, "L1_ce": l1_ce, "L2": l2, "G": G, "dis": dis}
@@ -288,6 +317,8 @@ def _optim_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 def _backward(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> None:
     """Backward to exactly `params`, then give every one of them a gradient tensor (zeros if unreached)."""
     needs = [p for p in params if p.requires_grad]
+    if loss.dim():  # stacked runs: the runs' parameters are disjoint, so d(sum)/dW_k = dL_k/dW_k
+        loss = loss.sum()
     if needs:
         torch.autograd.backward(loss, inputs=needs, retain_graph=retain_graph)
     for p in needs:
@@ -304,6 +335,12 @@ def _snapshot(named: list[tuple[str, torch.Tensor]], loss: torch.Tensor, is_main
     for name, p in named:
         rec["grad_" + name] = (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p.detach()))
     return rec
+
+
+def _py(t: torch.Tensor) -> Any:
+    """A python float, or for stacked runs a list of K floats."""
+    t = t.detach()
+    return t.tolist() if t.dim() else float(t)
 
 
 def croft_train_step(adapter: Adapter, generator: OODImgGen, X: torch.Tensor, T: torch.Tensor,
@@ -367,7 +404,7 @@ def croft_train_step(adapter: Adapter, generator: OODImgGen, X: torch.Tensor, T:
     edr, parts = edr_loss(adapter, cg, out.img_feat, out.txt_feat, y, out.img_zs, out.txt_zs, opts, s)
 
     # 5. main update
-    ce = F.cross_entropy(out.logits, y)
+    ce = _cross_entropy(out.logits, y)
     total = ce + edr
     for o in opt_list:
         o.zero_grad(set_to_none=True)
@@ -381,17 +418,17 @@ def croft_train_step(adapter: Adapter, generator: OODImgGen, X: torch.Tensor, T:
     _after_step(rec)
 
     with torch.no_grad():
-        acc = (out0.logits.argmax(dim=1) == y).to(out0.logits.dtype).mean() * 100.0
+        acc = (out0.logits.argmax(dim=-1) == y).to(out0.logits.dtype).mean(dim=-1) * 100.0
 
     stats: dict[str, Any] = {
-        "loss": float(total.detach()),
-        "ce": float(ce.detach()),
-        "gen_loss": [float(v) for v in gen_losses],
-        "edr": float(edr.detach()),
-        "L1": float(parts["L1"].detach()),
-        "L1_ce": float(parts["L1_ce"].detach()),
-        "L2": float(parts["L2"].detach()),
-        "acc": float(acc),
+        "loss": _py(total),
+        "ce": _py(ce),
+        "gen_loss": [_py(v) for v in gen_losses],
+        "edr": _py(edr),
+        "L1": _py(parts["L1"]),
+        "L1_ce": _py(parts["L1_ce"]),
+        "L2": _py(parts["L2"]),
+        "acc": _py(acc),
     }
     if record:
         stats["record"] = {

@@ -488,15 +488,19 @@ class TrainerX(SimpleTrainer):
             guards.check_train_step(self, loss_summary)
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
-            freq = self.cfg.TRAIN.PRINT_FREQ
-            if (self.batch_idx + 1) % freq == 0 or self.num_batches < freq or self.batch_idx + 1 == self.num_batches:
-                rest = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
-                eta = str(datetime.timedelta(seconds=int(batch_time.avg * rest)))
-                print(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
-                      f"time {batch_time.val:.3f} ({batch_time.avg:.3f}) data {data_time.val:.3f} "
-                      f"({data_time.avg:.3f}) {losses} lr {self.get_current_lr():.4e} eta {eta}")
-            n_iter = self.epoch * self.num_batches + self.batch_idx
-            for name, meter in losses.meters.items():
-                self.write_scalar("train/" + name, meter.avg, n_iter)
-            self.write_scalar("train/lr", self.get_current_lr(), n_iter)
+            self.log_train_step(losses, batch_time, data_time)
             end = time.time()
+
+    def log_train_step(self, losses: MetricMeter, batch_time: AverageMeter, data_time: AverageMeter) -> None:
+        """Dassl's progress line (every ``TRAIN.PRINT_FREQ`` batches and at the epoch's end) and scalars."""
+        freq = self.cfg.TRAIN.PRINT_FREQ
+        if (self.batch_idx + 1) % freq == 0 or self.num_batches < freq or self.batch_idx + 1 == self.num_batches:
+            rest = self.num_batches - self.batch_idx - 1 + (self.max_epoch - self.epoch - 1) * self.num_batches
+            eta = str(datetime.timedelta(seconds=int(batch_time.avg * rest)))
+            print(f"epoch [{self.epoch + 1}/{self.max_epoch}] batch [{self.batch_idx + 1}/{self.num_batches}] "
+                  f"time {batch_time.val:.3f} ({batch_time.avg:.3f}) data {data_time.val:.3f} "
+                  f"({data_time.avg:.3f}) {losses} lr {self.get_current_lr():.4e} eta {eta}")
+        n_iter = self.epoch * self.num_batches + self.batch_idx
+        for name, meter in losses.meters.items():
+            self.write_scalar("train/" + name, meter.avg, n_iter)
+        self.write_scalar("train/lr", self.get_current_lr(), n_iter)

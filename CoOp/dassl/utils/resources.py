@@ -32,3 +32,57 @@ def memo(key: Hashable, make: Callable[[], Any]) -> Any:
     if key not in _CACHE:
         _CACHE[key] = make()
     return _CACHE[key]
+
+
+def _rng_state() -> tuple[Any, Any, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_state(state: tuple[Any, Any, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
+def rng_fingerprint() -> str:
+    """A digest of the global python / numpy / torch (CPU) random states."""
+    import hashlib
+    import pickle
+
+    py, np_state, torch_state = _rng_state()
+    digest = hashlib.sha1(pickle.dumps(py))
+    digest.update(pickle.dumps(np_state))
+    digest.update(torch_state.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def memo_rng(key: Hashable, make: Callable[[], Any], copy: Callable[[Any], Any], per_state: bool = False) -> Any:
+    """Memo for values whose construction draws random numbers (e.g. a model initialised, then loaded).
+
+    A hit needs the global random state a stored construction started from; the state is then set to where that
+    construction left it, so a run's random stream is the one it would have had. Each caller gets ``copy(value)``
+    (the stored value is never handed out). ``per_state``: the value itself depends on the random state (random
+    weights), so one value is kept per starting state; otherwise one value per key. Disabled: ``make()``.
+    """
+    if not _ENABLED:
+        return make()
+    before = rng_fingerprint()
+    vkey = ("memo_rng", key, before if per_state else None)
+    skey = ("memo_rng_after", key, before)
+    if vkey in _CACHE and skey in _CACHE:
+        _set_rng_state(_CACHE[skey])
+        return copy(_CACHE[vkey])
+    value = make()
+    _CACHE[skey] = _rng_state()
+    _CACHE.setdefault(vkey, value)
+    return copy(_CACHE[vkey])
