@@ -53,10 +53,12 @@ def _plan(module, argv, trainer, evaluate=False):
 
 def _opts(argv):
     """The trailing KEY VALUE overrides of a planned train.py command line (last value wins, as in yacs)."""
-    rest, out, i = argv[argv.index("--output-dir") + 2:], {}, 0
+    rest, out, i = argv[argv.index("--output-dir") + 2:] if "--output-dir" in argv else argv, {}, 0
     while i < len(rest):
         if rest[i] == "--eval-only":
             i += 1
+        elif rest[i] == "--eval-open-set":  # a one-pass evaluation job: DATASET_CONFIG_FILE OUTPUT_DIR per run
+            i += 3
         elif rest[i].startswith("--"):
             i += 2
         else:
