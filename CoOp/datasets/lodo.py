@@ -92,7 +92,8 @@ class LODODataset(DatasetBase):
         st = os.stat(self.split_path)
         key = ("lodo_splits", type(self).__name__, self.split_path, st.st_size, st.st_mtime_ns, self.image_dir,
                self.domain_match, tuple(self.domain_list))
-        lists = copy.deepcopy(resources.memo(key, self._read_checked_lists))  # once per sweep worker
+        memo = resources.memo(key, self._read_checked_lists)  # read and checked once per sweep worker
+        lists = {split: [copy.copy(d) for d in items] for split, items in memo.items()}  # each job its own Datums
         return lists["train"], lists["val"], lists["test"]
 
     def _read_checked_lists(self) -> dict[str, list[Datum]]:
