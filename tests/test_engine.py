@@ -363,3 +363,20 @@ def test_gpu_check_script_smoke(capsys):
                      "--steps", "1", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert '"fc_i": 0.0' in out and '"bf16"' in out
+
+
+def test_macro_f1_equals_scikit_learn():
+    """The evaluator's macro F1 (bincount) is scikit-learn's ``f1_score(average="macro", labels=unique(y_true))``,
+    including classes never predicted, predictions of classes absent from the truth, and perfect predictions."""
+    from sklearn.metrics import f1_score
+
+    from dassl.evaluation.evaluator import macro_f1_score
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 7, 200), rng.integers(0, 9, 200)),   # predicts classes 7, 8 that never occur
+             (rng.integers(0, 5, 50), np.zeros(50, dtype=int)),     # one class predicted only
+             (np.array([3, 3, 1]), np.array([3, 3, 1])),            # perfect, labels with gaps
+             (np.array([2]), np.array([0]))]
+    for t, p in cases:
+        want = f1_score(t, p, average="macro", labels=np.unique(t), zero_division=0)
+        assert macro_f1_score(t.tolist(), p.tolist()) == pytest.approx(want, abs=1e-12)

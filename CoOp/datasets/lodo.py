@@ -15,6 +15,7 @@ held-out domain, ``train``/``val`` come from the source domains. The domain of a
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -91,9 +92,9 @@ class LODODataset(DatasetBase):
         st = os.stat(self.split_path)
         key = ("lodo_splits", type(self).__name__, self.split_path, st.st_size, st.st_mtime_ns, self.image_dir,
                self.domain_match, tuple(self.domain_list))
-        lists = resources.memo(key, self._read_checked_lists)  # once per sweep worker
-        # new lists (the memo's stay as read); the Datum items are read-only and shared (no deep copy)
-        return list(lists["train"]), list(lists["val"]), list(lists["test"])
+        memo = resources.memo(key, self._read_checked_lists)  # read and checked once per sweep worker
+        lists = {split: [copy.copy(d) for d in items] for split, items in memo.items()}  # each job its own Datums
+        return lists["train"], lists["val"], lists["test"]
 
     def _read_checked_lists(self) -> dict[str, list[Datum]]:
         split = read_json(self.split_path)

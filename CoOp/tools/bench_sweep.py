@@ -69,7 +69,7 @@ def ensure_assets(cache: str, per_class: Optional[int], steps: Optional[int], we
         if not os.path.isfile(weights):
             raise SystemExit(f"error: --weights {weights}: no such file (a tinyclip-rn32 state dict belongs there)")
         return data_root, os.path.abspath(weights)
-    return data_root, ensure_backbone(cache, data_root, steps)[0]  # (weights path, pretraining summary)
+    return data_root, ensure_backbone(cache, data_root, steps)[0]
 
 
 def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cached: bool,

@@ -140,11 +140,16 @@ def collect_env_info() -> str:
 
 def versions() -> dict[str, str]:
     """Library versions stored in every run record."""
-    import sklearn
+    from importlib.metadata import PackageNotFoundError, version
+
     import torchvision
 
+    try:  # read from the installed metadata: importing scikit-learn costs seconds per process
+        sklearn_version = version("scikit-learn")
+    except PackageNotFoundError:  # pragma: no cover
+        sklearn_version = ""
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "numpy": np.__version__, "sklearn": sklearn.__version__}
+           "numpy": np.__version__, "sklearn": sklearn_version}
     try:
         import open_clip
 
