@@ -192,6 +192,7 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
 
     cache, trainer, items = _tiny_cache(tmp_path)
     monkeypatch.setattr(fc, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(fc, "FILL_LANES", 1)  # one lane: the flushes of one encoding pass
     store = fc.FeatureStore(str(tmp_path / "store"))
     cache._fill(items, transforms.ToTensor(), store, None, "t")
     sizes = sorted(len(json.load(open(os.path.join(store.folder, f)))["paths"])
@@ -200,8 +201,9 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
     assert trainer.encoder_images == 10
 
 
-def test_a_second_filler_waits_for_the_first_and_encodes_nothing(tmp_path):
-    """While another process holds a store's fill lock, a fill waits; it then reads that filler's shards."""
+def test_a_second_filler_takes_free_lanes_then_waits_and_encodes_nothing_twice(tmp_path):
+    """While another process holds one lane's fill lock, a fill encodes the other lanes at once, waits for the
+    held lane, then reads that filler's shard for it: every image is encoded exactly once."""
     import fcntl
     import threading
 
@@ -213,13 +215,23 @@ def test_a_second_filler_waits_for_the_first_and_encodes_nothing(tmp_path):
     folder = str(tmp_path / "store")
     os.makedirs(folder)
     store = fc.FeatureStore(folder)
-    with open(os.path.join(folder, ".fill.lock"), "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # "the first filler"
+    paths = [d.impath for d in items]
+    held_lane = fc.fill_lane(paths[0])
+    mine = [p for p in paths if fc.fill_lane(p) == held_lane]
+    others = [p for p in paths if fc.fill_lane(p) != held_lane]
+    assert mine and others  # the test needs both kinds
+    lock = ".fill.lock" if held_lane == 0 else f".fill.lock.{held_lane}"
+    with open(os.path.join(folder, lock), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "the first filler", busy with one lane
         waiter = threading.Thread(target=cache._fill, args=(items, transforms.ToTensor(), store, None, "t"))
         waiter.start()
-        time.sleep(0.5)
-        assert waiter.is_alive() and trainer.encoder_images == 0
-        fc.FeatureStore(folder, writer="first").add([d.impath for d in items], torch.zeros(len(items), 5))
+        deadline = time.time() + 30
+        while trainer.encoder_images < len(others) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert waiter.is_alive() and trainer.encoder_images == len(others)  # free lanes done, held lane waits
+        fc.FeatureStore(folder, writer="first").add(mine, torch.zeros(len(mine), 5))
         fcntl.flock(held, fcntl.LOCK_UN)
     waiter.join(30)
-    assert not waiter.is_alive() and trainer.encoder_images == 0 and len(store) == len(items)
+    assert not waiter.is_alive() and trainer.encoder_images == len(others)
+    assert len(fc.FeatureStore(folder)) == len(items)

@@ -12,8 +12,9 @@ Both flows make the same runs (``launch.setup2``; the same run directories and r
 held-out domain, one seed, then evaluation against each open-set folder. ``runs`` counts run directories,
 ``jobs`` the ``train.py`` invocations that made them. Printed: image-encoder passes (summed from the run records), train and
 evaluation wall time, their ratios; evaluation throughput inside a run against a bare decode + ``encode_image``
-loop over the same images; with ``--device cuda``, ViT-B/16 (random weights) extraction images/s in fp32 and
-bf16 and the fraction of the device's measured matmul peak.
+loop over the same images (best of 3, interleaved); one CRoFT training step of 5 λ runs, separate vs stacked,
+at feature widths 64 / 512 / 1024. With ``--device cuda``: ViT-B/16 (random weights) extraction images/s in fp32
+and bf16, the fraction of the device's measured matmul peak, and the stacked-step comparison on the device.
 
     python tools/bench_sweep.py [--cache .cache] [--jobs 2] [--epochs 30] [--device cuda]
 """
@@ -33,6 +34,7 @@ if COOP_DIR not in sys.path:
     sys.path.insert(0, COOP_DIR)
 
 LAMBDA2 = [1000.0, 100.0, 10.0, 1.0, 0.0]
+REPEATS = 3  # evaluation-throughput timings: best of this many, interleaved
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -142,11 +144,8 @@ def eval_throughput(data_root: str, weights: str, work: str, domain: str) -> dic
             f"test_on_{domain}.json", "FEATURE_CACHE.ENABLED", "False"]
     with contextlib.redirect_stdout(io.StringIO()):
         train_py.main(argv)  # warm-up: imports, first touch of the files
-        t0 = time.time()
-        train_py.main(argv)
-        in_run = time.time() - t0
-        train_py.restore_stdout()
         trainer = _trainer(argv)
+    train_py.restore_stdout()
     items = trainer.dm.dataset.test
     tfm = trainer.dm.tfm_test
     enc = trainer.image_encoder
@@ -158,13 +157,71 @@ def eval_throughput(data_root: str, weights: str, work: str, domain: str) -> dic
         def __getitem__(self, i: int) -> torch.Tensor:
             return tfm(read_image(items[i].impath))
 
-    t0 = time.time()
-    with torch.no_grad():
-        for x in DataLoader(Images(), batch_size=trainer.cfg.DATALOADER.TEST.BATCH_SIZE, num_workers=0):
-            enc(x)
-    bare = time.time() - t0
+    def run() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train_py.main(argv)
+        train_py.restore_stdout()
+
+    def loop() -> None:
+        with torch.no_grad():
+            for x in DataLoader(Images(), batch_size=trainer.cfg.DATALOADER.TEST.BATCH_SIZE, num_workers=0):
+                enc(x)
+
+    times: dict[str, list[float]] = {"run": [], "loop": []}
+    for _ in range(REPEATS):  # interleaved, best of REPEATS: load spikes of a shared machine hit both alike
+        for name, fn in (("run", run), ("loop", loop)):
+            t0 = time.time()
+            fn()
+            times[name].append(time.time() - t0)
+    in_run, bare = min(times["run"]), min(times["loop"])
     return {"images": len(items), "in_run_s": round(in_run, 3), "bare_loop_s": round(bare, 3),
-            "ratio": round(in_run / bare, 2)}
+            "ratio": round(in_run / bare, 2), "repeats": REPEATS}
+
+
+def stack_steps(device: str, dims: Sequence[int] = (64, 512, 1024), k: int = 5, n: int = 32, classes: int = 7,
+                reps: int = 5) -> list[dict[str, Any]]:
+    """One CRoFT training step for ``k`` runs: ``k`` separate steps vs one stacked step (``--stack``), per
+    feature width ``D`` (tiny CLIP 64, ViT-B/16 512, RN50 1024); batch ``n``, ``classes`` classes, SGD."""
+    import torch
+
+    from trainers.croft_core import Adapter, CRoFTOptions, OODImgGen, croft_train_step
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for dim in dims:
+        X, T = torch.randn(n, dim, generator=gen).to(dev), torch.randn(classes, dim, generator=gen).to(dev)
+        y = torch.randint(0, classes, (n,), generator=gen).to(dev)
+
+        def make(stack: Optional[int]) -> tuple:
+            a, g = Adapter(dim, device=dev, stack=stack), OODImgGen(dim, device=dev, stack=stack)
+            return (a, g, torch.optim.SGD(a.parameters(), lr=2e-3, momentum=0.9),
+                    torch.optim.SGD(g.parameters(), lr=2e-3, momentum=0.9))
+
+        runs = [(make(None), CRoFTOptions(lambda1=15.0, lambda2=float(i))) for i in range(k)]
+        stacked = (make(k), CRoFTOptions(lambda1=torch.full((k,), 15.0, device=dev),
+                                         lambda2=torch.arange(k, dtype=torch.float32, device=dev)))
+        timed = {}
+        for name, group in (("separate", runs), ("stacked", [stacked])):
+            for rep in range(reps + 1):  # the first is a warm-up
+                if rep == 1:
+                    _sync(dev)
+                    t0 = time.time()
+                for (a, g, oa, og), opts in group:
+                    croft_train_step(a, g, X, T, y, oa, og, opts, 100.0)
+            _sync(dev)
+            timed[name] = (time.time() - t0) / reps
+        out.append({"dim": dim, "runs": k, "separate_ms": round(1000 * timed["separate"], 2),
+                    "stacked_ms": round(1000 * timed["stacked"], 2),
+                    "speedup": round(timed["separate"] / timed["stacked"], 2)})
+    return out
+
+
+def _sync(dev: Any) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def _trainer(argv: list[str]) -> Any:
@@ -224,7 +281,8 @@ def _matmul_peak(device: str, dtype: Any, size: int = 8192, reps: int = 10) -> f
     return 2 * size ** 3 * reps / (time.time() - t0)
 
 
-def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optional[dict[str, Any]]) -> str:
+def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optional[dict[str, Any]],
+           steps: Optional[list[dict[str, Any]]] = None) -> str:
     lines = ["| flow | runs | jobs | encoder passes | train s | eval s | total s | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     base = flows[0] if flows else {}
@@ -235,7 +293,8 @@ def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optio
                      f"{f['total_s']} | {ratio} |")
     if ev:
         lines.append(f"\nevaluation throughput: ZS-CLIP on {ev['images']} images: {ev['in_run_s']} s inside a run "
-                     f"vs {ev['bare_loop_s']} s for a bare decode + encode_image loop ({ev['ratio']}x)")
+                     f"vs {ev['bare_loop_s']} s for a bare decode + encode_image loop ({ev['ratio']}x; best of "
+                     f"{ev['repeats']}, interleaved)")
     if gpu:
         lines.append(f"\nViT-B/16 extraction on {gpu['device']} ({gpu['gflops_per_image']} GFLOP/image):")
         for key in ("fp32", "bf16"):
@@ -243,6 +302,10 @@ def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optio
             lines.append(f"  {key}: {g['images_per_s']} images/s, {g['tflops']} TFLOP/s = "
                          f"{100 * g['fraction_of_peak']:.0f}% of the measured matmul peak "
                          f"({g['matmul_peak_tflops']} TFLOP/s)")
+    if steps:
+        lines.append("\none CRoFT step for 5 λ runs (batch 32, 7 classes): 5 separate steps vs one stacked step")
+        for st in steps:
+            lines.append(f"  D={st['dim']}: {st['separate_ms']} ms vs {st['stacked_ms']} ms ({st['speedup']}x)")
     return "\n".join(lines)
 
 
@@ -252,8 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = os.path.abspath(args.work or os.path.join(cache, "bench"))
     if args.device != "cpu":  # the accelerator mode: extraction throughput only
         gpu = gpu_extraction(args.device)
-        print(report([], None, gpu))
-        _dump(args.json, {"gpu": gpu})
+        steps = stack_steps(args.device)
+        print(report([], None, gpu, steps))
+        _dump(args.json, {"gpu": gpu, "stack_steps": steps})
         return 0
     data_root, weights = ensure_assets(cache, args.per_class, args.pretrain_steps, args.weights)
     shutil.rmtree(work, ignore_errors=True)
@@ -270,10 +334,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flows.append(run_flow(f"project, --stack: {args.jobs} workers + feature cache + one vectorised λ-sweep",
                               train, evals, "workers", args.jobs, stack=True))
     ev = None if args.skip_eval_throughput else eval_throughput(data_root, weights, work, args.domain)
-    text = report(flows, ev, None)
+    steps = None if args.skip_stack else stack_steps("cpu")
+    text = report(flows, ev, None, steps)
     print(f"\n{os.cpu_count()} CPU cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(text)
-    _dump(args.json, {"flows": flows, "eval_throughput": ev, "cpus": os.cpu_count(), "load_avg": [load0,
+    _dump(args.json, {"flows": flows, "eval_throughput": ev, "stack_steps": steps, "cpus": os.cpu_count(), "load_avg": [load0,
                                                                                                   os.getloadavg()[0]]})
     return 0
 

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import zlib
 from typing import Any, Iterator, Optional
 
 import torch
@@ -36,6 +37,7 @@ from ..utils.tools import progress_enabled
 from .feature_store import FeatureStore
 
 FLUSH_ROWS = 4096  # features encoded between two shard writes (a killed extraction keeps what it flushed)
+FILL_LANES = 4     # lanes per store that concurrent fillers take in turn (one lock each)
 
 
 def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
@@ -64,18 +66,26 @@ def open_store(cache_dir: str, kind: str) -> FeatureStore:
 
 
 @contextlib.contextmanager
-def _fill_lock(folder: str, enabled: bool) -> Iterator[None]:
-    """An exclusive ``fcntl`` lock on ``folder/.fill.lock`` for the block (no-op when not ``enabled``)."""
-    if not enabled:
-        yield
-        return
+def _fill_lock(folder: str, lane: int, blocking: bool) -> Iterator[bool]:
+    """An exclusive ``fcntl`` lock on ``folder/.fill.lock[.<lane>]`` for the block; yields False (and holds
+    nothing) when ``blocking`` is off and another process holds it."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".fill.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    name = ".fill.lock" if lane == 0 else f".fill.lock.{lane}"
+    with open(os.path.join(folder, name), "a") as f:
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fill_lane(path: str) -> int:
+    """The fill lane of an image (``FILL_LANES`` lanes per store, each with its own lock)."""
+    return zlib.crc32(path.encode()) % FILL_LANES
 
 
 def view_seed(view: int, path: str, root: str) -> int:
@@ -144,13 +154,34 @@ class FeatureCache:
         shard = sorted({d.impath for d in items})[rank::world_size]  # shard the full list: ranks never overlap
         if all(p in store for p in shard):
             return
-        # one filler per store at a time (runs of a sweep start together): the others wait, then read its shards;
-        # torchrun ranks fill disjoint shares and need no lock. The kernel drops the lock of a killed process.
-        with _fill_lock(store.folder, world_size == 1):
+        if world_size > 1:  # torchrun ranks fill disjoint shares and need no lock
+            self._encode([p for p in shard if p not in store], transform, store, view, desc)
+            return
+        # runs of a sweep start together: the images of a store are split into lanes, one filler per lane at a
+        # time; a filler first takes the lanes nobody holds, then waits for the others and reads their shards.
+        # So two runs fill one store twice as fast and nothing is encoded twice. The kernel drops the locks of a
+        # killed process.
+        lanes: dict[int, list[str]] = {}
+        for p in shard:
+            lanes.setdefault(fill_lane(p), []).append(p)
+        waiting = []
+        for lane, paths in sorted(lanes.items()):
+            if not self._fill_lane(lane, paths, transform, store, view, desc, blocking=False):
+                waiting.append((lane, paths))
+        for lane, paths in waiting:
+            self._fill_lane(lane, paths, transform, store, view, desc, blocking=True)
+
+    def _fill_lane(self, lane: int, paths: list[str], transform: Any, store: FeatureStore, view: Optional[int],
+                   desc: str, blocking: bool) -> bool:
+        """Encode the missing ``paths`` of one lane under its lock; False if the lock is held and not ``blocking``."""
+        with _fill_lock(store.folder, lane, blocking) as held:
+            if not held:
+                return False
             store.refresh()
-            todo = [p for p in shard if p not in store]
+            todo = [p for p in paths if p not in store]
             if todo:
                 self._encode(todo, transform, store, view, desc)
+            return True
 
     @torch.no_grad()
     def _encode(self, todo: list[str], transform: Any, store: FeatureStore, view: Optional[int], desc: str) -> None:
