@@ -13,7 +13,7 @@ held-out domain, one seed, then evaluation against each open-set folder. ``runs`
 ``jobs`` the ``train.py`` invocations that made them. Printed: image-encoder passes (summed from the run records), train and
 evaluation wall time, their ratios; evaluation throughput inside a run against a bare decode + ``encode_image``
 loop over the same images (best of 3, interleaved); one CRoFT training step of 5 λ runs, separate vs stacked,
-at feature widths 64 / 512 / 1024. With ``--device cuda``: ViT-B/16 (random weights) extraction images/s in fp32
+at feature widths 64 / 512 / 1024; the start-up (imports) of a fresh ``train.py`` process. With ``--device cuda``: ViT-B/16 (random weights) extraction images/s in fp32
 and bf16, the fraction of the device's measured matmul peak, and the stacked-step comparison on the device.
 
     python tools/bench_sweep.py [--cache .cache] [--jobs 2] [--epochs 30] [--device cuda]
@@ -178,6 +178,21 @@ def eval_throughput(data_root: str, weights: str, work: str, domain: str) -> dic
             "ratio": round(in_run / bare, 2), "repeats": REPEATS}
 
 
+def startup_seconds(repeats: int = 2) -> float:
+    """Wall time of a fresh interpreter importing what a ``train.py`` run imports (train, every trainer and
+    dataset module, open_clip), best of ``repeats``: what a process per run pays every time, a worker once."""
+    import subprocess
+
+    code = ("from launch.entry import train_module; train_module(); from dassl.utils.plugins import load_plugins; "
+            "load_plugins('.'); import open_clip")
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.time()
+        subprocess.run([sys.executable, "-c", code], cwd=COOP_DIR, check=True)
+        best = min(best, time.time() - t0)
+    return round(best, 2)
+
+
 def stack_steps(device: str, dims: Sequence[int] = (64, 512, 1024), k: int = 5, n: int = 32, classes: int = 7,
                 reps: int = 5) -> list[dict[str, Any]]:
     """One CRoFT training step for ``k`` runs: ``k`` separate steps vs one stacked step (``--stack``), per
@@ -282,7 +297,7 @@ def _matmul_peak(device: str, dtype: Any, size: int = 8192, reps: int = 10) -> f
 
 
 def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optional[dict[str, Any]],
-           steps: Optional[list[dict[str, Any]]] = None) -> str:
+           steps: Optional[list[dict[str, Any]]] = None, startup: Optional[float] = None) -> str:
     lines = ["| flow | runs | jobs | encoder passes | train s | eval s | total s | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     base = flows[0] if flows else {}
@@ -302,6 +317,8 @@ def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optio
             lines.append(f"  {key}: {g['images_per_s']} images/s, {g['tflops']} TFLOP/s = "
                          f"{100 * g['fraction_of_peak']:.0f}% of the measured matmul peak "
                          f"({g['matmul_peak_tflops']} TFLOP/s)")
+    if startup is not None:
+        lines.append(f"\nstart-up of a fresh train.py process (imports): {startup} s (best of 2)")
     if steps:
         lines.append("\none CRoFT step for 5 λ runs (batch 32, 7 classes): 5 separate steps vs one stacked step")
         for st in steps:
@@ -335,11 +352,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               train, evals, "workers", args.jobs, stack=True))
     ev = None if args.skip_eval_throughput else eval_throughput(data_root, weights, work, args.domain)
     steps = None if args.skip_stack else stack_steps("cpu")
-    text = report(flows, ev, None, steps)
+    startup = startup_seconds()
+    text = report(flows, ev, None, steps, startup)
     print(f"\n{os.cpu_count()} CPU cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(text)
-    _dump(args.json, {"flows": flows, "eval_throughput": ev, "stack_steps": steps, "cpus": os.cpu_count(), "load_avg": [load0,
-                                                                                                  os.getloadavg()[0]]})
+    _dump(args.json, {"flows": flows, "eval_throughput": ev, "stack_steps": steps, "startup_s": startup,
+                      "cpus": os.cpu_count(), "load_avg": [load0, os.getloadavg()[0]]})
     return 0
 
 
