@@ -210,3 +210,20 @@ def test_inprocess_job_restores_environment(data, tmp_path, monkeypatch):
     ok, msg = run_job_inprocess(job, quiet=True)  # quiet sets CROFT_NO_PROGRESS for the job
     assert not ok and "mars" in msg
     assert "CROFT_NO_PROGRESS" not in os.environ
+
+
+def test_lone_jobs_get_the_cores_of_idle_workers(monkeypatch):
+    """Torch threads per job: the cores divided by the jobs that run alongside it (a stacked λ-sweep alone on a
+    2-worker pool gets both cores; a full pool one each)."""
+    from types import SimpleNamespace
+
+    from launch.workers import WorkerLauncher
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    pool = [SimpleNamespace(job=None) for _ in range(4)]
+    pool[0].job = "sent now"
+    assert WorkerLauncher._threads(pool, pending=0) == 8
+    assert WorkerLauncher._threads(pool, pending=1) == 4
+    pool[1].job = "running"
+    assert WorkerLauncher._threads(pool, pending=0) == 4
+    assert WorkerLauncher._threads(pool, pending=10) == 2

@@ -36,7 +36,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def worker_main(conn: Connection, parent_pid: int, device: Optional[str], threads: int, quiet: bool) -> None:
-    """Worker loop: receive a job (a ``Job`` as dict), run it, send ``(ok, message, seconds)``; None stops."""
+    """Worker loop: receive ``(job as dict, torch threads)``, run it, send ``(ok, message, seconds)``; None stops."""
     die_with_parent(parent_pid)
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
@@ -57,8 +57,10 @@ def worker_main(conn: Connection, parent_pid: int, device: Optional[str], thread
             return
         if msg is None:
             return
+        job, job_threads = msg
+        torch.set_num_threads(max(1, job_threads))
         t0 = time.time()
-        ok, text = run_job_inprocess(Job(**msg), quiet)
+        ok, text = run_job_inprocess(Job(**job), quiet)
         conn.send((ok, text, time.time() - t0))
 
 
@@ -126,7 +128,7 @@ class WorkerLauncher(Launcher):
                             workers[i] = w = self._spawn(ctx, i, n)
                         w.job, w.attempt = pending.popleft()
                         try:
-                            w.conn.send(asdict(w.job))
+                            w.conn.send((asdict(w.job), self._threads(workers, len(pending))))
                         except OSError:  # it died just now: _poll reports the job's worker as dead
                             pass
                 busy = [w for w in workers if w.job is not None]
@@ -148,6 +150,13 @@ class WorkerLauncher(Launcher):
         finally:
             if not self.keep_alive:
                 self.close()
+
+    @staticmethod
+    def _threads(workers: list[_Worker], pending: int) -> int:
+        """Torch threads for the job being sent: the cores shared by the jobs that will run alongside it (a
+        lone job, e.g. a stacked λ-sweep or a sweep's last job, gets the cores of idle workers)."""
+        busy = sum(w.job is not None for w in workers)  # the job being sent is already assigned
+        return max(1, (os.cpu_count() or 1) // max(1, min(len(workers), busy + pending)))
 
     @staticmethod
     def _poll(w: _Worker) -> Optional[tuple[bool, Any]]:
