@@ -36,7 +36,7 @@ from dassl.utils import collect_env_info, set_random_seed
 from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.logger import Logger, restore_stdout
 from dassl.utils.plugins import load_plugins
-from dassl.utils.tools import atomic_write_json, atomic_write_text
+from dassl.utils.tools import atomic_write_json, atomic_write_text, rng_state, set_rng_state
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -348,14 +348,20 @@ def _shared_cfg(cfg: Any) -> dict[str, Any]:
 
 
 def check_one_pass(cfgs: list[Any]) -> None:
-    """Runs share a model and ID splits only if their configs differ in nothing but the open-set dataset."""
+    """Runs share a model and ID splits only if their configs differ in nothing but the open-set dataset, and the
+    trainer derives the same model settings from each dataset name (its ``dataset_signature``, if it has one)."""
     first = _shared_cfg(cfgs[0])
+    signature = getattr(TRAINER_REGISTRY.get(cfgs[0].TRAINER.NAME), "dataset_signature", None)
     for cfg in cfgs[1:]:
         other = _shared_cfg(cfg)
         if other != first:
             keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             raise ConfigError(f"--eval-open-set: {cfg.DATASET.NAME} and {cfgs[0].DATASET.NAME} differ in more than "
                               f"DATASET.NAME (in {', '.join(keys)}); evaluate them in separate runs")
+        if callable(signature) and signature(cfg) != signature(cfgs[0]):
+            raise ConfigError(f"--eval-open-set: {cfgs[0].TRAINER.NAME} builds its model differently for "
+                              f"{cfg.DATASET.NAME} ({signature(cfg)}) and {cfgs[0].DATASET.NAME} "
+                              f"({signature(cfgs[0])}); evaluate them in separate runs")
 
 
 def _id_split_mismatch(a: Any, b: Any) -> str:
@@ -375,27 +381,6 @@ class _KeepRNG:
 
     def __exit__(self, *exc: Any) -> None:
         set_rng_state(self.state)
-
-
-def rng_state() -> tuple[Any, ...]:
-    import random
-
-    import numpy as np
-
-    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state: tuple[Any, ...]) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-    if state[3] is not None:
-        torch.cuda.set_rng_state_all(state[3])
 
 
 def _open_set_data(cfg: Any, trainer: Any) -> Any:

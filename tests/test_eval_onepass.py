@@ -202,3 +202,22 @@ def test_one_pass_refuses_open_sets_with_different_id_splits():
 
     assert train._id_split_mismatch(ds(["a", "b", "c"]), ds(["a", "b", "c"])) == ""
     assert train._id_split_mismatch(ds(["a", "b", "c"]), ds(["a", "b", "d"])) == "test"
+
+
+def test_one_pass_refuses_names_the_trainer_reads_differently():
+    """CRoFT picks its semantics row from DATASET.NAME: official VLCS open sets agree; a non-official spelling
+    (``VLCS_food101``: the generic row) may not share a pass with them."""
+    import train
+
+    def cfg(dataset):
+        args = train.get_parser().parse_args(["--trainer", "CRoFT", "--dataset-config-file",
+                                              os.path.join(COOP, "configs", "datasets", "VLCS_DTD.yaml")])
+        c = train.setup_cfg(args)
+        c.defrost()
+        c.DATASET.NAME = dataset
+        c.freeze()
+        return c
+
+    train.check_one_pass([cfg("VLCS_DTD"), cfg("VLCS_Food101"), cfg("VLCS_Caltech101")])
+    with pytest.raises(train.ConfigError, match="builds its model differently"):
+        train.check_one_pass([cfg("VLCS_DTD"), cfg("VLCS_food101")])

@@ -61,6 +61,7 @@ class CLIP_Adapter(FeatureHeadTrainer):
     """CLIP-Adapter: residual bottleneck adapter on frozen CLIP image features, single-template classifier."""
 
     cfg_node = "CLIP_ADAPTER"  # the TRAINER.<node> this trainer reads
+    dataset_signature = staticmethod(single_template)  # derived from DATASET.NAME (one evaluation pass must agree)
 
     CFG_RANGES = {"TRAINER.CLIP_ADAPTER.RATIO": unit("residual ratio"), "TRAINER.CLIP_ADAPTER.REDUCTION": count(1),
                   "TRAINER.CLIP_ADAPTER.PREC": PREC}

@@ -96,6 +96,12 @@ class CRoFT(TrainerX):
     def check_cfg(self, cfg: Any) -> None:
         dataset_semantics(cfg)
 
+    @staticmethod
+    def dataset_signature(cfg: Any) -> tuple[str, str]:
+        """What the model build derives from ``DATASET.NAME`` (semantics row, prompt template): runs of one
+        evaluation pass (``train.py --eval-open-set``) must agree on it."""
+        return dataset_semantics(cfg)[0], single_template(cfg)
+
     def croft_options(self) -> CRoFTOptions:
         c = self.cfg.TRAINER.CRoFT
         sem = dataset_semantics(self.cfg)[1]

@@ -139,6 +139,7 @@ class TIP_ADAPTER(FeatureHeadTrainer):
     """Tip-Adapter-F: a learnable few-shot feature cache added to the zero-shot CLIP classifier."""
 
     cfg_node = "TIP_ADAPTER"  # the TRAINER.<node> this trainer reads
+    dataset_signature = staticmethod(single_template)  # derived from DATASET.NAME (one evaluation pass must agree)
 
     CFG_RANGES = {"TRAINER.TIP_ADAPTER.ALPHA": nonneg(), "TRAINER.TIP_ADAPTER.BETA": nonneg(),
                   "TRAINER.TIP_ADAPTER.AUGMENT_EPOCH": count(1), "TRAINER.TIP_ADAPTER.PREC": PREC}

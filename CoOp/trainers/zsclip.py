@@ -24,6 +24,7 @@ class ZeroshotCLIP(TrainerX):
     """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
 
     cfg_node = "ZSCLIP"  # the TRAINER.<node> this trainer reads
+    dataset_signature = staticmethod(single_template)  # derived from DATASET.NAME (one evaluation pass must agree)
     CFG_RANGES = {"TRAINER.ZSCLIP.PREC": PREC}
 
     text_mode = "single"

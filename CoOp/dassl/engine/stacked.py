@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
-import sys
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
-import torch
 
 from ..utils.errors import ConfigError, UserError
 from ..utils.logger import restore_stdout
 from ..utils.meters import AverageMeter, MetricMeter
+from ..utils.tools import rng_state, set_rng_state
 from ..utils.torchtools import load_checkpoint
 from . import guards
 from .build import TRAINER_REGISTRY
@@ -81,16 +78,6 @@ def stack_blocker(cfgs: list[Any]) -> Optional[str]:
     if differ:
         return f"members differ in {', '.join(differ)} (a {name} stack may differ only in {', '.join(keys)})"
     return None
-
-
-def rng_state() -> tuple[Any, ...]:
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def set_rng_state(state: tuple[Any, ...]) -> None:
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
 
 
 def run_stack(args: argparse.Namespace, entry: Any) -> list[dict[str, Any]]:

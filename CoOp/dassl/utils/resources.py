@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable
 
+from .tools import rng_state, set_rng_state
+
 _ENABLED = False
 _CACHE: dict[Hashable, Any] = {}
 
@@ -34,32 +36,12 @@ def memo(key: Hashable, make: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
-def _rng_state() -> tuple[Any, Any, Any]:
-    import random
-
-    import numpy as np
-    import torch
-
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_state(state: tuple[Any, Any, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-
-
 def rng_fingerprint() -> str:
     """A digest of the global python / numpy / torch (CPU) random states."""
     import hashlib
     import pickle
 
-    py, np_state, torch_state = _rng_state()
+    py, np_state, torch_state = rng_state()[:3]
     digest = hashlib.sha1(pickle.dumps(py))
     digest.update(pickle.dumps(np_state))
     digest.update(torch_state.numpy().tobytes())
@@ -80,9 +62,9 @@ def memo_rng(key: Hashable, make: Callable[[], Any], copy: Callable[[Any], Any],
     vkey = ("memo_rng", key, before if per_state else None)
     skey = ("memo_rng_after", key, before)
     if vkey in _CACHE and skey in _CACHE:
-        _set_rng_state(_CACHE[skey])
+        set_rng_state(_CACHE[skey])
         return copy(_CACHE[vkey])
     value = make()
-    _CACHE[skey] = _rng_state()
+    _CACHE[skey] = rng_state()
     _CACHE.setdefault(vkey, value)
     return copy(_CACHE[vkey])

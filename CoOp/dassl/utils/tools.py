@@ -94,6 +94,21 @@ def sha256_file(fpath: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def rng_state() -> tuple[Any, ...]:
+    """The global python, numpy and torch random states (and CUDA's when available)."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: tuple[Any, ...]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state[3])
+
+
 def set_random_seed(seed: int, deterministic: bool = False) -> None:
     """Seed python ``random``, numpy's legacy global RNG and torch (CPU and CUDA)."""
     random.seed(seed)
