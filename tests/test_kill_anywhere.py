@@ -72,9 +72,19 @@ def uninterrupted(args: list[str], workdir: str) -> None:
 
 
 def test_a_training_five_kills(root, tmp_path):
+    """Killed at progress markers (during start-up, right after and between the two models' checkpoints), not at
+    wall-clock guesses: a faster run must not finish before the kills."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     uninterrupted(argv(root, ref), str(tmp_path))
-    hits, res = run_until_done(train_starter(argv(root, out), str(tmp_path)), kills=5, max_delay=8.0, seed=5)
+    start = train_starter(argv(root, out), str(tmp_path))
+    marks = [("log.txt", 0.05), ("clip_adapter/model.pth.tar-1", 0.0), ("generator/model.pth.tar-1", 0.02),
+             ("clip_adapter/model.pth.tar-2", 0.0), ("generator/model.pth.tar-3", 0.0)]
+    hits = 0
+    for rel, delay in marks:
+        pid, o, e = start()
+        hits += kill_when(pid, lambda m=os.path.join(out, rel): os.path.exists(m), delay)
+        wait_forked(pid, o, e)
+    res = wait_forked(*start())
     assert res.returncode == 0, res.stderr
     assert hits >= 3
     same_result(ref, out)
