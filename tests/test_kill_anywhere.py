@@ -66,6 +66,17 @@ def same_result(a: str, b: str, checkpoints: bool = True) -> None:
             assert all(torch.equal(sa[k], sb[k]) for k in sa), (model, f)
 
 
+def kill_at_markers(start, marks) -> tuple[int, object]:
+    """Start, SIGKILL ``delay`` s after each ``(path, delay)`` marker appears (one start per marker), then run to
+    the end: (kills that hit a live process, the final run's result)."""
+    hits = 0
+    for path, delay in marks:
+        pid, o, e = start()
+        hits += kill_when(pid, lambda m=path: os.path.exists(m), delay)
+        wait_forked(pid, o, e)
+    return hits, wait_forked(*start())
+
+
 def uninterrupted(args: list[str], workdir: str) -> None:
     res = wait_forked(*train_starter(args, workdir)())
     assert res.returncode == 0, res.stderr
@@ -76,15 +87,10 @@ def test_a_training_five_kills(root, tmp_path):
     wall-clock guesses: a faster run must not finish before the kills."""
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     uninterrupted(argv(root, ref), str(tmp_path))
-    start = train_starter(argv(root, out), str(tmp_path))
     marks = [("log.txt", 0.05), ("clip_adapter/model.pth.tar-1", 0.0), ("generator/model.pth.tar-1", 0.02),
              ("clip_adapter/model.pth.tar-2", 0.0), ("generator/model.pth.tar-3", 0.0)]
-    hits = 0
-    for rel, delay in marks:
-        pid, o, e = start()
-        hits += kill_when(pid, lambda m=os.path.join(out, rel): os.path.exists(m), delay)
-        wait_forked(pid, o, e)
-    res = wait_forked(*start())
+    hits, res = kill_at_markers(train_starter(argv(root, out), str(tmp_path)),
+                                [(os.path.join(out, rel), delay) for rel, delay in marks])
     assert res.returncode == 0, res.stderr
     assert hits >= 3
     same_result(ref, out)
@@ -117,7 +123,12 @@ def test_b_sweep_of_several_runs(root, tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     sweep = lambda o: _sweep_starter(root, tmp_path, o, ["sketch", "photo"], ["1", "10"], epochs=2, batch=8)  # noqa: E731
     assert wait_forked(*sweep(ref)()).returncode == 0
-    hits, res = run_until_done(sweep(out), kills=4, max_delay=25.0, seed=7)
+    runs = [os.path.join(out, os.path.relpath(d, ref)) for d in _sweep_dirs(ref)]
+    # inside the first run, right after a second run's checkpoint, at a third's start, inside the last one
+    marks = [(os.path.join(runs[0], "clip_adapter", "model.pth.tar-1"), 0.0),
+             (os.path.join(runs[1], "generator", "model.pth.tar-1"), 0.0),
+             (os.path.join(runs[2], "log.txt"), 0.05), (os.path.join(runs[3], "clip_adapter", "model.pth.tar-2"), 0.0)]
+    hits, res = kill_at_markers(sweep(out), marks)
     assert res.returncode == 0, res.stderr
     assert hits >= 2
     assert len(_same_sweeps(ref, out)) == 4
@@ -137,14 +148,9 @@ def test_e_stacked_sweep(root, tmp_path):
     assert wait_forked(*sweep(ref)()).returncode == 0
     members = [os.path.join(out, os.path.relpath(d, ref)) for d in _sweep_dirs(ref)]
     assert len(members) == 3
-    hits = 0
     # (member, epoch, delay): right after member 0's checkpoint (before the others'), then later points
-    for k, epoch, delay in ((0, 2, 0.0), (1, 3, 0.0), (2, 4, 0.05), (0, 6, 0.0)):
-        marker = os.path.join(members[k], "clip_adapter", f"model.pth.tar-{epoch}")
-        pid, o, e = sweep(out)()
-        hits += kill_when(pid, lambda m=marker: os.path.exists(m), delay)
-        wait_forked(pid, o, e)
-    res = wait_forked(*sweep(out)())
+    hits, res = kill_at_markers(sweep(out), [(os.path.join(members[k], "clip_adapter", f"model.pth.tar-{epoch}"), d)
+                                             for k, epoch, d in ((0, 2, 0.0), (1, 3, 0.0), (2, 4, 0.05), (0, 6, 0.0))])
     assert res.returncode == 0, res.stderr
     assert hits >= 3
     assert len(_same_sweeps(ref, out)) == 3
