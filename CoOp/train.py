@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from dassl.config import COMPAT_KEYS, add_coop_config, cfg_to_dict, clean_cfg, get_cfg_default
-from dassl.config.checks import check_ignored_keys, trainer_node
+from dassl.config.checks import check_ignored_keys, differing_keys, trainer_node
 from dassl.config.validate import validate_cfg
 from dassl.engine import TRAINER_REGISTRY, RunRecord, build_trainer
 from dassl.engine.records import is_done
@@ -339,23 +339,13 @@ def open_set_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
             for c, d in args.eval_open_set]
 
 
-def _shared_cfg(cfg: Any) -> dict[str, Any]:
-    """What runs of one pass must agree on: the config without ``DATASET.NAME`` and ``OUTPUT_DIR``."""
-    d = cfg_to_dict(cfg)
-    d.pop("OUTPUT_DIR", None)
-    d["DATASET"] = {k: v for k, v in d["DATASET"].items() if k != "NAME"}
-    return d
-
-
 def check_one_pass(cfgs: list[Any]) -> None:
     """Runs share a model and ID splits only if their configs differ in nothing but the open-set dataset, and the
     trainer derives the same model settings from each dataset name (its ``dataset_signature``, if it has one)."""
-    first = _shared_cfg(cfgs[0])
     signature = getattr(TRAINER_REGISTRY.get(cfgs[0].TRAINER.NAME), "dataset_signature", None)
     for cfg in cfgs[1:]:
-        other = _shared_cfg(cfg)
-        if other != first:
-            keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        keys = differing_keys(cfgs[0], cfg, ignore=("DATASET.NAME", "OUTPUT_DIR"))
+        if keys:
             raise ConfigError(f"--eval-open-set: {cfg.DATASET.NAME} and {cfgs[0].DATASET.NAME} differ in more than "
                               f"DATASET.NAME (in {', '.join(keys)}); evaluate them in separate runs")
         if callable(signature) and signature(cfg) != signature(cfgs[0]):

@@ -230,11 +230,11 @@ def test_stacked_plans_reproduce_each_runs_config(driver, argv, tmp_path):
     module = importlib.import_module(f"launch.{driver}")
     _, jobs = module.plan(["--root", str(tmp_path), *argv], trainer="CRoFT")
     by_dir = {j.output_dir: j for j in jobs}
-    stacks = [j for j in stack_jobs(jobs) if j.members]
-    assert stacks and sum(len(j.members) for j in stacks) == len(jobs)
+    stacks = [j for j in stack_jobs(jobs) if j.parts]
+    assert stacks and sum(len(j.parts) for j in stacks) == len(jobs)
     for job in stacks[:: max(1, len(stacks) // 4)]:
         members = member_args(train.get_parser().parse_args(job.argv))
-        assert [m.output_dir for m in members] == job.members
+        assert [m.output_dir for m in members] == job.run_dirs()
         cfgs = [train.setup_cfg(m) for m in members]
         assert stack_blocker(cfgs) is None
         for member, cfg in zip(members, cfgs):

@@ -23,8 +23,8 @@ from launch.launchers import DEFAULT_LAUNCHER, LaunchOptions, add_launcher_args,
 class Job:
     """One ``train.py`` invocation and how collectors should label it.
 
-    ``parts``: the runs of a job that writes several run directories (``train.py --eval-open-set``), each a dict
-    with ``name``, ``output_dir`` and ``labels``; the manifest lists them one by one and the job is done when they
+    ``parts``: the runs of a job that writes several run directories (``train.py --eval-open-set``, or a stack of
+    runs trained as one with ``train.py --member``), each a dict with ``name``, ``output_dir`` and ``labels``; the manifest lists them one by one and the job is done when they
     all are. Empty: the job is the one run ``name``/``output_dir``/``labels``.
     """
 
@@ -32,8 +32,7 @@ class Job:
     output_dir: str
     argv: list[str]
     labels: dict[str, Any] = field(default_factory=dict)
-    members: list[str] = field(default_factory=list)  # a stacked job: the run directories it trains
-    parts: list[dict[str, Any]] = field(default_factory=list)  # an evaluation pass: its runs (see above)
+    parts: list[dict[str, Any]] = field(default_factory=list)  # an evaluation pass or a stack: its runs
 
     def runs(self) -> list[dict[str, Any]]:
         """The runs (name, output_dir, labels) the manifest lists for this job."""
@@ -41,7 +40,7 @@ class Job:
 
     def run_dirs(self) -> list[str]:
         """Every run directory this job writes."""
-        return [r["output_dir"] for r in self.parts] or self.members or [self.output_dir]
+        return [r["output_dir"] for r in self.parts] or [self.output_dir]
 
     def runs_done(self) -> int:
         return sum(os.path.isfile(os.path.join(d, "done")) for d in self.run_dirs())
@@ -153,7 +152,7 @@ def stack_jobs(jobs: list[Job]) -> list[Job]:
     order: list[Any] = []
     for job in jobs:
         keys = stack_keys(job.labels.get("trainer", "")) if "--output-dir" in job.argv else ()
-        if job.done() or not keys or job.members:
+        if job.done() or not keys or job.parts:
             order.append(job)
             continue
         flags, opts, _ = _parts(job.argv)
@@ -178,7 +177,7 @@ def stack_jobs(jobs: list[Job]) -> list[Job]:
         argv = flags + [x for job, own in members for x in ("--member", job.output_dir, *own)] + ["--", *base]
         first = members[0][0]
         out.append(Job(f"{first.name} (+{len(members) - 1} stacked)", first.output_dir, argv,
-                       dict(first.labels, stacked=len(members)), [job.output_dir for job, _ in members]))
+                       dict(first.labels, stacked=len(members)), parts=[job.runs()[0] for job, _ in members]))
     if len(out) < len(jobs):
         print(f"--stack: {len(jobs)} runs in {len(out)} jobs (runs differing only in their stack keys train as one)")
     return out

@@ -28,6 +28,12 @@ def _leaves(node: CN, prefix: str) -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", value
 
 
+def differing_keys(a: CN, b: CN, ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted config keys whose values differ between ``a`` and ``b`` (or that only one has), minus ``ignore``."""
+    fa, fb = dict(_leaves(a, "")), dict(_leaves(b, ""))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in set(ignore))
+
+
 def _lookup(node: Any, key: str) -> Any:
     for part in key.split("."):
         if not isinstance(node, CN) or part not in node:

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Optional
 
 
+from ..config.checks import differing_keys
 from ..utils.errors import ConfigError, UserError
 from ..utils.logger import restore_stdout
 from ..utils.meters import AverageMeter, MetricMeter
@@ -56,15 +57,6 @@ def member_args(args: argparse.Namespace) -> list[argparse.Namespace]:
     return out
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def stack_blocker(cfgs: list[Any]) -> Optional[str]:
     """Why these member configs cannot train as one stack (None: they can)."""
     name = cfgs[0].TRAINER.NAME
@@ -72,9 +64,7 @@ def stack_blocker(cfgs: list[Any]) -> Optional[str]:
     keys = tuple(getattr(cls, "STACK_KEYS", ()))
     if not keys or not callable(getattr(cls, "make_stack", None)):
         return f"trainer {name} has no stacked training"
-    flat = [_flat(c) for c in cfgs]
-    differ = sorted({k for f in flat[1:] for k in set(f) | set(flat[0]) if f.get(k) != flat[0].get(k)}
-                    - set(NOT_COMPARED) - set(keys))
+    differ = sorted({k for c in cfgs[1:] for k in differing_keys(cfgs[0], c, ignore=NOT_COMPARED + keys)})
     if differ:
         return f"members differ in {', '.join(differ)} (a {name} stack may differ only in {', '.join(keys)})"
     return None
