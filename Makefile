@@ -41,7 +41,7 @@ demo-full: venv system-deps
 
 # run (or reuse) the demo and write its tables and figures into README.md and docs/demo/
 demo-readme: venv system-deps
-	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --readme ../README.md --figures ../docs/demo
+	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --readme ../docs/demo.md --figures ../docs/demo
 
 clean-demo:
 	rm -rf .cache/demo .cache/demo-full

