@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: test test-all demo demo-full demo-readme venv system-deps clean-demo
+.PHONY: test test-all test-kernels demo demo-full demo-readme venv system-deps clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,16 +32,34 @@ test: venv system-deps
 test-all: venv system-deps
 	cd $(CURDIR) && HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) -m "slow or not slow" tests
 
+# The numerics-sensitive tests once per KERNEL_ENVS entry: other PyTorch (ATen), oneDNN and MKL CPU kernels on
+# this machine, as another CPU of the machine kind would run them (tests/README.md, "Other CPUs").
+KERNEL_TESTS ?= tests/test_croft_parity.py tests/test_croft_trainer.py tests/test_clip_package.py \
+	tests/test_scores.py tests/test_precision.py tests/test_knn_id_side.py tests/test_eval_onepass.py \
+	tests/test_feature_cache.py::test_views_do_not_depend_on_where_the_data_lies \
+	tests/test_feature_cache.py::test_cache_is_built_once_and_reused \
+	tests/test_feature_cache.py::test_cached_test_features_equal_direct_encoding \
+	tests/test_stacked.py::test_member_stack_equals_separate_runs
+KERNEL_ENVS ?= "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=COMPATIBLE" "ATEN_CPU_CAPABILITY=default"
+test-kernels: venv system-deps
+	@cd $(CURDIR) && for kernels in $(KERNEL_ENVS); do \
+	  echo "== CPU kernels: $$kernels (ATen: $$(env $$kernels $(PY) -c 'import torch; \
+	    print(torch.backends.cpu.get_cpu_capability())'))"; \
+	  env $$kernels HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS) || exit 1; \
+	done
+
 demo: venv system-deps
 	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo
 
-# the stronger variant: seeds 1-5, CoCoOp, CRoFT over the official lambda2 grid
+# the stronger variant: 30 epochs, CoCoOp, CRoFT over the official lambda2 grid
 demo-full: venv system-deps
 	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --full
 
-# run (or reuse) the demo and write its tables and figures into README.md and docs/demo/
+# run (or reuse) the demo and write its section into docs/demo.md, its headline into README.md, figures to docs/demo/
 demo-readme: venv system-deps
-	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --readme ../docs/demo.md --figures ../docs/demo
+	cd CoOp && HF_HUB_OFFLINE=1 ../$(PY) -m demo --readme ../docs/demo.md --headline ../README.md --figures ../docs/demo
 
+# everything the demo made (data, tiny CLIP copy, feature cache, runs); the npm download stays
 clean-demo:
-	rm -rf .cache/demo .cache/demo-full
+	rm -rf .cache/demo .cache/demo-full .cache/demo-quick .cache/data .cache/features .cache/tinyclip \
+	  .cache/tinyclip-pretrained

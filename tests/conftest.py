@@ -1,8 +1,11 @@
 """Shared pytest setup: import path, offline hub, CPU threads, markers."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -14,6 +17,10 @@ for p in (COOP, TESTS):
         sys.path.insert(0, p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# per-file caches (weights sha256, start-up image checks) of this session's runs stay out of ~/.cache/croft
+if "CROFT_CACHE_DIR" not in os.environ:
+    os.environ["CROFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="croft-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CROFT_CACHE_DIR"], True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -83,6 +83,9 @@ def wait_forked(pid: int, out_path: str, err_path: str, timeout: float = 300) ->
     code = os.waitstatus_to_exitcode(status)
     texts = []
     for p in (out_path, err_path):
+        if not os.path.exists(p):  # killed before it opened its output files (a marker that already existed)
+            texts.append("")
+            continue
         with open(p, encoding="utf-8", errors="replace") as f:
             texts.append(f.read())
         os.unlink(p)

@@ -62,3 +62,12 @@ def write_all_openset(root: str) -> dict[str, str]:
     """The three open-set trees under ``root``; returns {name: folder}."""
     return {"dtd": write_dtd_like(root), "food-101": write_food101_like(root),
             "caltech-101": write_caltech101_like(root)}
+
+
+DTD_COUNTS = (60, 24, 36)  # images per class in CoOp's DTD split (train, val, test)
+
+
+def write_dtd_counts_like(root: str, classes: Sequence[ClassSpec] = DTD_CLASSES[:2],
+                          counts: tuple[int, int, int] = DTD_COUNTS) -> str:
+    """A DTD-like tree with the per-class counts of CoOp's real DTD split (so K-shot draws really sample)."""
+    return write_coop_tree(root, "dtd", "images", "split_zhou_DescribableTextures.json", classes, counts, style=1)

@@ -153,7 +153,7 @@ def test_tip_adapter_cache_init_and_formula(data_root, tmp_path):
     images = first_batch(tr.test_loader)["img"]
     x = tr.encode_images(images).float()
     x = x / x.norm(dim=-1, keepdim=True)
-    expected = tr.logit_scale * x @ tr.clip_weights.t() + 2.0 * torch.exp(-3.0 * (1 - x @ keys.t())) @ \
+    expected = 100.0 * x @ tr.clip_weights.t() + 2.0 * torch.exp(-3.0 * (1 - x @ keys.t())) @ \
         torch.nn.functional.one_hot(labels, tr.num_classes).float()
     torch.testing.assert_close(infer(tr, {"img": images})[0], expected)
 

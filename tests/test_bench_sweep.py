@@ -67,10 +67,49 @@ def test_bench_sweep_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     res = json.loads(out_json.read_text())
-    official, project, stacked = res["flows"]
-    assert official["runs"] == project["runs"] == stacked["runs"] == 6  # 2 training + 2 x 2 evaluation runs each
-    # jobs: the project evaluates each model in one pass; --stack also trains the 2 lambda2 values as one job
-    assert (official["jobs"], project["jobs"], stacked["jobs"]) == (6, 4, 3)
+    official, project, two, stacked = res["flows"]
+    assert [f["jobs"] for f in res["flows"]] == [1, 1, 1, 1]  # like for like: one parallel job in every flow
+    assert {f["runs"] for f in res["flows"]} == {6}  # 2 training + 2 x 2 evaluation runs each
+    # train.py calls: the project evaluates each model in one pass; --stack also trains the 2 lambda2 values as one
+    assert [f["calls"] for f in res["flows"]] == [6, 4, 4, 3]
     assert official["encoder_images"] > 0 and project["encoder_images"] > 0
-    assert "| official: process per run, no cache | 6 | 6 |" in out and "bare decode + encode_image loop" in out
+    assert "| official: process per run, no cache | 1 | 6 | 6 |" in out and "bare decode + encode_image loop" in out
+    assert "| jobs | runs | train.py calls |" in out and "where the seconds go" in out
+    for f in res["flows"]:  # the breakdown accounts for every second of the flow's total
+        assert sum(s for _, s in f["breakdown"]) == pytest.approx(f["total_s"], abs=0.05 * len(f["breakdown"]))
     assert res["eval_throughput"]["images"] > 0
+
+
+def test_driver_breakdown_by_hand():
+    """Where a driver command's seconds go, from its --timings file (numbers chosen by hand)."""
+    spec = importlib.util.spec_from_file_location("bench_sweep", os.path.join(COOP, "tools", "bench_sweep.py"))
+    bench_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_sweep)
+    t = {"started": 100.5, "planned": 103.0, "ended": 120.0,
+         "phases": [{"phase": "train", "start": 103.0, "end": 110.0,
+                     "jobs": [{"sent": 103.0, "began": 104.0, "ended": 108.0},    # waited 1 s for its worker
+                              {"sent": 108.1, "began": 108.1, "ended": 109.9}]},
+                    {"phase": "eval", "start": 110.0, "end": 119.0,
+                     "jobs": [{"sent": 110.2, "began": 110.2, "ended": 118.7}]}]}
+    parts = dict((what.split(" (")[0], s) for what, s in bench_sweep.driver_breakdown([(100.0, 120.5)], [t]))
+    assert parts["1 interpreter start-up(s) and the driver's imports"] == pytest.approx(0.5)
+    assert parts["planning: every run's fingerprint"] == pytest.approx(2.5)
+    assert parts["jobs waiting for a worker to finish starting"] == pytest.approx(1.0)
+    assert parts["first training job"] == pytest.approx(4.0)
+    assert parts["the other 1 training jobs"] == pytest.approx(1.8)
+    assert parts["1 evaluation jobs"] == pytest.approx(8.5)
+    assert parts["the rest: handing out jobs, stopping the workers"] == pytest.approx(20.5 - 18.3)
+
+
+def test_official_breakdown_by_hand():
+    """Where the official flow's process-seconds go: imports (measured alone) per process, the rest of each start-up,
+    then the runs' own run_seconds (numbers chosen by hand)."""
+    spec = importlib.util.spec_from_file_location("bench_sweep", os.path.join(COOP, "tools", "bench_sweep.py"))
+    bench_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_sweep)
+    jobs = [{"sent": 0.0, "began": 0.0, "ended": 10.0}, {"sent": 10.0, "began": 10.0, "ended": 18.0},
+            {"sent": 18.0, "began": 18.0, "ended": 25.0}]
+    train = [{"timings": {"run_seconds": 3.0}}, {"timings": {"run_seconds": 2.0}}]
+    evals = [{"timings": {"run_seconds": 1.5}}]
+    parts = [s for _, s in bench_sweep.official_breakdown(jobs, train, evals, startup=4.0)]
+    assert parts == pytest.approx([12.0, 25.0 - 12.0 - 5.0 - 1.5, 5.0, 1.5])

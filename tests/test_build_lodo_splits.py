@@ -234,22 +234,23 @@ def test_loads_through_pacs_and_datamanager(pacs):
     assert tuple(batch["img"].shape) == (4, 3, 32, 32)
 
 
-@pytest.mark.parametrize("raw_domains", [VLCS_DOMAINBED, VLCS_UPPER])
+VLCS_LOWER = ("caltech101", "labelme", "sun09", "voc2007")
+
+
+@pytest.mark.parametrize("raw_domains", [VLCS_DOMAINBED, VLCS_UPPER, VLCS_LOWER])
 def test_vlcs_domain_folders(tmp_path, raw_domains):
+    """Any raw spelling (DomainBed / OoD-Bench, lower-case, the README's) gives the README's layout
+    VLCS/images/{CALTECH,LABELME,PASCAL,SUN}; the folder rule keeps four domains."""
     from datasets.lodo import VLCS
 
     raw = write_raw(str(tmp_path / "raw"), domains=raw_domains, classes=VLCS_CLASSES)
     root = str(tmp_path / "D")
     man = bls.build_splits("VLCS", raw, root, log=quiet)
-    expected = dict(zip(["caltech", "labelme", "sun", "pascal"], raw_domains)) if raw_domains == VLCS_DOMAINBED \
-        else dict(zip(["caltech", "labelme", "pascal", "sun"], raw_domains))
-    assert man["raw_domain_folders"] == expected
-    if raw_domains == VLCS_UPPER:  # kept as is (the loader matches case-insensitively)
-        assert man["domain_folders"] == expected
-    else:  # DomainBed names are renamed to the VLCS domains (LabelMe only differs in case: kept)
-        assert man["domain_folders"] == {"caltech": "caltech", "labelme": "LabelMe", "pascal": "pascal",
-                                         "sun": "sun"}
-    assert sorted(os.listdir(os.path.join(root, "VLCS", "images"))) == sorted(man["domain_folders"].values())
+    order = ["caltech", "labelme", "pascal", "sun"] if raw_domains == VLCS_UPPER else ["caltech", "labelme", "sun",
+                                                                                       "pascal"]
+    assert man["raw_domain_folders"] == dict(zip(order, raw_domains))
+    assert man["domain_folders"] == {"caltech": "CALTECH", "labelme": "LABELME", "pascal": "PASCAL", "sun": "SUN"}
+    assert sorted(os.listdir(os.path.join(root, "VLCS", "images"))) == list(VLCS_UPPER)
     random.seed(0)
     ds = VLCS(make_cfg(root, "VLCS", "pascal"))
     assert ds.classnames == ["bird", "car", "chair"]
@@ -261,6 +262,57 @@ def test_vlcs_domain_folders(tmp_path, raw_domains):
         # --link none cannot rename DomainBed's folders
         with pytest.raises(DataError, match=r"--link none: domain folder\(s\) Caltech101"):
             bls.build_splits("VLCS", raw, _none_root(tmp_path, raw), link="none", log=quiet)
+
+
+def test_vlcs_substring_rule_counts_and_warning(tmp_path, capsys):
+    """The official substring rule on the README layout: every image is domain ``sun`` (case-sensitive tests);
+    the run's log shows the counts and warns that the rule and the folders disagree; the record carries both."""
+    from datasets.lodo import VLCS
+
+    raw = write_raw(str(tmp_path / "raw"), domains=VLCS_DOMAINBED, classes=VLCS_CLASSES, junk=False)
+    root = str(tmp_path / "D")
+    bls.build_splits("VLCS", raw, root, log=quiet)
+    split = load(os.path.join(root, "VLCS", "test_on_pascal.json"))
+    cfg = make_cfg(root, "VLCS", "pascal")
+    cfg.DATASET.DOMAIN_MATCH = "substring"
+    capsys.readouterr()
+    rep = VLCS(cfg).data_report()
+    log = capsys.readouterr().out
+    sizes = {k: len(split[k]) for k in ("train", "val", "test")}
+    assert rep["domain_counts"] == {k: {"sun": n} for k, n in sizes.items()}
+    per_folder = {k: {} for k in sizes}
+    for k in sizes:
+        for rel, _, _ in split[k]:
+            per_folder[k][rel.split("/")[0]] = per_folder[k].get(rel.split("/")[0], 0) + 1
+    assert rep["folder_counts"] == per_folder
+    assert f"VLCS domains (DATASET.DOMAIN_MATCH substring) in test_on_pascal.json: train sun {sizes['train']}" in log
+    moved = sum(sizes.values()) - sum(n for k in sizes for f, n in per_folder[k].items() if f == "SUN")
+    assert len(rep["warnings"]) == 1 and f"assigns {moved} of {sum(sizes.values())} images" in rep["warnings"][0]
+    assert "CALTECH -> sun" in rep["warnings"][0] and "LABELME -> sun" in rep["warnings"][0]
+    assert f"WARNING: VLCS: {rep['warnings'][0]}" in log
+    cfg.DATASET.DOMAIN_MATCH = "folder"
+    rep = VLCS(cfg).data_report()
+    assert rep["warnings"] == [] and rep["domain_counts"]["test"] == {"pascal": sizes["test"]}
+
+
+def test_missing_class_warns_in_builder_and_run(tmp_path, capsys):
+    """A class absent from one domain of the raw download: a WARNING from the builder and in every run's log
+    and record."""
+    from datasets.lodo import PACS
+
+    raw = write_raw(str(tmp_path / "raw"), junk=False)
+    import shutil
+
+    shutil.rmtree(os.path.join(raw, "cartoon", "elephant"))
+    root = str(tmp_path / "D")
+    lines = []
+    bls.build_splits("PACS", raw, root, log=lines.append)
+    assert [ln for ln in lines if ln.startswith("WARNING: domain cartoon has no images of class(es) elephant")]
+    capsys.readouterr()
+    rep = PACS(make_cfg(root, "PACS", "sketch")).data_report()
+    want = "domain folder cartoon has no images of class(es) elephant in test_on_sketch.json"
+    assert rep["warnings"] == [want]
+    assert f"WARNING: PACS: {want}" in capsys.readouterr().out
 
 
 def _none_root(tmp_path, raw: str) -> str:

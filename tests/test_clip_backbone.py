@@ -30,7 +30,10 @@ def test_local_weight_formats_load_exactly(tmp_path, fmt):
         model, _, _ = _build_custom("tiny-rn-test", None)
         model.load_state_dict(sd)
         torch.save(model, path)
-    bundle = load_clip("tiny-rn-test", str(path))
+    from dassl.utils.safe_load import trusting_pickle
+
+    with trusting_pickle(fmt == "pickled_module"):  # a pickled module is code: read only when trusted
+        bundle = load_clip("tiny-rn-test", str(path))
     for k, v in bundle.model.state_dict().items():
         assert torch.equal(v, sd[k].float()), k
     assert bundle.weights == str(path) and bundle.context_length == 32

@@ -48,6 +48,12 @@ TABLE = {
     "TRAIN.PRINT_FREQ": ([1, 10], [0]),
     "TEST.KNN_K": ([1, 50], [0]),
     "TEST.MCM_TEMPERATURE": ([1.0, 0.5], [0.0, -1.0]),
+    "MODEL.BACKBONE.LOCAL_FEATURES": (["value", "tokens"], ["patch", ""]),
+    # OpenOOD: GEN's exponent gamma > 0 and top-M count; ViM / Residual principal dimensions are counts
+    "TEST.GEN_GAMMA": ([0.1, 2.0], [0.0, -0.1]),
+    "TEST.GEN_M": ([1, 100], [0]),
+    "TEST.VIM_DIM": ([1, 256], [0, 2.5]),
+    "TEST.RESIDUAL_DIM": ([512], [-1]),
     # CRoFT (spec 1.2: residual ratios; 1.5: λ1 / λ2 loss weights; 1.6: gen_step generator steps)
     "TRAINER.CRoFT.ratio": ([0.0, 0.2, 1.0], [7.0, -0.1, 1.01]),
     "TRAINER.CRoFT.ratio_text": ([0.5], [1.5, -1.0]),
@@ -59,6 +65,13 @@ TABLE = {
     # CoOp / CoCoOp: context length (ignored when CTX_INIT is set)
     "TRAINER.COOP.N_CTX": ([16, 4], [-1]),
     "TRAINER.COOP.PREC": (["fp16"], ["half"]),
+    # LoCoOp: context length as CoOp; λ weights a loss (>= 0); K counts classes (0: K from the ratio); the ratio is a
+    # fraction of the classes
+    "TRAINER.LOCOOP.N_CTX": ([16, 4], [-1]),
+    "TRAINER.LOCOOP.PREC": (["fp16", "fp32"], ["fp8"]),
+    "TRAINER.LOCOOP.LAMBDA": ([0.0, 0.25], [-0.25]),
+    "TRAINER.LOCOOP.TOPK": ([0, 200], [-1, 2.5]),
+    "TRAINER.LOCOOP.TOPK_RATIO": ([0.0, 0.2, 1.0], [1.5, -0.2]),
     "TRAINER.COCOOP.N_CTX": ([16], [-2]),
     "TRAINER.COCOOP.PREC": (["fp32"], ["fp64"]),
     # CLIP-Adapter: residual ratio and bottleneck reduction

@@ -10,6 +10,10 @@ D, C, updates per iteration) is read from the fixture, so any fixture recorded b
 The mutation tests show the comparison is sensitive: each named fix, a swapped EDR reduction, flipped
 transposes, another weight decay and dropping the normalisation epsilon all move the replay away from the
 golden numbers.
+
+The fixture path is ``tests/fixtures/croft_reference.npz`` unless the environment variable ``CROFT_FIXTURE`` names
+another file of the same format (``/work/shared/fixtures/README.md``): no test relies on this fixture's sizes,
+step counts or number of cases, only on the kinds of cases it needs (each test says which).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch
 
 from trainers import croft_core as core
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "croft_reference.npz")
+FIXTURE = os.environ.get("CROFT_FIXTURE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                                                           "croft_reference.npz")
 _DATA = np.load(FIXTURE, allow_pickle=False)
 CASES = [str(k) for k in _DATA["meta__case_keys"]]
 
@@ -148,8 +153,8 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 FLOAT32_ONLY = {"iter_acc"}  # computed in float32 by the official code
 
 
-def deviations(case: str, res: dict[str, np.ndarray]) -> dict[str, float]:
-    return {name: rel_err(res[name], _arr(case, name)) for name in COMPARED}
+def deviations(case: str, res: dict[str, np.ndarray], names: list[str] = COMPARED) -> dict[str, float]:
+    return {name: rel_err(res[name], _arr(case, name)) for name in names}
 
 
 def off_golden(case: str, res: dict[str, np.ndarray], tol: float) -> dict[str, float]:
@@ -157,8 +162,14 @@ def off_golden(case: str, res: dict[str, np.ndarray], tol: float) -> dict[str, f
     return {k: v for k, v in deviations(case, res).items() if not v <= (max(tol, TOL32) if k in FLOAT32_ONLY else tol)}
 
 
+# Mutation tests measure how far a change moves the replay from the golden on the arrays the official code
+# computed in float64: a float32 reference (iter_acc, e.g. 100 * 4 / 9 rounded to float32, 3e-8 relative) would
+# put a floor of float32 rounding under every deviation and hide changes below it.
+FLOAT64_COMPARED = [n for n in COMPARED if n not in FLOAT32_ONLY]
+
+
 def worst(case: str, res: dict[str, np.ndarray]) -> tuple[str, float]:
-    devs = deviations(case, res)
+    devs = deviations(case, res, FLOAT64_COMPARED)
     name = max(devs, key=devs.get)
     return name, devs[name]
 
@@ -176,8 +187,8 @@ def worst_dev(case: str, **kw: Any) -> float:
 # ------------------------------------------------------------------------------------------------ parity
 def test_fixture_covers_expected_cases():
     assert str(_DATA["meta__dtype"]) == "float64"
-    assert len(CASES) >= 5
-    # the settings the tests below rely on: both EDR branches and reductions, gen_step 0 and > 0, rho_t = 0
+    assert CASES
+    # the kinds of case the tests below rely on: both EDR branches and reductions, gen_step 0 and > 0, rho_t = 0
     assert {str(_arr(c, "edr_branch")) for c in CASES} == {"A", "B"}
     assert set(REDUCTION_NAMES) == {str(_arr(c, "l2_reduction")) for c in CASES}
     assert {int(_arr(c, "gen_step")) == 0 for c in CASES} == {True, False}
@@ -254,10 +265,13 @@ def test_each_named_fix_departs_from_official(fix):
 
 
 def test_fix_fresh_activations_is_noop_without_generator_steps():
+    # Without generator steps there is no update after which to recompute the forward pass, so the fix runs
+    # exactly the official code path: the replay is bitwise the official replay (same process, same inputs).
     without = [c for c in CASES if int(_arr(c, "gen_step")) == 0]
     assert without, "the fixture has no gen_step = 0 case (official PACS rn50)"
     for c in without:
-        assert worst_dev(c, fix_fresh_activations=True) <= TOL64
+        official, fixed = replay(c), replay(c, fix_fresh_activations=True)
+        assert all(np.array_equal(fixed[k], official[k]) for k in COMPARED), c
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -269,6 +283,10 @@ def test_swapped_reduction_is_detected(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_norm_eps_is_detected_only_in_float64(case):
+    # Dropping the 1e-6 added to each norm changes every normalisation by about 1e-6 relative (the normalised
+    # vectors have norms >= ~1): far above the float64 tolerance, and a perturbation of that order, not of a
+    # different formula, in every array (the shared fixture: 2e-6 to 5e-6; 1e-4 leaves a factor 20 for fixtures
+    # with more steps or smaller norms).
     dev = worst_dev(case, norm_eps=0.0)
     assert TOL64 < dev < 1e-4, dev
 

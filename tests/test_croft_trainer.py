@@ -172,7 +172,8 @@ def test_train_then_eval_only_open_set_record(data_root, tmp_path):
     assert "accuracy" in m["test"]
     assert_ood_matches_scores(str(tmp_path / "ev1"), ev1)
     assert os.path.getsize(tmp_path / "ev1" / "energy_hist.png") > 1000
-    # checkpoint round trip: two evaluations of the same checkpoint give identical outputs
+    # checkpoint round trip: two evaluations of the same checkpoint give identical outputs (bitwise: same process,
+    # same batches)
     z1, z2 = np.load(tmp_path / "ev1" / "scores.npz"), np.load(tmp_path / "ev2" / "scores.npz")
     for key in ("test__logits", "ood_test__score_energy", "val__features"):
         np.testing.assert_array_equal(z1[key], z2[key])

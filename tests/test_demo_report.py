@@ -1,13 +1,12 @@
-"""The demo's report pieces on hand-made inputs: grid selection, tables, paired tests, the energy decomposition,
-figures and the README marker rewrite (fast; the whole pipeline runs in test_demo.py)."""
+"""The demo's report pieces on hand-made inputs: grid selection, tables, paired differences with intervals, the
+summary, the energy decomposition, figures, the marker rewrites and the stage timings (fast; the whole pipeline
+runs in test_demo.py; the verdict rule in test_demo_verdict.py)."""
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 import pytest
 
-from demo import investigate, report, selection, tables
+from demo import compare, investigate, report, selection, tables
 from launch import figures
 
 
@@ -46,18 +45,17 @@ def test_tables_cells_are_mean_and_sample_std():
     assert "| CoOp | 41.50 ± 0.71 | 41.50 ± 0.71 | 2 |" in t
 
 
-def test_paired_test_wilcoxon_and_sign_test(monkeypatch):
-    a, b = [2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    # all six differences positive: exact two-sided p = 2 / 2**6 for both tests
-    assert tables.paired_test(a, b) == (pytest.approx(2 / 64), "wilcoxon")
-    monkeypatch.setitem(sys.modules, "scipy.stats", None)
-    assert tables.paired_test(a, b) == (pytest.approx(2 / 64), "sign test")
-    assert tables.paired_test([1.0, 3.0], [2.0, 2.0])[0] == pytest.approx(1.0)
+def test_average_table_is_the_avg_column():
+    chosen = selection.select(_rows(), "val")
+    t = tables.average_table(chosen, [("acc", "accuracy"), ("mcm_fpr95", "MCM FPR95")], ["mnist"])
+    assert "| method | accuracy | MCM FPR95 |" in t
+    assert "| CoOp | 41.50 ± 0.71 | 30.00 ± 0.00 |" in t and "| CRoFT | 50.00 ± 0.00 | 15.00 ± 7.07 |" in t
 
 
-def test_paired_table_reports_difference_and_p():
+def test_paired_table_reports_difference_and_interval():
     t = tables.paired_table(selection.select(_rows(), "val"), "CRoFT", [("acc", "accuracy")])
-    assert "| CoOp | 8.50 ± 0.71 (p=0.5, n=2) |" in t
+    # differences 9 and 8: mean 8.5, sd 0.7071, t(0.975, 1) = 12.7062 -> 8.5 -/+ 6.3531
+    assert "| CoOp | +8.50 [+2.15, +14.85] | 2 |" in t
 
 
 def test_energy_splits_into_class_agnostic_and_discriminative_parts():
@@ -87,23 +85,34 @@ def test_figures_write_pngs(tmp_path):
 
 def test_readme_markers_rewrite(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{report.BEGIN}\nold\n{report.END}\nb\n", encoding="utf-8")
+    readme.write_text(f"a\n{report.BEGIN}\nold\n{report.END}\nb\n{report.HEADLINE[0]}\nh\n{report.HEADLINE[1]}\n",
+                      encoding="utf-8")
     report.write_between_markers(str(readme), "new table\n")
-    assert readme.read_text(encoding="utf-8") == f"a\n{report.BEGIN}\nnew table\n{report.END}\nb\n"
+    report.write_between_markers(str(readme), "headline", report.HEADLINE)
+    assert readme.read_text(encoding="utf-8") == (f"a\n{report.BEGIN}\nnew table\n{report.END}\nb\n"
+                                                  f"{report.HEADLINE[0]}\nheadline\n{report.HEADLINE[1]}\n")
     bad = tmp_path / "R2.md"
     bad.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="lacks the markers"):
         report.write_between_markers(str(bad), "x")
     assert bad.read_text(encoding="utf-8") == "no markers\n"
+    with pytest.raises(SystemExit, match="--headline .*R2.md lacks the markers <!-- headline:start -->"):
+        report.check_markers(str(bad), report.HEADLINE, "--headline")
+    with pytest.raises(SystemExit, match="--readme .*none.md: no such file"):
+        report.check_markers(str(tmp_path / "none.md"), report.SECTION, "--readme")
 
 
-def test_summary_states_the_claim_with_numbers():
+def test_summary_states_the_verdict_with_effect_sizes():
     text = report.summary(selection.select(_rows(), "val"))
-    assert "_No summary" in text  # no energy FPR95 in these rows
+    assert "_No verdict" in text  # no energy FPR95 in these rows
     rows = [dict(r, energy_fpr95=r["mcm_fpr95"]) for r in selection.select(_rows(), "val")]
     text = report.summary(rows)
-    assert "50.00 % held-out accuracy vs 41.50 % for CoOp" in text and "neither supported nor refuted" in text
-    assert "with 2 pairs the smallest attainable two-sided p is 0.5" in text
+    # two pairs: accuracy +8.50 [+2.15, +14.85] is beyond the 1-point margin, FPR95 (10 and 20 vs 30) gives
+    # -15 +- 12.7062 * 7.0711 / sqrt(2) = [-78.53, +48.53]: inconclusive
+    assert text.startswith("**Verdict: inconclusive.**")
+    assert "held-out accuracy: better; energy FPR95: no clear difference" in text
+    assert "CRoFT 50.00 % vs 41.50 % for CoOp" in text and "+8.50 points [95 % CI +2.15, +14.85]" in text
+    assert "-15.00 points [95 % CI -78.53, +48.53]" in text
 
 
 def test_coop_finding_names_the_class_agnostic_part(tmp_path):
@@ -125,3 +134,47 @@ def test_coop_finding_names_the_class_agnostic_part(tmp_path):
     text = "\n".join(report.coop_finding(rows, str(tmp_path / "fig"), "fig"))
     assert "with mnist held out" in text and "CoOp's energy follows the class-agnostic part" in text
     assert (tmp_path / "fig" / "coop_energy_parts.png").is_file()
+
+
+def test_effects_figure_and_stage_timings(tmp_path):
+    import time
+
+    from demo.timing import Stages
+
+    rows = [dict(r, energy_fpr95=r["mcm_fpr95"]) for r in selection.select(_rows(), "val")]
+    png = report.effects_figure(rows, str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    stages = Stages()
+    with stages.stage("data"):
+        time.sleep(0.05)
+    with stages.stage("report"):
+        pass
+    stages.note("data", "3 files")
+    line = stages.line()
+    assert line.startswith("stage timings (wall s): data ") and "(3 files), report 0.0; total " in line
+    assert float(line.split("data ")[1].split(" ")[0]) >= 0.05
+    assert " s CPU (this process and its exited workers), load average " in line
+
+
+def test_compare_reports_how_far_runs_and_cells_moved():
+    """Another CPU's rows: one CoOp run moves by 0.3 and one CRoFT setting by 2.0 (the selected one, λ2=10):
+    runs move by at most 2.0, cells (mean over the 2 seeds) by at most 1.0; tables without values are left out."""
+    a = _rows()
+    b = [dict(r) for r in a]
+    b[3]["acc"] += 0.3  # CoOp, seed 1
+    b[1]["acc"] += 2.0  # CRoFT λ2=10, seed 1: selected by val in both
+    moved = {m["table"]: m for m in compare.moved(a, b)}
+    assert moved["held-out accuracy"]["runs"] == 8
+    assert moved["held-out accuracy"]["max_run"] == pytest.approx(2.0)
+    assert moved["held-out accuracy"]["max_cell"] == pytest.approx(1.0)
+    assert moved["MCM FPR95"]["max_run"] == 0 and "energy FPR95" not in moved
+
+
+def test_a_cache_folder_holds_runs_of_one_tiny_clip(tmp_path):
+    """Weights are not fingerprinted: the demo refuses to mix runs of two tiny CLIPs in one cache folder."""
+    from demo.run import check_weights
+
+    check_weights(str(tmp_path / "demo"), "a" * 64)
+    check_weights(str(tmp_path / "demo"), "a" * 64)  # the same weights: fine
+    with pytest.raises(SystemExit, match=f"holds runs of the tiny CLIP sha256 {'a' * 64}, this run uses {'b' * 64}"):
+        check_weights(str(tmp_path / "demo"), "b" * 64)

@@ -273,7 +273,10 @@ def test_cli_training_and_kill_resume(pacs_root, tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
     assert resumed["metrics"]["test"] == full["metrics"]["test"]
     log_files = [f for f in os.listdir(tmp_path / "b") if f.startswith("log.txt")]
-    assert len(log_files) == 2  # the resumed run keeps the first log
+    assert log_files == ["log.txt"]  # one log: the resumed run appends to it after the restart marker
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert log.count("** Config **") == 2 and log.count("*** log continues: run started again") == 1
+    assert log.index("epoch [2/3]") < log.index("*** log continues") < log.index("will resume training")
 
 
 def test_checkpoint_round_trip_eval(pacs_root, tmp_path):

@@ -42,9 +42,9 @@ def args(root: str, out: str, trainer: str = "CRoFT", config: str = CRoFT_CFG, f
 
 @pytest.fixture(scope="module")
 def trained(root, tmp_path_factory):
-    """A finished 2-epoch CRoFT run (checkpoints of both epochs)."""
+    """A finished 2-epoch CRoFT run with default keys (checkpoints: best and the last epoch's)."""
     out = str(tmp_path_factory.mktemp("trained") / "run")
-    res = run_train_forked(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), os.path.dirname(out))
+    res = run_train_forked(args(root, out), os.path.dirname(out))
     assert res.returncode == 0, res.stderr
     return out
 
@@ -63,7 +63,7 @@ def refused(res, out: str, code: int = 2, needle: str = "") -> str:
 # ------------------------------------------------------------------ non-finite guard
 def test_diverging_loss_stops_with_exit_3(root, tmp_path):
     out = str(tmp_path / "lr")
-    res = run_train_forked(args(root, out, extra=["OPTIM.LR", "1e30", "TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    res = run_train_forked(args(root, out, extra=["OPTIM.LR", "1e30"]), str(tmp_path))
     line = refused(res, out, code=3, needle="non-finite")
     assert "epoch 2 batch 1" in line  # epoch 1 still finite with this tree and seed; its checkpoint is kept
     ckpt = torch.load(os.path.join(out, "clip_adapter", "model.pth.tar-1"), weights_only=False)
@@ -218,7 +218,7 @@ def same_run(a: str, b: str) -> None:
             sa = torch.load(os.path.join(a, model, f), weights_only=False)
             sb = torch.load(os.path.join(b, model, f), weights_only=False)
             assert sa["epoch"] == sb["epoch"] and sa["best_epoch"] == sb["best_epoch"]
-            for k in sa["state_dict"]:
+            for k in sa["state_dict"]:  # bitwise: forked runs, 1 thread each, the same batches on one machine
                 assert torch.equal(sa["state_dict"][k], sb["state_dict"][k]), (f, k)
 
 
@@ -231,6 +231,8 @@ def test_record_has_best_epoch_and_val_history(trained):
 
 
 def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_path):
+    """Default keys keep best + last: a truncated last checkpoint falls back to model-best (the full state of the
+    best epoch), which becomes the rolling checkpoint again; the run then equals the uninterrupted one."""
     out = str(tmp_path / "run")
     shutil.copytree(trained, out)
     for f in ("record.json", "done"):
@@ -239,19 +241,19 @@ def test_truncated_last_checkpoint_falls_back_to_previous(root, trained, tmp_pat
     raw = open(last, "rb").read()
     with open(last, "wb") as f:
         f.write(raw[: len(raw) // 3])
-    res = run_train_forked(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    res = run_train_forked(args(root, out), str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "WARNING: skipping an unreadable checkpoint" in res.stdout and "model.pth.tar-2" in res.stdout
-    assert "(epoch = 1)" in res.stdout
+    assert f'model-best.pth.tar" (epoch = {_record(trained)["best_epoch"]})' in res.stdout
     same_run(trained, out)
 
 
 # ------------------------------------------------------------------ kill -9 anywhere (fast representative)
 def test_kill9_during_training_then_rerun_equals_uninterrupted(root, trained, tmp_path):
-    """Two kill -9 of a CRoFT run (once its log exists, once epoch 1's checkpoint does, each after a random
-    delay), then a rerun: same checkpoints, best epoch, history, metrics."""
+    """Two kill -9 of a CRoFT run with default keys (once its log exists, once epoch 1's rolling checkpoint does,
+    each after a random delay), then a rerun: same checkpoints, best epoch, history, metrics; one log."""
     out = str(tmp_path / "killed")
-    start = train_starter(args(root, out, extra=["TRAIN.CHECKPOINT_FREQ", "1"]), str(tmp_path))
+    start = train_starter(args(root, out), str(tmp_path))
     rng = random.Random(14)
     hits = 0
     for marker in ("log.txt", os.path.join("clip_adapter", "model.pth.tar-1")):
@@ -262,6 +264,14 @@ def test_kill9_during_training_then_rerun_equals_uninterrupted(root, trained, tm
     res = wait_forked(*start())
     assert res.returncode == 0, res.stderr
     same_run(trained, out)
+    assert [f for f in os.listdir(out) if f.startswith("log.txt")] == ["log.txt"]
+    # the record's training segments: contiguous epochs 0 -> 2, started = the first segment's start
+    rec = _record(out)
+    segs = rec["segments"]
+    assert segs[0]["from_epoch"] == 0 and segs[-1]["to_epoch"] == 2 and rec["started"] == segs[0]["started"]
+    assert all(a["to_epoch"] == b["from_epoch"] for a, b in zip(segs, segs[1:]))
+    assert all(s["epochs"] == s["to_epoch"] - s["from_epoch"] for s in segs)
+    assert rec["timings"]["total_seconds"] >= sum(s["seconds"] for s in segs)
 
 
 def test_sweep_reports_a_diverging_run_as_failed(root, tmp_path, capsys):
@@ -280,3 +290,37 @@ def test_sweep_reports_a_diverging_run_as_failed(root, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "1 of 1 runs failed" in captured.out and "non-finite" in captured.out + captured.err
     assert not [dp for dp, _, fs in os.walk(out) if "done" in fs or "record.json" in fs]
+
+
+# ------------------------------------------------------------------ live logs
+def test_log_is_live_under_the_workers_launcher_and_survives_a_driver_kill(root, tmp_path):
+    """The default launcher: a running job's ``log.txt`` grows line by line before the job ends, and keeps every
+    line printed when the driver is killed (its worker dies with it, ``PR_SET_PDEATHSIG``)."""
+    import signal
+    import time
+
+    from launch import setup2
+    from procs import start_forked
+
+    common = ["--root", root, "--datasets", "PACS", "--cfgs", "rn50_ep30", "--seeds", "1", "--domains", "sketch",
+              "--lambda2", "1", "--epochs", "20", "--shots", "2", "--output-root", str(tmp_path / "sweep"), "--",
+              *TINY, "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "TRAIN.PRINT_FREQ", "1"]
+    run_dir = setup2.plan(common, trainer="CRoFT")[1][0].output_dir
+    log, done = os.path.join(run_dir, "log.txt"), os.path.join(run_dir, "done")
+    pid, o, e = start_forked(lambda: setup2.main(common, trainer="CRoFT"), str(tmp_path))
+    sizes, t0 = [], time.time()
+    while len(sizes) < 4 and time.time() - t0 < 240 and not os.path.exists(done):
+        size = os.path.getsize(log) if os.path.isfile(log) else 0
+        if size > (sizes[-1] if sizes else 0):
+            sizes.append(size)
+        time.sleep(0.02)
+    running = not os.path.exists(done)
+    os.kill(pid, signal.SIGKILL)
+    wait_forked(pid, o, e)
+    assert running and len(sizes) == 4, sizes  # the log grew three times while the job ran
+    time.sleep(1.0)
+    settled = os.path.getsize(log)
+    time.sleep(1.0)
+    assert os.path.getsize(log) == settled >= sizes[-1]  # the worker died with the driver; its lines stay
+    text = open(log, encoding="utf-8").read()
+    assert text.endswith("\n") and "epoch [1/20] batch [1/" in text and not os.path.exists(done)

@@ -57,6 +57,8 @@ def test_cache_is_built_once_and_reused(root, tmp_path):
     assert stamps == _stamps(os.path.join(cache, key))  # nothing re-encoded
     assert r2["feature_cache"] == r1["feature_cache"] and r2["feature_cache"]["hits"] > 0  # served from the cache
     assert r2["feature_cache"]["fallbacks"] == 0
+    # bitwise: both runs train on the same stored features (the first run reads what it stored), in one process
+    # with the same batches, so the same kernels see the same inputs
     assert r1["metrics"]["test"] == r2["metrics"]["test"]
     a = torch.load(tmp_path / "a" / "clip_adapter" / "model.pth.tar-2", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b" / "clip_adapter" / "model.pth.tar-2", weights_only=False)["state_dict"]
@@ -150,13 +152,42 @@ def test_views_do_not_depend_on_where_the_data_lies(root, tmp_path):
 
     moved = str(tmp_path / "elsewhere" / "data")
     shutil.copytree(root, moved)
-    feats = []
+    feats, other_view = [], None
     for r, tag in ((root, "a"), (moved, "b")):
         cache = str(tmp_path / f"fc_{tag}")
         run_cli(_args(r, str(tmp_path / tag), cache, extra=["OPTIM.MAX_EPOCH", "1"]))
         (key,) = os.listdir(cache)
         feats.append(_load(os.path.join(cache, key), "train_v1")["feats"])
+        other_view = _load(os.path.join(cache, key), "train_v0")["feats"]
+    # Bitwise: fill lanes and batches come from paths relative to DATASET.ROOT, so both trees are encoded in the
+    # same batches, in this process, with the same threads (an Intel AVX-512 machine once differed in the last
+    # bits when lanes were keyed by absolute paths and the trees were batched differently).
     assert torch.equal(feats[0], feats[1])
+    assert (other_view - feats[1]).abs().max() > 1e-4
     img = os.path.join(root, "PACS", "x.png")
     assert view_seed(1, img, root) == view_seed(1, os.path.join(moved, "PACS", "x.png"), moved)
     assert view_seed(1, img, root) != view_seed(2, img, root)
+
+
+def test_a_view_is_the_transform_drawn_from_its_seed(root):
+    """Augmented view ``v`` of an image is the training transform drawn right after ``torch.manual_seed(view_seed)``
+    (by hand here), and drawing it leaves the caller's random stream where it was."""
+    import glob
+
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from dassl.engine.feature_cache import _SeededViews, view_seed
+
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.png"), recursive=True))[:3]
+    assert len(paths) == 3
+    tfm = T.Compose([T.RandomResizedCrop(16, scale=(0.3, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
+    views = _SeededViews(paths, tfm, view=2, root=root)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    got = [views[i][0] for i in range(3)]
+    assert torch.equal(torch.get_rng_state(), before)
+    for path, img in zip(paths, got):
+        torch.manual_seed(view_seed(2, path, root))
+        assert torch.equal(img, tfm(Image.open(path).convert("RGB")))
+    assert not torch.equal(got[0], _SeededViews(paths, tfm, view=3, root=root)[0][0])

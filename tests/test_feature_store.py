@@ -216,9 +216,10 @@ def test_a_second_filler_takes_free_lanes_then_waits_and_encodes_nothing_twice(t
     os.makedirs(folder)
     store = fc.FeatureStore(folder)
     paths = [d.impath for d in items]
-    held_lane = fc.fill_lane(paths[0])
-    mine = [p for p in paths if fc.fill_lane(p) == held_lane]
-    others = [p for p in paths if fc.fill_lane(p) != held_lane]
+    root = trainer.cfg.DATASET.ROOT
+    held_lane = fc.fill_lane(paths[0], root)
+    mine = [p for p in paths if fc.fill_lane(p, root) == held_lane]
+    others = [p for p in paths if fc.fill_lane(p, root) != held_lane]
     assert mine and others  # the test needs both kinds
     lock = ".fill.lock" if held_lane == 0 else f".fill.lock.{held_lane}"
     with open(os.path.join(folder, lock), "a") as held:

@@ -23,6 +23,18 @@ def test_default_score_is_the_energy_of_the_logits():
     assert InferenceOutput(logits=logits, score=own).score is own
 
 
+def test_default_score_keeps_float64_and_upcasts_half_precision():
+    """A float64 model's energy is float64-accurate; fp16/bf16 logits are upcast to float32 (CLIP-scale logits
+    overflow in half precision's exp). Expected: log(e^(100 + 1e-9) + e^100) = 100 + log1p(e^1e-9), by hand."""
+    want = 100.0 + math.log1p(math.exp(1e-9))
+    score = InferenceOutput(logits=torch.tensor([[100.0 + 1e-9, 100.0]], dtype=torch.float64)).score
+    assert score.dtype == torch.float64 and abs(score.item() - want) < 1e-12   # float32: error ~4e-6
+    for half in (torch.float16, torch.bfloat16):
+        score = InferenceOutput(logits=torch.tensor([[100.0, 100.0]], dtype=half)).score
+        assert score.dtype == torch.float32 and score.item() == pytest.approx(100.0 + math.log(2.0), abs=1e-5)
+    assert InferenceOutput(logits=torch.zeros(1, 2)).score.dtype == torch.float32
+
+
 def test_shapes_are_checked():
     with pytest.raises(TypeError, match=r"logits must be an \(N, C\) tensor"):
         InferenceOutput(logits=torch.zeros(3))

@@ -82,3 +82,66 @@ def test_the_scan_sees_a_violation(tmp_path, monkeypatch):
     (pkg / "bad.py").write_text("import trainers.croft\nfrom ..launch import sweep\n")
     monkeypatch.setattr(me, "COOP", str(tmp_path))
     assert me._imports(os.path.join("dassl", "bad.py")) == {"trainers", "<relative import above dassl>"}
+
+
+def _launch_graph(root: str) -> dict[str, set[str]]:
+    """``launch`` module -> the ``launch`` modules it imports (every import statement, also inside functions and
+    ``TYPE_CHECKING`` blocks)."""
+    folder = os.path.join(root, "launch")
+    mods = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for mod in sorted(mods):
+        tree = ast.parse(open(os.path.join(folder, mod + ".py"), encoding="utf-8").read(), mod)
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "launch":
+                names = [f"launch.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y / from . import x
+                names = [f"launch.{node.module}"] if node.module else [f"launch.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            found.update(n.split(".")[1] for n in names if n.startswith("launch.") and n.split(".")[1] in mods)
+        graph[mod] = found - {mod}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import path per cycle found by depth-first search (empty: the graph is acyclic)."""
+    out, state = [], {}
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = "open"
+        for dep in sorted(graph.get(mod, ())):
+            if state.get(dep) == "open":
+                out.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[mod] = "closed"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    return out
+
+
+def test_no_import_cycle_inside_launch():
+    graph = _launch_graph(COOP)
+    assert {"launchers", "sweep", "workers", "jobs", "setup2"} <= set(graph)
+    assert "launchers" in graph["workers"] and "jobs" in graph["launchers"]  # the scan sees the real imports
+    assert _cycles(graph) == [], "import cycles in launch/: " + "; ".join(" -> ".join(c) for c in _cycles(graph))
+
+
+def test_the_cycle_scan_sees_a_cycle(tmp_path):
+    pkg = tmp_path / "launch"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from launch.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from launch import c\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import launch.a\n")
+    (pkg / "d.py").write_text("from . import a\n")
+    graph = _launch_graph(str(tmp_path))
+    assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]

@@ -60,15 +60,15 @@ def test_metric_utils_swapped_parity(ref):
 def test_evaluator_parity(ref, suffix):
     id_s = ref["id_scores"] if not suffix else ref["id_scores"][ref["id_correct"]]
     ood_s = ref["ood_scores"]
-    thr = ood.val_threshold_tpr95(id_s)
+    thr = ood.id_threshold_tpr95(id_s)
     assert thr == pytest.approx(float(ref["ev_threshold" + suffix]), **EXACT)
-    assert ood.fpr95_val_threshold(ood_s, thr) == pytest.approx(float(ref["ev_fpr95" + suffix]), **EXACT)
+    assert ood.fpr95_id_percentile(ood_s, thr) == pytest.approx(float(ref["ev_fpr95" + suffix]), **EXACT)
     assert ood.auroc(id_s, ood_s) == pytest.approx(float(ref["ev_auroc" + suffix]), **EXACT)
 
 
 def test_strict_greater_not_ge(ref):
-    thr = ood.val_threshold_tpr95(ref["id_scores"])
-    ours = ood.fpr95_val_threshold(ref["ood_scores"], thr)
+    thr = ood.id_threshold_tpr95(ref["id_scores"])
+    ours = ood.fpr95_id_percentile(ref["ood_scores"], thr)
     assert ours != pytest.approx(float(ref["ev_fpr95_if_ge"]), abs=1e-6)
 
 
@@ -82,12 +82,23 @@ def test_ood_metrics_dict(ref):
     assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert m["aupr_in"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
     assert m["aupr_out"] == pytest.approx(average_precision_score(1 - y, -s), abs=1e-9)
-    thr = ood.val_threshold_tpr95(id_s)
+    thr = ood.id_threshold_tpr95(id_s)
     m = ood.ood_metrics(id_s, ood_s, threshold=thr)
-    assert m["val_threshold"] == thr
-    assert m["fpr95_val_threshold"] == pytest.approx(float(ref["ev_fpr95"]), **EXACT)
+    assert m["id_threshold"] == thr
+    assert m["fpr95_id_percentile"] == pytest.approx(float(ref["ev_fpr95"]), **EXACT)
     assert m["fpr95_tpr_id"] == pytest.approx(float(ref["mu_fpr95"]), **EXACT)
     assert m["aupr_out"] == pytest.approx(float(ref["mu_swapped_aupr"]), **EXACT)
+
+
+def test_old_metric_names_still_read():
+    # records written before the rename carry fpr95_val_threshold / val_threshold
+    old = {"fpr95_val_threshold": 0.25, "val_threshold": -0.3, "auroc": 0.9}
+    assert ood.metric_value(old, "fpr95_id_percentile") == 0.25 and ood.metric_value(old, "id_threshold") == -0.3
+    assert ood.metric_value(old, "fpr95_val_threshold") == 0.25  # an old name asked for is mapped too
+    assert ood.metric_value({"fpr95_id_percentile": 0.5}, "fpr95_id_percentile") == 0.5
+    assert ood.metric_value(old, "fpr95_tpr_id") is None
+    assert ood.canonical_metric("fpr95_val_threshold") == "fpr95_id_percentile"
+    assert ood.canonical_metric("fpr95_tpr_ood") == "fpr95_tpr_ood"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,7 +135,7 @@ def test_random_cross_check(seed, ties):
     assert ood.aupr_in(id_s, ood_s) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert ood.aupr_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - labels, -scores), abs=1e-12)
     assert ood.fpr95_tpr_id(id_s, ood_s) == pytest.approx(_brute_fpr95_tpr_id(id_s, ood_s), abs=1e-15)
-    assert ood.val_threshold_tpr95(id_s) == np.percentile(id_s, 5)
+    assert ood.id_threshold_tpr95(id_s) == np.percentile(id_s, 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,10 +170,10 @@ def test_four_vs_four_by_hand():
     # OOD positive: full OOD recall first at t=-.7 where 2 ID are >= -> 2/4
     assert ood.fpr95_tpr_ood(id_s, ood_s) == 0.5
     # percentile 5 of [.3,.5,.8,.9]: .3 + 0.15 * .2 = .33
-    thr = ood.val_threshold_tpr95(id_s)
+    thr = ood.id_threshold_tpr95(id_s)
     assert thr == pytest.approx(0.33, abs=1e-15)
-    assert ood.fpr95_val_threshold(ood_s, thr) == 0.5
-    assert ood.fpr95_val_threshold(ood_s, 0.5) == 0.25  # strict '>': the tied 0.5 is not counted
+    assert ood.fpr95_id_percentile(ood_s, thr) == 0.5
+    assert ood.fpr95_id_percentile(ood_s, 0.5) == 0.25  # strict '>': the tied 0.5 is not counted
 
 
 def test_fpr95_first_argmin_quirk():
@@ -184,7 +195,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="NaN"):
         ood.fpr95_tpr_id([1.0, float("nan")], [0.0])
     with pytest.raises(ValueError, match="NaN"):
-        ood.fpr95_val_threshold([0.0], float("nan"))
+        ood.fpr95_id_percentile([0.0], float("nan"))
     with pytest.raises(ValueError, match="1-D"):
         ood.auroc(np.ones((2, 2)), [0.0])
 

@@ -69,7 +69,9 @@ def test_by_hand():
 
 
 def test_fpr95_convention():
-    assert ood.FPR95_CONVENTION == {"energy": "fpr95_val_threshold", "knn": "fpr95_tpr_id"}
-    assert ood.fpr95_convention("energy") == "fpr95_val_threshold"
+    openood = ("maxlogit", "gen", "temp_msp", "mahalanobis", "vim", "residual")  # OpenOOD v1.5's evaluator
+    assert ood.FPR95_CONVENTION == {"energy": "fpr95_id_percentile", "knn": "fpr95_tpr_id",
+                                    **{s: "fpr95_tpr_ood" for s in openood}}
+    assert ood.fpr95_convention("energy") == "fpr95_id_percentile"
     assert ood.fpr95_convention("knn") == "fpr95_tpr_id"
     assert ood.fpr95_convention("mcm") == "fpr95_tpr_id"

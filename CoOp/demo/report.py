@@ -1,5 +1,7 @@
-"""The demo's report: tables (accuracy, every OOD score, paired tests, the lambda2 grid), figures and an
-honest summary, as one Markdown text (printed, and written into the README between markers by ``--readme``)."""
+"""The demo's report: the verdict with its effect sizes, tables (accuracy, every OOD score, paired differences,
+the lambda2 grid) and figures, as one Markdown section (printed; ``--readme`` writes it into docs/demo.md between
+the demo markers), and from the same numbers the README's headline (``--headline``, between the headline
+markers)."""
 from __future__ import annotations
 
 import os
@@ -8,61 +10,36 @@ from typing import Any, Optional
 import numpy as np
 
 from dassl.evaluation.ood import fpr95_convention
-from demo import investigate, selection, tables
+from demo import effects, investigate, selection, tables, verdict
 from launch import figures, results
 
-SCORE_NAMES = {"energy": "energy", "mcm": "MCM", "msp": "MSP", "knn": "KNN"}
+SCORE_NAMES = {"energy": "energy", "mcm": "MCM", "msp": "MSP", "knn": "KNN", "gl_mcm": "GL-MCM"}
 BEGIN, END = "<!-- demo:start -->", "<!-- demo:end -->"
+SECTION = (BEGIN, END)  # docs/demo.md: the whole generated section
+HEADLINE = ("<!-- headline:start -->", "<!-- headline:end -->")  # README.md: table, figure, verdict
 
 
-def avg_units(rows: list[dict[str, Any]], method: str, key: str) -> dict[tuple[str, int], float]:
-    return tables.per_unit([r for r in rows if r["method"] == method], key).get(method, {})
+def claim_units(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """metric -> method -> (domain, seed) -> value, for the metrics of the claim."""
+    return {k: tables.per_unit(rows, k) for k, _, _ in verdict.CLAIM_METRICS}
 
 
-def compare(rows: list[dict[str, Any]], ref: str, key: str, higher_better: bool) -> Optional[dict[str, Any]]:
-    """``ref`` against the best other (non-CRoFT) method on ``key`` (mean over domain x seed units), paired test."""
-    others = [m for m in dict.fromkeys(r["method"] for r in rows) if not m.startswith("CRoFT")]
-    ru = avg_units(rows, ref, key)
-    if not ru or not others:
-        return None
-    means = {m: float(np.mean(list(u.values()))) for m in others if (u := avg_units(rows, m, key))}
-    if not means:
-        return None
-    best = (max if higher_better else min)(means, key=means.get)
-    bu = avg_units(rows, best, key)
-    common = sorted(set(ru) & set(bu))
-    diff = np.array([ru[u] - bu[u] for u in common])
-    p, test = tables.paired_test([ru[u] for u in common], [bu[u] for u in common])
-    return {"best": best, "ref_mean": float(np.mean([ru[u] for u in common])),
-            "best_mean": float(np.mean([bu[u] for u in common])), "diff": float(diff.mean()),
-            "diff_std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "p": p, "test": test, "n": len(common)}
+def baselines(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods the claim compares CRoFT with: every method whose label does not start with "CRoFT"."""
+    return [m for m in dict.fromkeys(r["method"] for r in rows) if not m.startswith("CRoFT")]
 
 
 def summary(rows: list[dict[str, Any]], ref: str = "CRoFT") -> str:
-    """What the benchmark shows about the paper's claim (CRoFT >= best baseline on held-out accuracy and <= on
-    FPR95), with the numbers; a difference counts only when the paired test gives p < 0.05."""
-    acc, fpr = compare(rows, ref, "acc", True), compare(rows, ref, "energy_fpr95", False)
-    if acc is None or fpr is None:
-        return f"_No summary: {ref} or the baselines have no finished runs._"
-
-    def verdict(c: dict[str, Any], better: bool) -> str:
-        if c["p"] >= 0.05:
-            return "no significant difference"
-        return "better" if better else "worse"
-    acc_v = verdict(acc, acc["diff"] > 0)
-    fpr_v = verdict(fpr, fpr["diff"] < 0)
-    return (f"**Summary.** Against the best baseline on each metric, {ref} (λ2 chosen on source-domain validation "
-            f"accuracy) reaches {acc['ref_mean']:.2f} % held-out accuracy vs {acc['best_mean']:.2f} % for "
-            f"{acc['best']} (difference {acc['diff']:+.2f} ± {acc['diff_std']:.2f} points over {acc['n']} held-out "
-            f"domain x seed pairs, {acc['test']} p = {acc['p']:.3g}: {acc_v}), and an energy FPR95 of "
-            f"{fpr['ref_mean']:.2f} % vs {fpr['best_mean']:.2f} % for {fpr['best']} (difference "
-            f"{fpr['diff']:+.2f} ± {fpr['diff_std']:.2f}, p = {fpr['p']:.3g}: {fpr_v}). The paper's claim "
-            f"(CRoFT ≥ the best baseline on accuracy and ≤ on FPR95) is "
-            f"{'supported' if acc_v == 'better' and fpr_v == 'better' else 'contradicted' if 'worse' in (acc_v, fpr_v) else 'neither supported nor refuted'}"
-            f" by this benchmark (with {acc['n']} pairs the smallest attainable two-sided p is "
-            f"{min(1.0, 2 / 2 ** acc['n']):.3g}). It is a 12M-parameter CLIP pretrained here on digits, with 32 px images and "
-            f"16 shots; it tests the code path and the direction of effects, not the paper's effect sizes on "
-            f"PACS/VLCS with OpenAI CLIP.")
+    """The verdict line, the effect sizes behind it (paired mean differences with 95 % intervals) and what the
+    benchmark can and cannot say."""
+    effects = verdict.claim_effects(claim_units(rows), ref, baselines(rows))
+    if len(effects) < len(verdict.CLAIM_METRICS):
+        return f"_No verdict: {ref} or the baselines have no finished runs._"
+    return (f"{verdict.verdict_line(effects, ref)}\n\n**Effect sizes** ({ref} with λ2 chosen on source-domain "
+            f"validation accuracy, against the best baseline on each metric; Student-t intervals over the held-out "
+            f"domain x seed pairs): {verdict.effects_text(effects)} It is a tiny CLIP pretrained here on digits, "
+            "with 32 px images and 16 shots; it tests the code path and the direction of effects, not the paper's "
+            "effect sizes on PACS/VLCS with OpenAI CLIP.")
 
 
 def grid_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,7 +67,7 @@ def coop_finding(rows: list[dict[str, Any]], fig_dir: str, fig_ref: str) -> list
     oods = list(dict.fromkeys(r["ood"] for r in rows))
     if not oods:
         return []
-    dec = investigate.decompose(rows)
+    dec = investigate.decompose([r for r in rows if r["ood"] == oods[0]])  # the table and figure: first open set
     out = [f"#### Why energy can rank {oods[0]} above held-out ID images: AUROC (%) of energy / its class-agnostic "
            f"part (mean logit) / its class-discriminative part (logsumexp of centred logits), vs {oods[0]}\n",
            investigate.table(dec, oods[0]), ""]
@@ -120,16 +97,47 @@ def coop_finding(rows: list[dict[str, Any]], fig_dir: str, fig_ref: str) -> list
     return out
 
 
-def build(demo_root: str, fig_dir: str, fig_ref: str, select: str = "val", header: str = "") -> str:
-    """The whole demo section (Markdown) from the finished runs under ``demo_root``; figures go to ``fig_dir``
-    and are referenced as ``fig_ref/<name>.png``."""
+def effects_figure(rows: list[dict[str, Any]], fig_dir: str, ref: str = "CRoFT") -> Optional[str]:
+    """``effects.png``: ``ref`` minus every other method (baselines and the other CRoFT variants) per claim metric."""
+    others = [m for m in dict.fromkeys(r["method"] for r in rows) if m != ref]
+    by = effects.effects_by_baseline(claim_units(rows), ref, others)
+    return effects.figure(by, os.path.join(fig_dir, "effects.png")) if any(by.values()) else None
+
+
+HEADLINE_COLUMNS = [("acc", "held-out accuracy %"), ("energy_fpr95", "energy FPR95 %"),
+                    ("energy_auroc", "energy AUROC %"), ("mcm_fpr95", "MCM FPR95 %"),
+                    ("gl_mcm_fpr95", "GL-MCM FPR95 %")]
+
+
+def headline(chosen: list[dict[str, Any]], domains: list[str], fig_ref: str, verdict_text: str) -> str:
+    """The README's headline: one table (averages over the held-out domains), the effect-size figure, the verdict."""
+    cols = [(k, lab) for k, lab in HEADLINE_COLUMNS if any(r.get(k) is not None for r in chosen)]
+    n = len({(r["domain"], r["seed"]) for r in chosen})
+    return "\n".join([
+        f"`make demo` runs Setup-II on DigitsDG-mini with a tiny CLIP on CPU: {len(domains)} held-out domain"
+        f"{'s' if len(domains) != 1 else ''} x {n // max(1, len(domains))} seeds. Average over the held-out domains "
+        "(mean ± std over seeds; FPR95 against both open sets; every table in [docs/demo.md](docs/demo.md)):", "",
+        tables.average_table(chosen, cols, domains), "",
+        f"![effect sizes]({fig_ref}/effects.png)", "", verdict_text])
+
+
+def build(demo_root: str, fig_dir: str, fig_ref: str, select: str = "val", header: str = "",
+          head_ref: Optional[str] = None) -> tuple[str, str]:
+    """(the whole demo section, the headline) as Markdown from the finished runs under ``demo_root``; figures go
+    to ``fig_dir`` and are referenced as ``fig_ref/<name>.png`` (``head_ref/<name>.png`` in the headline)."""
     rows = results.rows(os.path.join(demo_root, "eval_open_ood"))
     if not rows:
-        return header + "\n_No finished evaluation runs._\n"
+        return header + "\n_No finished evaluation runs._\n", "_No finished demo runs._\n"
     chosen = selection.select(rows, select)
     domains = sorted({r["domain"] for r in rows})
-    out = [header, f"#### Held-out-domain accuracy (%), mean ± std over seeds (grid methods: λ2 selected by {select})\n",
-           tables.by_domain_table(chosen, ["acc"], domains), ""]
+    verdict_text = summary(chosen)
+    os.makedirs(fig_dir, exist_ok=True)
+    eff_png = effects_figure(chosen, fig_dir)
+    out = [header, verdict_text, ""]
+    if eff_png:
+        out += [f"![effect sizes]({fig_ref}/effects.png)", ""]
+    out += [f"#### Held-out-domain accuracy (%), mean ± std over seeds (grid methods: λ2 selected by {select})\n",
+            tables.by_domain_table(chosen, ["acc"], domains), ""]
     for score, name in SCORE_NAMES.items():
         if any(f"{score}_auroc" in r for r in chosen):
             out += [f"#### Open-set detection with the {name} score: FPR95 ({fpr95_convention(score)}) / AUROC (%), "
@@ -139,8 +147,8 @@ def build(demo_root: str, fig_dir: str, fig_ref: str, select: str = "val", heade
     for ref in ("CRoFT", "CRoFT (fixed)"):
         t = tables.paired_table(chosen, ref, metrics)
         if t:
-            out += [f"#### Paired differences {ref} − method over held-out domain x seed pairs (mean ± std, "
-                    "two-sided test)\n", t, ""]
+            out += [f"#### Paired differences {ref} − method over held-out domain x seed pairs (mean [95 % "
+                    "Student-t interval], points)\n", t, ""]
     grid = grid_rows(rows)
     if grid:
         out += ["#### The λ2 grid (every setting, before selection): accuracy and MCM FPR95 / AUROC\n",
@@ -149,17 +157,30 @@ def build(demo_root: str, fig_dir: str, fig_ref: str, select: str = "val", heade
     figs = figures.plot_sweep(rows, fig_dir, chosen)
     for name, path in figs.items():
         out.append(f"![{name}]({fig_ref}/{os.path.basename(path)})")
-    out += ["", *coop_finding(chosen, fig_dir, fig_ref), "", summary(chosen)]
-    return "\n".join(out) + "\n"
+    out += ["", *coop_finding(chosen, fig_dir, fig_ref)]
+    head = headline(chosen, domains, head_ref if head_ref is not None else fig_ref, verdict_text)
+    return "\n".join(out) + "\n", head + "\n"
 
 
-def write_between_markers(readme: str, text: str) -> None:
-    """Replace what lies between the demo markers of ``readme`` (both must be present) with ``text``."""
+def check_markers(path: str, markers: tuple[str, str] = SECTION, flag: str = "") -> None:
+    """One clear error (naming ``flag`` and ``path``) unless ``path`` is a file holding ``markers`` in order."""
+    begin, end = markers
+    where = f"{flag} {path}" if flag else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {where}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        raise SystemExit(f"error: {where} lacks the markers {begin} ... {end}")
+
+
+def write_between_markers(readme: str, text: str, markers: tuple[str, str] = SECTION) -> None:
+    """Replace what lies between ``markers`` of ``readme`` (both must be present) with ``text``."""
     from dassl.utils.tools import atomic_write_text
 
+    check_markers(readme, markers)
+    begin, end = markers
     with open(readme, encoding="utf-8") as f:
         old = f.read()
-    if BEGIN not in old or END not in old or old.index(BEGIN) > old.index(END):
-        raise SystemExit(f"error: {readme} lacks the markers {BEGIN} ... {END}")
-    head, rest = old.split(BEGIN, 1)
-    atomic_write_text(readme, head + BEGIN + "\n" + text.rstrip("\n") + "\n" + END + rest.split(END, 1)[1])
+    head, rest = old.split(begin, 1)
+    atomic_write_text(readme, head + begin + "\n" + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1])

@@ -1,4 +1,4 @@
-"""Markdown tables of the demo: held-out accuracy, detection per score, and paired tests between methods."""
+"""Markdown tables of the demo: held-out accuracy, detection per score, and paired differences between methods."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -29,6 +29,12 @@ def per_unit(rows: list[dict[str, Any]], key: str) -> dict[str, dict[tuple[str, 
     return {m: {u: float(np.mean(v)) for u, v in units.items()} for m, units in acc.items()}
 
 
+def avg_cell(units: dict[tuple[str, int], float], domains: list[str]) -> str:
+    """Mean ± std over seeds of the per-seed mean over ``domains`` (seeds missing a domain are left out)."""
+    seeds = sorted({s for (_, s) in units})
+    return cell([np.mean([units[(d, s)] for d in domains]) for s in seeds if all((d, s) in units for d in domains)])
+
+
 def by_domain_table(rows: list[dict[str, Any]], keys: Sequence[str], domains: list[str],
                     fmt: Callable[[list[str]], str] = " / ".join) -> str:
     """Rows = methods, columns = held-out domains and Avg; each cell joins the ``keys`` (mean ± std over seeds;
@@ -40,35 +46,30 @@ def by_domain_table(rows: list[dict[str, Any]], keys: Sequence[str], domains: li
         for d in domains:
             cells.append(fmt([cell([v for (dd, _), v in units[k].get(method, {}).items() if dd == d]) for k in keys]))
         seeds = sorted({s for k in keys for (_, s) in units[k].get(method, {})})
-        avg = []
-        for k in keys:
-            u = units[k].get(method, {})
-            avg.append(cell([np.mean([u[(d, s)] for d in domains]) for s in seeds if all((d, s) in u for d in domains)]))
-        body.append([method, *cells, fmt(avg), str(len(seeds))])
+        avg = fmt([avg_cell(units[k].get(method, {}), domains) for k in keys])
+        body.append([method, *cells, avg, str(len(seeds))])
     return markdown(["method", *domains, "Avg", "seeds"], body)
 
 
-def paired_test(a: list[float], b: list[float]) -> tuple[float, str]:
-    """Two-sided p-value of a paired test of a vs b: Wilcoxon signed-rank (scipy) or, without scipy, an exact
-    sign test; returns (p, test name)."""
-    d = np.asarray(a) - np.asarray(b)
-    try:
-        from scipy.stats import wilcoxon
+def average_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]], domains: list[str]) -> str:
+    """Rows = methods, one column per (key, label): the Avg cell of :func:`by_domain_table`."""
+    units = {k: per_unit(rows, k) for k, _ in columns}
+    body = [[m, *[avg_cell(units[k].get(m, {}), domains) for k, _ in columns]]
+            for m in dict.fromkeys(r["method"] for r in rows)]
+    return markdown(["method", *[lab for _, lab in columns]], body)
 
-        if np.all(d == 0):
-            return 1.0, "wilcoxon"
-        return float(wilcoxon(d).pvalue), "wilcoxon"
-    except ImportError:
-        from math import comb
 
-        n, k = int((d != 0).sum()), int((d > 0).sum())
-        tail = sum(comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n if n else 1.0
-        return min(1.0, 2 * tail), "sign test"
+def interval_cell(diff: Sequence[float]) -> str:
+    """"+1.23 [-0.40, +2.86]": the paired mean difference and its 95 % Student-t interval."""
+    from demo.verdict import t_interval
+
+    mean, _, lo, hi = t_interval(diff)
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def paired_table(rows: list[dict[str, Any]], ref: str, metrics: Sequence[tuple[str, str]]) -> Optional[str]:
-    """For each method vs ``ref``: mean ± std of the paired difference over (held-out domain, seed) units and
-    the paired test's p-value, per metric (key, label)."""
+    """For each method vs ``ref``: the mean paired difference ``ref - method`` over (held-out domain, seed) units
+    with its 95 % Student-t interval, per metric (key, label)."""
     units = {k: per_unit(rows, k) for k, _ in metrics}
     if ref not in units[metrics[0][0]]:
         return None
@@ -76,15 +77,11 @@ def paired_table(rows: list[dict[str, Any]], ref: str, metrics: Sequence[tuple[s
     for method in dict.fromkeys(r["method"] for r in rows):
         if method == ref:
             continue
-        cells = []
+        cells, pairs = [], []
         for k, _ in metrics:
             ru, mu = units[k].get(ref, {}), units[k].get(method, {})
             common = sorted(set(ru) & set(mu))
-            if len(common) < 2:
-                cells.append("-")
-                continue
-            diff = [ru[u] - mu[u] for u in common]
-            p, _ = paired_test([ru[u] for u in common], [mu[u] for u in common])
-            cells.append(f"{cell(diff)} (p={p:.3g}, n={len(common)})")
-        body.append([method, *cells])
-    return markdown(["method", *[f"{ref} − method: {lab}" for _, lab in metrics]], body)
+            cells.append(interval_cell([ru[u] - mu[u] for u in common]) if len(common) >= 2 else "-")
+            pairs.append(len(common))
+        body.append([method, *cells, str(pairs[0])])
+    return markdown(["method", *[f"{ref} − method: {lab}" for _, lab in metrics], "pairs"], body)

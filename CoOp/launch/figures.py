@@ -4,8 +4,11 @@
   (CRoFT's lambda2 or lambda1), one panel per held-out domain, mean over seeds with a ±1 std band;
 * :func:`score_histograms`: per method, the score of ID (source-domain val), closed-set OOD (held-out domain)
   and open-set OOD images;
-* :func:`roc_curves`: per method, the ROC of held-out-domain (ID) against open-set images;
-* :func:`plot_sweep`: all of them for a sweep's evaluation root (``collect_result_set2_oodd.py --plots DIR``).
+* :func:`roc_curves`: per method, the ROC of held-out-domain (ID) against open-set images, with the ID side of
+  the table (:func:`table_id_side`: the correctly classified held-out images for energy/MCM/MSP in Setup-II, all
+  of them for KNN), named in the legend, so the legend's AUROC is the table's;
+* :func:`plot_sweep`: all of them for a sweep's evaluation root (``collect_result_set2_oodd.py --plots DIR``;
+  histograms and ROC curves for each ``--scores`` entry, default energy and MCM).
 """
 from __future__ import annotations
 
@@ -103,8 +106,8 @@ def score_histograms(groups: Mapping[str, Mapping[str, np.ndarray]], path: str, 
     return save(fig, path)
 
 
-def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "") -> str:
-    """``{label: (ID scores, OOD scores)}`` (higher = more ID) -> ROC curves with AUROC in the legend."""
+def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
+    """``{label: (ID scores, OOD scores)}`` (higher = more ID) -> a figure of ROC curves, AUROC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig = Figure(figsize=(4.6, 4.2))
@@ -113,14 +116,39 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, t
         y = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]
         s = np.r_[id_s, ood_s]
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=f"{label} (AUROC {100 * roc_auc_score(y, s):.1f})")
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {100 * roc_auc_score(y, s):.2f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set_xlabel("FPR (open-set images accepted)")
     ax.set_ylabel("TPR (ID images accepted)")
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
-    return save(fig, path)
+    return fig
+
+
+def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "") -> str:
+    """:func:`roc_figure` written to ``path``."""
+    return save(roc_figure(curves, title), path)
+
+
+def table_id_side(run_dir: str, score: str, arr: Optional[Mapping[str, np.ndarray]] = None
+                  ) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+    """(ID scores, open-set scores, what the ID side is) of an evaluation run as its record's detection metrics
+    use them: the ``TEST.OOD_ID_SPLIT`` images, only the correctly classified ones when the record says
+    ``id_correct_only`` (energy/MCM/MSP in Setup-II), so an ROC curve's AUROC is the table's. None when the run
+    saved no such score."""
+    from dassl.engine.ood_eval import id_keep_mask
+    from dassl.engine.records import load_record
+
+    arr = scores_file(run_dir) if arr is None else arr
+    record = load_record(run_dir)
+    det = record.get("metrics", {}).get("ood", {}).get(score)
+    split = record.get("config", {}).get("TEST", {}).get("OOD_ID_SPLIT", "test")
+    if arr is None or det is None or f"{split}__score_{score}" not in arr:
+        return None
+    keep = id_keep_mask(arr[f"{split}__logits"], arr[f"{split}__labels"], bool(det.get("id_correct_only")))
+    which = f"{'correctly classified' if det.get('id_correct_only') else 'all'} {split} images, n={int(keep.sum())}"
+    return arr[f"{split}__score_{score}"][keep], arr[f"ood_test__score_{score}"], which
 
 
 def swept(rows: Sequence[dict[str, Any]], param: str) -> list[dict[str, Any]]:
@@ -132,11 +160,12 @@ def swept(rows: Sequence[dict[str, Any]], param: str) -> list[dict[str, Any]]:
     return [r for r in rows if len(vals.get(r["method"], ())) > 1]
 
 
-def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str,
-               chosen: Optional[Sequence[dict[str, Any]]] = None) -> dict[str, str]:
+def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str, chosen: Optional[Sequence[dict[str, Any]]] = None,
+               scores: Sequence[str] = ("energy", "mcm")) -> dict[str, str]:
     """Every figure of a Setup-II sweep (rows of :func:`launch.results.rows`): sensitivity to lambda2 / lambda1
-    where they were swept, and energy / MCM histograms and ROC curves of the first held-out domain and open set
-    (``chosen``: the rows after selecting one setting per method; default all rows). Returns {name: path}."""
+    where they were swept, and per score of ``scores`` (any registered score the runs saved) histograms and ROC
+    curves of the first held-out domain and open set (``chosen``: the rows after selecting one setting per
+    method; default all rows). Returns {name: path}."""
     os.makedirs(out_dir, exist_ok=True)
     out: dict[str, str] = {}
     for param in ("lambda2", "lambda1"):
@@ -147,7 +176,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str,
     if not chosen:
         return out
     dom, ood = chosen[0]["domain"], chosen[0]["ood"]
-    for score in ("energy", "mcm"):
+    for score in scores:
         groups, curves = {}, {}
         for method in dict.fromkeys(r["method"] for r in chosen):
             pick = next((r for r in chosen if r["method"] == method and r["domain"] == dom and r["ood"] == ood), None)
@@ -157,11 +186,14 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str,
             groups[method] = {"ID (source val)": arr[f"val__score_{score}"],
                               f"closed-set OOD ({dom})": arr[f"test__score_{score}"],
                               f"open-set OOD ({ood})": arr[f"ood_test__score_{score}"]}
-            curves[method] = (arr[f"test__score_{score}"], arr[f"ood_test__score_{score}"])
+            side = table_id_side(pick["dir"], score, arr)  # the ID side of the table's AUROC
+            if side is not None:
+                curves[f"{method} [ID: {side[2]}]"] = side[:2]
         if groups:
             out[f"hist_{score}"] = score_histograms(groups, os.path.join(out_dir, f"hist_{score}.png"),
                                                     xlabel=f"{score} score (higher = more ID)",
                                                     title=f"{score} scores, held out {dom}, open set {ood}")
-            out[f"roc_{score}"] = roc_curves(curves, os.path.join(out_dir, f"roc_{score}.png"),
-                                             title=f"{score}: held-out {dom} (ID) vs {ood}")
+            if curves:
+                out[f"roc_{score}"] = roc_curves(curves, os.path.join(out_dir, f"roc_{score}.png"),
+                                                 title=f"{score}: held-out {dom} (ID, as in the table) vs {ood}")
     return out

@@ -8,8 +8,9 @@ A launcher is one class registered with :func:`register_launcher`; it receives t
 * ``process``: one ``python train.py`` process per job (the official flow; ``subprocess`` is an alias);
 * ``inprocess``: jobs run one after another inside the driver's process (no fault isolation).
 
-Launchers living in other modules (e.g. ``slurm``) are listed in :data:`PLUGINS` (name -> module) and imported on
-first use; a launcher's own command-line flags come from its ``add_args`` class method.
+Launchers living in other modules (``workers``, ``slurm``) are listed in :data:`PLUGINS` (name -> module) and
+imported on first use (they import this module, never the reverse); a launcher's own command-line flags come from
+its ``add_args`` class method.
 """
 from __future__ import annotations
 
@@ -18,18 +19,19 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-if TYPE_CHECKING:  # pragma: no cover
-    from launch.sweep import Job
+from launch.jobs import Job
 
 COOP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-Report = Callable[["Job", bool, str], None]
+Report = Callable[[Job, bool, str], None]
 
 LAUNCHERS: dict[str, type["Launcher"]] = {}
 ALIASES = {"subprocess": "process"}
-PLUGINS: dict[str, str] = {"slurm": "launch.slurm"}  # launcher name -> module that registers it
+# launcher name -> module that registers it (imported on first use; such a module imports this one, never the reverse)
+PLUGINS: dict[str, str] = {"workers": "launch.workers", "slurm": "launch.slurm"}
 DEFAULT_LAUNCHER = "workers"
 
 
@@ -52,12 +54,16 @@ class Launcher:
 
     def __init__(self, options: LaunchOptions) -> None:
         self.options = options
+        self.job_times: list[dict[str, Any]] = []  # per finished job: name, sent, began, ended (time.time())
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         """Add this launcher's own flags to a driver's parser (none by default)."""
 
-    def run(self, jobs: list["Job"], report: Report) -> None:
+    def start(self) -> None:
+        """Get ready before the jobs are known (the workers launcher starts its processes); nothing by default."""
+
+    def run(self, jobs: list[Job], report: Report) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -118,7 +124,7 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def run_job_inprocess(job: "Job", quiet: bool) -> tuple[bool, str]:
+def run_job_inprocess(job: Job, quiet: bool) -> tuple[bool, str]:
     """Run one job with ``train.main`` in this process; environment variables are restored afterwards."""
     import contextlib
     import io
@@ -159,7 +165,7 @@ def _die_with_driver() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def run_job_subprocess(job: "Job", quiet: bool, env: Optional[dict[str, str]] = None) -> tuple[bool, str]:
+def run_job_subprocess(job: Job, quiet: bool, env: Optional[dict[str, str]] = None) -> tuple[bool, str]:
     """Run one job as ``python train.py ...`` (cwd: the CoOp folder); the last stderr line explains a failure."""
     os.makedirs(os.path.dirname(os.path.abspath(job.output_dir)), exist_ok=True)
     env = dict(env if env is not None else os.environ)
@@ -179,11 +185,13 @@ def run_job_subprocess(job: "Job", quiet: bool, env: Optional[dict[str, str]] = 
 class InProcessLauncher(Launcher):
     """Jobs one after another in this process (fast for tiny runs; a crash stops the sweep)."""
 
-    def run(self, jobs: list["Job"], report: Report) -> None:
+    def run(self, jobs: list[Job], report: Report) -> None:
         for job in jobs:
+            t0 = time.time()
             ok, msg = run_job_inprocess(job, self.options.quiet)
             if not ok and self.options.retry:
                 ok, msg = run_job_inprocess(job, self.options.quiet)
+            self.job_times.append({"name": job.name, "sent": t0, "began": t0, "ended": time.time()})
             report(job, ok, msg)
 
 
@@ -197,13 +205,15 @@ class ProcessLauncher(Launcher):
             env["CUDA_VISIBLE_DEVICES"] = self.options.devices[slot % len(self.options.devices)]
         return env
 
-    def _one(self, job: "Job", slot: int) -> tuple["Job", bool, str]:
+    def _one(self, job: Job, slot: int) -> tuple[Job, bool, str]:
+        t0 = time.time()
         ok, msg = run_job_subprocess(job, self.options.quiet, self._env(slot))
         if not ok and self.options.retry:
             ok, msg = run_job_subprocess(job, self.options.quiet, self._env(slot))
+        self.job_times.append({"name": job.name, "sent": t0, "began": t0, "ended": time.time()})  # thread-safe
         return job, ok, msg
 
-    def run(self, jobs: list["Job"], report: Report) -> None:
+    def run(self, jobs: list[Job], report: Report) -> None:
         n = max(1, self.options.jobs)
         if n == 1:
             for job in jobs:
@@ -220,9 +230,3 @@ class ProcessLauncher(Launcher):
 def make_launcher(name: str, options: LaunchOptions) -> Launcher:
     return get_launcher(name)(options)
 
-
-def _register_workers() -> None:
-    import launch.workers  # noqa: F401  (registers "workers")
-
-
-_register_workers()

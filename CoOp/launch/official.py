@@ -5,14 +5,17 @@ shell scripts (``python -m launch.official CRoFT 2 --cfg ViT_ep30`` prints the o
 module, so a value lives in one place:
 
 * :data:`OFFICIAL` -- config names, shots, ``KEY VALUE`` overrides for training *and* evaluation runs (α/β of
-  Tip-Adapter-F, precision, Bayes-CAL weights), per-config overrides (epochs, batch sizes, learning rate), the
-  evaluation-only overrides (CRoFT's residual ratios at test time) and, for CRoFT Setup-II, the "selected" models
-  the official open-set scripts evaluated (PACS λ1 5 / λ2 1000, VLCS λ1 15 / λ2 1000, both at ρ 0.5 / ρ_t 0.0);
-* :data:`GRIDS` / :func:`sweep_grid` -- the CRoFT settings the official sweeps train, per setup and dataset.
+  Tip-Adapter-F, precision, Bayes-CAL weights, prompt lengths), per-config overrides (epochs, batch sizes, learning
+  rate), the evaluation-only overrides (CRoFT's residual ratios at test time; Tip-Adapter-F's Setup-I α 0.5 /
+  β 5.5), whether evaluation runs keep ``DATASET.NUM_SHOTS`` (Tip-Adapter-F Setup-I, DPLCLIP and Bayes-CAL
+  Setup-II: their official evaluation scripts pass it) and, for CRoFT Setup-II, the "selected" models the official
+  open-set scripts evaluated (PACS λ1 5 / λ2 1000, VLCS λ1 15 / λ2 1000, both at ρ 0.5 / ρ_t 0.0);
+* :data:`GRIDS` / :func:`sweep_grid` -- the CRoFT settings the official sweeps trained, per setup and dataset
+  (VLCS: one ratio pair); :data:`GRID_PRESET` -- what ``--preset grid`` sweeps instead (VLCS: three pairs).
 
 Presets: ``official`` trains the committed grid plus the selected models and evaluates the selected models
 (Setup-II) or every trained setting (Setup-I, whose scripts evaluate all 25 λ pairs); ``grid`` trains and
-evaluates the full grid.
+evaluates the full grid of the official loops.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class Protocol:
     opts: tuple[str, ...] = ()                              # training and evaluation runs
     cfg_opts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per trainer config
     eval_opts: tuple[str, ...] = ()                         # evaluation runs only
+    eval_shots: bool = False                                # evaluation runs keep DATASET.NUM_SHOTS <K>
     selected: Mapping[str, Mapping[str, Setting]] = field(default_factory=dict)  # dataset -> cfg -> model
     note: str = ""
     requires: Mapping[str, str] = field(default_factory=dict)  # override key the user must give -> why
@@ -95,8 +99,21 @@ TIP_CFGS = {"rn50_ep30": _cfg(256, 0.002, 30), "ViT_ep30": _cfg(32, 0.001, 50)}
 SETUP2_CFGS = ("rn50_ep30", "ViT_ep30")
 SETUP1_CFGS = ("ViT_ep30",)
 SETUP1_SHOTS = (1, 16, 32)
-BCAL_OPTS = ("TRAINER.BCAL.ALPHA1", "0.01", "TRAINER.BCAL.ALPHA2", "0.5", "TRAINER.BCAL.ALPHA3", "0.01",
-             "TRAINER.BCAL.PREC", "fp16")
+PROMPT_OPTS = ("N_CTX", "16", "CSC", "False", "CLASS_TOKEN_POSITION", "end")  # CTP=end NCTX=16 CSC=False
+
+
+def _node(node: str, pairs: Sequence[str]) -> tuple[str, ...]:
+    """``KEY VALUE`` pairs of ``TRAINER.<node>``."""
+    return tuple(x for k, v in zip(pairs[::2], pairs[1::2]) for x in (f"TRAINER.{node}.{k}", v))
+
+
+BCAL_OPTS = (*_node("BCAL", PROMPT_OPTS), "TRAINER.BCAL.ALPHA1", "0.01", "TRAINER.BCAL.ALPHA2", "0.5",
+             "TRAINER.BCAL.ALPHA3", "0.01", "TRAINER.BCAL.PREC", "fp16")
+TIP_EVAL_SETUP1 = ("TRAINER.TIP_ADAPTER.ALPHA", "0.5", "TRAINER.TIP_ADAPTER.BETA", "5.5")  # test_setup1.py
+# LoCoOp (not in the CRoFT paper; "official" = the authors' repository, AtsuMiyai/LoCoOp): CoOp's prompt settings,
+# their fp16, λ 0.25 and top-K 200 of ImageNet-1k's 1000 classes as the ratio 0.2 (K scales with the classes);
+# epochs, shots and model selection follow the project's setups as for every baseline (theirs: 50 epochs, last epoch)
+LOCOOP_OPTS = _node("LOCOOP", (*PROMPT_OPTS, "PREC", "fp16", "LAMBDA", "0.25", "TOPK", "0", "TOPK_RATIO", "0.2"))
 CROFT_EVAL = {1: ("TRAINER.CRoFT.ratio", "0.2", "TRAINER.CRoFT.ratio_text", "0.5"),
               2: ("TRAINER.CRoFT.ratio", "0.5", "TRAINER.CRoFT.ratio_text", "0")}
 SELECTED_SETUP2 = {
@@ -118,16 +135,21 @@ def _table() -> dict[tuple[str, int], Protocol]:
 
     for s in (1, 2):
         add("ZeroshotCLIP", s, opts=("TRAINER.ZSCLIP.PREC", "fp16"), note="no training; single template per dataset")
-        add("CoOp", s, opts=("TRAINER.COOP.N_CTX", "16", "TRAINER.COOP.CSC", "False",
-                             "TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "TRAINER.COOP.PREC", "fp16"))
-        add("CoCoOp", s, cfg_opts=COCOOP_CFGS, opts=("TRAINER.COCOOP.N_CTX", "16", "TRAINER.COCOOP.PREC", "fp16"))
-        add("DPLCLIP", s, opts=("TRAINER.DPLCLIP.PREC", "fp16"))
+        add("CoOp", s, opts=(*_node("COOP", PROMPT_OPTS), "TRAINER.COOP.PREC", "fp16"))
+        add("CoCoOp", s, cfg_opts=COCOOP_CFGS, opts=(*_node("COCOOP", PROMPT_OPTS), "TRAINER.COCOOP.PREC", "fp16"))
+        # the official DPLCLIP / Bayes-CAL Setup-II evaluation scripts pass DATASET.NUM_SHOTS 16
+        add("DPLCLIP", s, opts=(*_node("DPLCLIP", PROMPT_OPTS), "TRAINER.DPLCLIP.PREC", "fp16"), eval_shots=s == 2)
         add("BCAL", s, opts=BCAL_OPTS, note="Bayes-CAL; the official Setup-I scripts cannot run (no domain names)",
-            requires={"TRAINER.BCAL.DOMAIN_NAMES": "ImageNet46 has no domain names"} if s == 1 else {})
+            requires={"TRAINER.BCAL.DOMAIN_NAMES": "ImageNet46 has no domain names"} if s == 1 else {},
+            eval_shots=s == 2)
+        add("LoCoOp", s, opts=LOCOOP_OPTS, note="the authors' LoCoOp settings (λ 0.25, K = 0.2 x classes); "
+                                                "GL-MCM: -- TEST.OOD_SCORES with gl_mcm")
     add("CLIP_Adapter", 1, shots=(4,), opts=("TRAINER.CLIP_ADAPTER.RATIO", "0.2", "TRAINER.CLIP_ADAPTER.PREC", "fp32"))
     add("CLIP_Adapter", 2, opts=("TRAINER.CLIP_ADAPTER.RATIO", "0.2", "TRAINER.CLIP_ADAPTER.PREC", "fp32"))
     add("TIP_ADAPTER", 1, cfg_opts=TIP_CFGS, opts=("TRAINER.TIP_ADAPTER.ALPHA", "1.17", "TRAINER.TIP_ADAPTER.BETA",
-                                                   "1", "TRAINER.TIP_ADAPTER.PREC", "fp16"))
+                                                   "1", "TRAINER.TIP_ADAPTER.PREC", "fp16"),
+        eval_opts=TIP_EVAL_SETUP1, eval_shots=True,
+        note="evaluated with alpha 0.5 / beta 5.5 (test_setup1.py); the open-set script passes DATASET.NUM_SHOTS")
     add("TIP_ADAPTER", 2, cfg_opts=TIP_CFGS, opts=("TRAINER.TIP_ADAPTER.ALPHA", "1", "TRAINER.TIP_ADAPTER.BETA",
                                                    "10", "TRAINER.TIP_ADAPTER.PREC", "fp16"))
     add("CRoFT", 1, opts=("TRAINER.CRoFT.PREC", "fp32"), eval_opts=CROFT_EVAL[1],
@@ -148,11 +170,20 @@ GRIDS: dict[tuple[str, int], dict[str, dict]] = {
     ("CRoFT", 2): {
         "PACS": {"lambda1": (15.0,), "lambda2": L2_SETUP2, "ratios": ((0.2, 0.5),),
                  "gen_step": {"rn50_ep30": 0, "ViT_ep30": 1}},
-        "VLCS": {"lambda1": (15.0, 5.0, 0.0), "lambda2": L2_SETUP2, "ratios": ((0.2, 0.5), (0.2, 0.0), (0.5, 0.0)),
+        # run_setup2.py loops over three (ratio, ratio_text) pairs, but croft_vlcs*.sh name the output directory
+        # without them and skip an existing directory: only the first pair, (0.2, 0.5), ever trained
+        "VLCS": {"lambda1": (15.0, 5.0, 0.0), "lambda2": L2_SETUP2, "ratios": ((0.2, 0.5),),
                  "gen_step": {"rn50_ep30": 5, "ViT_ep30": 5}},
     },
 }
-"""CRoFT sweep grids per (trainer, setup) and dataset; other trainers have one setting (no grid)."""
+"""CRoFT sweep grids per (trainer, setup) and dataset: what the official sweeps trained (``--preset official``);
+other trainers have one setting (no grid)."""
+
+GRID_PRESET: dict[tuple[str, int], dict[str, dict]] = {
+    ("CRoFT", 2): {"VLCS": {"ratios": ((0.2, 0.5), (0.2, 0.0), (0.5, 0.0))}},
+}
+"""Values ``--preset grid`` uses instead of :data:`GRIDS`' (the loops the official scripts wrote, e.g. VLCS's three
+ratio pairs, of which the official sweep trained only the first)."""
 
 
 def protocol(trainer: str, setup: int) -> Protocol:
@@ -170,8 +201,9 @@ def has_grid(trainer: str, setup: int) -> bool:
 def sweep_grid(trainer: str, setup: int, dataset: str, cfg: str = "", shots: int = 16,
                lambda1: Optional[Sequence[float]] = None, lambda2: Optional[Sequence[float]] = None,
                ratios: Optional[Sequence[tuple[float, float]]] = None,
-               gen_step: Optional[int] = None) -> list[Setting]:
-    """The CRoFT settings of a sweep; explicit values replace the grid's, the rest come from :data:`GRIDS`.
+               gen_step: Optional[int] = None, preset: str = "official") -> list[Setting]:
+    """The CRoFT settings of a sweep; explicit values replace the grid's, the rest come from :data:`GRIDS`
+    (``preset`` ``grid``: :data:`GRID_PRESET`'s values first).
 
     Raises SystemExit naming the dataset when a value is needed from a grid that does not list it.
     """
@@ -179,6 +211,8 @@ def sweep_grid(trainer: str, setup: int, dataset: str, cfg: str = "", shots: int
         return []
     explicit = {"lambda1": lambda1, "lambda2": lambda2, "ratios": ratios}
     grid = GRIDS[(trainer, setup)].get(dataset)
+    if grid is not None and preset == "grid":
+        grid = {**grid, **GRID_PRESET.get((trainer, setup), {}).get(dataset, {})}
     if grid is None and (any(v is None for v in explicit.values()) or gen_step is None):
         raise SystemExit(f"error: no official {trainer} grid for dataset {dataset!r} in Setup-{'I' * setup} "
                          f"(known: {', '.join(GRIDS[(trainer, setup)])}); pass --lambda1, --lambda2, --ratios and "

@@ -11,10 +11,9 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from dassl.engine.records import is_done, load_record
-from dassl.evaluation.ood import fpr95_convention
+from dassl.evaluation.ood import fpr95_convention, metric_value
 from launch.sweep import COOP_DIR, read_manifests
 
-SCORES = ("energy", "mcm", "msp", "knn")
 
 
 class Run(NamedTuple):
@@ -59,16 +58,14 @@ def val_accuracy(run: Run) -> Optional[float]:
 
 
 def rows(eval_root: str) -> list[dict[str, Any]]:
-    """One dict per evaluation run: labels, held-out accuracy, val accuracy and FPR95/AUROC (%) per score
-    (FPR95 in each score's official convention, :func:`dassl.evaluation.ood.fpr95_convention`)."""
+    """One dict per evaluation run: labels, held-out accuracy, val accuracy and FPR95/AUROC (%) per score the
+    run computed (FPR95 in each score's official convention, :func:`dassl.evaluation.ood.fpr95_convention`)."""
     out = []
     for r in finished(eval_root, "eval"):
         m = r.record.get("metrics", {})
         row = {"method": r.method, "setting": r.setting, "domain": r.domain, "seed": r.seed, "ood": r.ood,
                "acc": float(m.get("test", {}).get("accuracy", np.nan)), "val_acc": val_accuracy(r), "dir": r.out_dir}
-        for s in SCORES:
-            det = m.get("ood", {}).get(s)
-            if det:
-                row[f"{s}_fpr95"], row[f"{s}_auroc"] = 100 * det[fpr95_convention(s)], 100 * det["auroc"]
+        for s, det in m.get("ood", {}).items():
+            row[f"{s}_fpr95"], row[f"{s}_auroc"] = 100 * metric_value(det, fpr95_convention(s)), 100 * det["auroc"]
         out.append(row)
     return out

@@ -4,7 +4,8 @@ Training runs:   output/<TRAINER>/imagenet46_<CFG>[_<swept values>]/seed<S>/shot
 Evaluation runs: eval_setup1/<TRAINER>/imagenetood46_<CFG>[_<swept values>]/shots<K>/<TEST_OOD>/seed<S>/
 
 What runs comes from :mod:`launch.official`: seeds 1-3; shots 1, 16 and 32 (CLIP-Adapter: 4); every official
-override (Tip-Adapter-F α 1.17 / β 1, precision, epochs, batch sizes) on training and evaluation runs; CRoFT
+override (precision, epochs, batch sizes) on training and evaluation runs; Tip-Adapter-F trains with α 1.17 /
+β 1 and is evaluated with α 0.5 / β 5.5 and ``DATASET.NUM_SHOTS <K>`` (its official test scripts); CRoFT
 λ1 and λ2 in {1, 5, 10, 15, 20} with ratio 0.2 / ratio_text 0.5 and gen_step 10 (1 shot) or 1, every pair
 evaluated (``--preset official`` and ``grid`` plan the same Setup-I runs, as the official test_setup1.py
 evaluates all 25 pairs). Evaluation: closed-set accuracy on ImageNet (``test_id``),
@@ -20,10 +21,13 @@ import sys
 from typing import Optional, Sequence
 
 from launch import official
+from launch.choices import check_trainers_and_cfgs
 from launch.setup2 import common_overrides, config_path, dataset_config
-from launch.sweep import Job, add_launcher_args, plan_sweep, sweep_main
+from launch.sweep import Job, add_launcher_args, module_cli, plan_sweep, sweep_main
 
 TEST_SETS = ["test_id", "imagenet_v2", "imagenet_s", "imagenet_a", "imagenet_r"]
+TRAIN_DATASET, EVAL_DATASET = "ImageNet46", "ImageNetOOD46"  # DATASET.NAME of training / evaluation runs
+OOD_LABEL = "ImageNet-600"  # the open set of every evaluation run: ImageNet-val images of the held-out classes
 
 
 def settings(trainer: str, shots: int, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -33,6 +37,11 @@ def settings(trainer: str, shots: int, args: argparse.Namespace) -> list[tuple[s
     grid = official.sweep_grid(trainer, 1, "ImageNet46", shots=shots, lambda1=args.lambda1, lambda2=args.lambda2,
                                gen_step=args.gen_step)
     return [("_" + s.tag, s.opts()) for s in grid]
+
+
+def check_args(args: argparse.Namespace, evaluate: bool) -> None:
+    """Refuse unknown trainers and configs in one line (choices and the nearest one) before planning."""
+    check_trainers_and_cfgs(args.trainer, args.cfgs)
 
 
 def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
@@ -68,17 +77,25 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
             group = "imagenetood46" + lab["group"][len("imagenet46"):]
             out = os.path.join(eval_root, group, f"shots{lab['shots']}", test_set, f"seed{lab['seed']}")
             tail = tj.argv[tj.argv.index("--output-dir") + 2:]
-            tail = [a for i, a in enumerate(tail) if not (a == "DATASET.NUM_SHOTS" or
-                                                          (i > 0 and tail[i - 1] == "DATASET.NUM_SHOTS"))]
+            if not prot.eval_shots:  # official evaluation runs pass no NUM_SHOTS (Tip-Adapter-F's open-set one does)
+                tail = [a for i, a in enumerate(tail) if not (a == "DATASET.NUM_SHOTS" or
+                                                              (i > 0 and tail[i - 1] == "DATASET.NUM_SHOTS"))]
             argv = ["--root", args.root, "--seed", str(lab["seed"]), "--trainer", trainer,
                     "--dataset-config-file", dataset_config("imagenetood46"),
                     "--config-file", config_path(trainer, lab["cfg"]), "--output-dir", out, "--eval-only",
-                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, *common_overrides(args),
+                    "--model-dir", tj.output_dir, *tail, *prot.eval_opts, *id_split(args), *common_overrides(args),
                     "TEST_OOD", test_set]  # the user's overrides win over the official evaluation values
-            labels = dict(lab, kind="eval", domain=test_set, ood="ImageNet-600", train_dir=tj.output_dir)
+            labels = dict(lab, kind="eval", domain=test_set, ood=OOD_LABEL, train_dir=tj.output_dir)
             jobs.append(Job(f"{trainer}/{group}/shots{lab['shots']}/{test_set}/seed{lab['seed']}", out, argv,
                             labels))
     return jobs
+
+
+def id_split(args: argparse.Namespace) -> list[str]:
+    """``--eval-id-split``: the split whose correctly classified images are the ID side of the evaluation runs'
+    detection (default: the dataset config's, ``val`` as officially; ``test`` keeps the test images' scores)."""
+    split = getattr(args, "eval_id_split", None)
+    return ["TEST.OOD_ID_SPLIT", split] if split else []
 
 
 def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParser:
@@ -102,6 +119,10 @@ def get_parser(trainer: Optional[str], evaluate: bool) -> argparse.ArgumentParse
     p.add_argument("--device", default="")
     p.add_argument("--output-root", default="output")
     p.add_argument("--eval-root", default="eval_setup1")
+    if evaluate:
+        p.add_argument("--eval-id-split", choices=("val", "test"),
+                       help="ID side of the evaluation runs' detection (default: val, official); test also keeps the "
+                            "test images' scores in scores.npz (scripts/CRoFT/test_energy.sh)")
     add_launcher_args(p)
     return p
 
@@ -114,3 +135,7 @@ def plan(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None,
 
 def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
     return sweep_main(sys.modules[__name__], "setup1", argv, trainer, evaluate)
+
+
+if __name__ == "__main__":  # python -m launch.setup1 [--eval] FLAGS (the training driver; --eval: evaluation)
+    sys.exit(module_cli(main, "setup1"))

@@ -3,18 +3,22 @@
 Training runs:   output/<TRAINER>/<DATASET>_<CFG>[_<swept values>]/test_on_<domain>.json/seed<S>/shots<K>/
 Evaluation runs: eval_open_ood/<TRAINER>/<DATASET>_<OOD>_<CFG>[_<swept values>]/test_on_<domain>.json/seed<S>/
 
-Evaluation is one job per trained model: ``train.py --eval-only --eval-open-set`` loads the model and runs the ID
-splits once and writes every open-set dataset's run directory (the records of separate runs); ``--eval-per-ood``
-plans one job per run directory instead (the official flow).
+Evaluation is one job per trained model: ``train.py --eval-only --eval-open-set`` loads the model once, encodes
+each image once and writes every open-set dataset's run directory (the records of separate runs; an open set whose
+ID samples differ, as the official draw order makes them, gets its own ID side within the pass).
+``--eval-per-ood`` plans one job per run directory instead (the official flow).
 
 The directory names encode every swept value (the official VLCS sweep silently skipped two of its three ratio
 settings because they did not), and a run is skipped only when its ``done`` marker exists. What runs comes from
 :mod:`launch.official` (configs, shots, every official override, the CRoFT grids and selected models):
 
-* ``--preset official`` (default): the committed plan. CRoFT trains its grid plus the "selected" models the
-  official open-set scripts load (PACS λ1 5 / λ2 1000, VLCS λ1 15 / λ2 1000) and evaluates only those, at
-  ρ 0.5 / ρ_t 0; baselines: one run per (dataset, config, domain, seed).
-* ``--preset grid``: every grid setting is trained and evaluated.
+* ``--preset official`` (default): the committed plan. CRoFT trains what the official sweep trained (VLCS: the
+  (0.2, 0.5) ratio pair only, 15 settings per config) plus the "selected" models the official open-set scripts
+  load (PACS λ1 5 / λ2 1000, VLCS λ1 15 / λ2 1000) and evaluates only those, at ρ 0.5 / ρ_t 0; baselines: one
+  run per (dataset, config, domain, seed). DPLCLIP and Bayes-CAL evaluation runs keep ``DATASET.NUM_SHOTS``
+  (16), as their official evaluation scripts pass it.
+* ``--preset grid``: every setting of the official loops (VLCS: three ratio pairs, 45 per config) is trained and
+  evaluated.
 
 Explicit ``--lambda1/--lambda2/--ratios/--gen-step`` replace the grid's values (and are what gets evaluated).
 """
@@ -27,8 +31,9 @@ import sys
 from typing import Optional, Sequence
 
 from launch import official
+from launch.choices import check_names, check_trainers_and_cfgs, open_set_names
 from launch.official import Setting, fmt
-from launch.sweep import COOP_DIR, Job, add_launcher_args, plan_sweep, sweep_main
+from launch.sweep import COOP_DIR, Job, add_launcher_args, module_cli, plan_sweep, sweep_main
 
 OFFICIAL_DOMAINS = {
     "PACS": ["sketch", "photo", "cartoon", "art_painting"],
@@ -50,6 +55,34 @@ def discover_domains(root: str, dataset: str) -> list[str]:
     return sorted(f[len("test_on_"):-5] for f in os.listdir(folder) if f.startswith("test_on_") and f.endswith(".json"))
 
 
+def lodo_datasets() -> list[str]:
+    """Setup-II datasets: the leave-one-domain-out datasets with a ``configs/datasets/<name>.yaml`` (not their
+    ``<ID>_<OOD>`` open-set variants)."""
+    import datasets  # noqa: F401  (registers the dataset classes)
+    from dassl.data.datasets import DATASET_REGISTRY
+    from datasets.lodo import LODODataset
+    from datasets.openset import LODOOpenSet
+    from launch.choices import dataset_config_names
+
+    def lodo(name: str) -> bool:
+        cls = DATASET_REGISTRY.get(name) if name in DATASET_REGISTRY else None
+        return isinstance(cls, type) and issubclass(cls, LODODataset) and not issubclass(cls, LODOOpenSet)
+
+    return [n for n in dataset_config_names() if lodo(n)]
+
+
+def check_args(args: argparse.Namespace, evaluate: bool) -> None:
+    """Refuse unknown trainers, configs, datasets, held-out domains and (evaluation) open-set datasets in one line
+    naming the value, the choices and the nearest one, before anything is planned."""
+    check_trainers_and_cfgs(args.trainer, args.cfgs)
+    check_names("--datasets", args.datasets, lodo_datasets(), "a Setup-II dataset")
+    for dataset in args.datasets:
+        if args.domains:
+            check_names("--domains", args.domains, discover_domains(args.root, dataset), f"a {dataset} domain")
+        if evaluate:
+            check_names("--ood", args.ood, open_set_names(dataset), f"an open-set dataset of {dataset}")
+
+
 def _explicit(args: argparse.Namespace) -> bool:
     return any(v is not None for v in (args.lambda1, args.lambda2, args.ratios, args.gen_step))
 
@@ -69,7 +102,7 @@ def settings(trainer: str, dataset: str, cfg: str, args: argparse.Namespace,
     if not official.has_grid(trainer, 2):
         return [("", [], False)]
     grid = official.sweep_grid(trainer, 2, dataset, cfg, args.shots, args.lambda1, args.lambda2, _ratios(args),
-                               args.gen_step)
+                               args.gen_step, preset=args.preset)
     sel = None if _explicit(args) or args.preset == "grid" else official.selected(trainer, 2, dataset, cfg)
     chosen: list[Setting] = [sel] if (evaluate and sel) else grid + ([sel] if sel and sel not in grid else [])
     return [("_" + s.tag, s.opts(), s == sel) for s in chosen]
@@ -113,8 +146,9 @@ def train_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
 
 
 def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
-    """One evaluation job per trained model: a ``train.py --eval-open-set`` pass over all ``--ood`` datasets that
-    writes each (model, open-set dataset) run directory; ``--eval-per-ood``: one job per run (official flow)."""
+    """One evaluation job per trained model: a ``train.py --eval-open-set`` pass over the ``--ood`` datasets that
+    writes each (model, open-set dataset) run directory (:func:`one_pass_jobs`); ``--eval-per-ood``: one job per
+    run (official flow)."""
     jobs = []
     eval_root = os.path.join(args.eval_root, trainer)
     prot = official.protocol(trainer, 2)
@@ -140,9 +174,24 @@ def eval_jobs(args: argparse.Namespace, trainer: str) -> list[Job]:
                     "--output-dir", out, "--eval-only", "--model-dir", tj.output_dir, "TEST_ENV", env,
                     *tj.argv[tj.argv.index("TEST_ENV") + 2:], *extra, *common_overrides(args)]  # user's win
             labels = dict(lab, kind="eval", ood=ood, train_dir=tj.output_dir)
-            runs.append(Job(f"{trainer}/{group}/{env}/seed{lab['seed']}", out, _drop_shots(argv), labels))
-        jobs.extend(runs if args.eval_per_ood or len(runs) < 2 else [one_pass_job(runs)])
+            runs.append(Job(f"{trainer}/{group}/{env}/seed{lab['seed']}", out,
+                            argv if prot.eval_shots else _drop_shots(argv), labels))
+        jobs.extend(runs if args.eval_per_ood else one_pass_jobs(runs))
     return jobs
+
+
+def one_pass_jobs(runs: list[Job]) -> list[Job]:
+    """The runs of one trained model as passes over the open-set datasets that may share one
+    (``datasets.openset.pass_key``: every open set of one ID dataset, whatever its ID samples, K and draw order:
+    the pass collects an open set's own ID side where it differs); a group of one stays a plain run."""
+    import datasets  # noqa: F401  (registers the dataset classes)
+    from datasets.openset import pass_key
+
+    groups: dict[tuple, list[Job]] = {}
+    for r in runs:
+        name = os.path.splitext(os.path.basename(r.argv[r.argv.index("--dataset-config-file") + 1]))[0]
+        groups.setdefault(pass_key(name), []).append(r)
+    return [one_pass_job(g) if len(g) > 1 else g[0] for g in groups.values()]
 
 
 def one_pass_job(runs: list[Job]) -> Job:
@@ -168,7 +217,8 @@ def one_pass_job(runs: list[Job]) -> Job:
 
 
 def _drop_shots(argv: list[str]) -> list[str]:
-    """Evaluation runs keep NUM_SHOTS at -1 like the official scripts (it only changes the unused train_x)."""
+    """Evaluation runs keep NUM_SHOTS at -1 like most official evaluation scripts (it changes the unused train_x
+    and the random draws after it); trainers whose official scripts pass it (``Protocol.eval_shots``) keep it."""
     out = list(argv)
     if "DATASET.NUM_SHOTS" in out:
         i = out.index("DATASET.NUM_SHOTS")
@@ -231,3 +281,7 @@ def plan(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None,
 
 def main(argv: Optional[Sequence[str]] = None, trainer: Optional[str] = None, evaluate: bool = False) -> int:
     return sweep_main(sys.modules[__name__], "setup2", argv, trainer, evaluate)
+
+
+if __name__ == "__main__":  # python -m launch.setup2 [--eval] FLAGS (the training driver; --eval: evaluation)
+    sys.exit(module_cli(main, "setup2"))

@@ -6,11 +6,14 @@ submitit's signal (``USR2``, 90 s ahead): the run is checkpointed as a submissio
 and the task is requeued with ``scontrol requeue``; when it starts again ``train.py`` resumes from the last
 checkpoint in the run's output folder (Dassl's ``resume_model_if_exist``). A task whose run already has its
 ``done`` marker returns at once, and a resubmitted sweep only submits runs without one. The driver waits for
-the array and reports each run as the other launchers do.
+the array and reports each run as the other launchers do. GPUs per task follow the runs' device (none for
+``--device cpu``, :func:`gpus_per_run`); a submission sbatch refuses is SystemExit with its reason in one line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -71,8 +74,33 @@ def extra_item(item: str) -> str:
     return item
 
 
-def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """``submitit.SlurmExecutor.update_parameters`` keywords from the driver's Slurm flags."""
+def run_device(argv: list[str]) -> str:
+    """The ``DEVICE`` a ``train.py`` command line runs on: its last ``DEVICE`` override (overrides win over flags),
+    else its ``--device`` flag, else ``auto``."""
+    flag = override = ""
+    for key, value in zip(argv, argv[1:]):
+        if key == "--device":
+            flag = value
+        elif key == "DEVICE":
+            override = value
+    return override or flag or "auto"
+
+
+def gpus_per_run(requested: Optional[int], jobs: list[Any]) -> int:
+    """GPUs to ask per array task: ``--gpus-per-job`` if given, else none when every run's device is ``cpu``
+    and 1 otherwise. GPUs asked for runs that all run on the CPU are refused (ValueError, one line)."""
+    on_cpu = bool(jobs) and all(run_device(j.argv) == "cpu" for j in jobs)
+    if requested is None:
+        return 0 if on_cpu else 1
+    if requested > 0 and on_cpu:
+        raise ValueError(f"--gpus-per-job {requested} with --device cpu: the runs would not use the GPUs "
+                         f"(drop --gpus-per-job, or run them on cuda)")
+    return int(requested)
+
+
+def executor_parameters(args: argparse.Namespace, jobs: Optional[list[Any]] = None) -> dict[str, Any]:
+    """``submitit.SlurmExecutor.update_parameters`` keywords from the driver's Slurm flags and the runs
+    (their device decides the default GPU request, :func:`gpus_per_run`)."""
     params: dict[str, Any] = {
         "time": int(args.time),
         "cpus_per_task": int(args.cpus_per_job),
@@ -80,8 +108,9 @@ def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "setup": [f"cd {shlex.quote(COOP_DIR)}"],  # train.py's relative config paths, importable `launch`
         "additional_parameters": {"requeue": True, **parse_extra(args.slurm_extra)},
     }
-    if args.gpus_per_job:
-        params["gpus_per_node"] = int(args.gpus_per_job)
+    gpus = gpus_per_run(args.gpus_per_job, list(jobs or []))
+    if gpus:
+        params["gpus_per_node"] = gpus
     if args.slurm_partition:
         params["partition"] = args.slurm_partition
     return params
@@ -97,7 +126,8 @@ class SlurmLauncher(Launcher):
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("Slurm (--launcher slurm)")
         g.add_argument("--slurm-partition", default="", help="partition of the job array (default: the cluster's)")
-        g.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per run (0: CPU only)")
+        g.add_argument("--gpus-per-job", type=int, default=None,
+                       help="GPUs per run (default: none with --device cpu, else 1; 0: no GPU request)")
         g.add_argument("--cpus-per-job", type=int, default=4, help="CPU cores per run")
         g.add_argument("--time", type=int, default=180, help="time limit of one run, minutes (requeued after it)")
         g.add_argument("--array-parallelism", type=int, default=64, help="runs of the array running at once")
@@ -117,16 +147,19 @@ class SlurmLauncher(Launcher):
             import submitit
         except ImportError:
             raise SystemExit("error: --launcher slurm needs submitit (pip install -r requirements.txt)") from None
+        try:
+            params = executor_parameters(self._defaults(), jobs)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
         if shutil.which("sbatch") is None:
             raise SystemExit("error: --launcher slurm: no sbatch on PATH (run the driver where Slurm's client "
                              "commands are, e.g. a login node)")
-
         folder = os.path.join(self.options.sweep_dir or os.path.join(COOP_DIR, "output", "sweeps", "slurm"),
                               "slurm")
         executor = submitit.SlurmExecutor(folder=os.path.join(folder, "%j"), python=sys.executable)
         name = os.path.basename(os.path.normpath(self.options.sweep_dir)) or "croft"
-        executor.update_parameters(job_name=name, **executor_parameters(self._defaults()))
-        submitted = executor.map_array(SlurmRun(), jobs)
+        executor.update_parameters(job_name=name, **params)
+        submitted = submit_array(executor, jobs)
         ids = [s.job_id for s in submitted]
         print(f"submitted {len(jobs)} runs as Slurm job array {ids[0].split('_')[0]} (logs: {folder})", flush=True)
         self.wait(list(zip(jobs, submitted)), report)
@@ -155,6 +188,21 @@ class SlurmLauncher(Launcher):
             pairs = left
             if pairs:
                 time.sleep(self.poll_seconds)
+
+
+def submit_array(executor: Any, jobs: list[Any]) -> list[Any]:
+    """Submit ``jobs`` as one array; a refused submission is SystemExit with sbatch's reason in one line."""
+    import submitit
+
+    captured = io.StringIO()  # submitit echoes sbatch's stderr before raising: keep it for the one line
+    try:
+        with contextlib.redirect_stderr(captured):
+            return executor.map_array(SlurmRun(), jobs)
+    except (submitit.core.utils.FailedJobError, OSError) as err:
+        lines = [ln.strip() for ln in (str(err) or captured.getvalue()).splitlines() if ln.strip()]
+        reason = "; ".join(ln[len("sbatch: error: "):] if ln.startswith("sbatch: error: ") else ln for ln in lines)
+        raise SystemExit(f"error: sbatch refused the job array of {len(jobs)} runs: "
+                         f"{reason or type(err).__name__}") from None
 
 
 def queue_states(array_id: str) -> Optional[dict[str, str]]:

@@ -5,7 +5,9 @@ split lists of the datasets it has read in memory (:mod:`dassl.utils.resources`)
 ``train.main``: every job still gets a fresh config, trainer, seed and ``log.txt``, and the environment
 variables a job changes are restored. A job that crashes the interpreter or is killed takes down only its
 worker: the job is reported as failed (or run once more with ``--retry``) and a new worker takes the slot.
-Workers die with the driver (``PR_SET_PDEATHSIG`` on Linux) and are pinned round-robin to ``--devices``.
+Workers die with the driver (``PR_SET_PDEATHSIG`` on Linux) and are pinned round-robin to ``--devices``. A driver
+command starts them (:meth:`WorkerLauncher.start`) before it resolves its plan, so they import while it plans, and
+keeps them for all its phases (``--then-eval``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 from typing import Any, Optional
 
+from launch.jobs import Job
 from launch.launchers import Launcher, Report, register_launcher, run_job_inprocess
 
 PR_SET_PDEATHSIG = 1
@@ -36,7 +39,8 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def worker_main(conn: Connection, parent_pid: int, device: Optional[str], threads: int, quiet: bool) -> None:
-    """Worker loop: receive ``(job as dict, torch threads)``, run it, send ``(ok, message, seconds)``; None stops."""
+    """Worker loop: receive ``(job as dict, torch threads)``, run it, send ``(ok, message, seconds, began)``
+    (``began``: wall-clock time the job started here); None stops."""
     die_with_parent(parent_pid)
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
@@ -45,9 +49,11 @@ def worker_main(conn: Connection, parent_pid: int, device: Optional[str], thread
     torch.set_num_threads(max(1, threads))
     from launch.entry import train_module
 
-    train_module()  # imports paid once per worker
+    train = train_module()  # imports paid once per worker, while the driver plans (it starts workers first)
+    train.load_plugins(train.PLUGIN_DIR)  # the trainers and datasets every job's config reads
+    import open_clip  # noqa: F401  (every job builds a CLIP and its transforms; library code imports these on use)
+    import torchvision.transforms  # noqa: F401
     from dassl.utils import resources
-    from launch.sweep import Job
 
     resources.enable()
     while True:
@@ -61,7 +67,15 @@ def worker_main(conn: Connection, parent_pid: int, device: Optional[str], thread
         torch.set_num_threads(max(1, job_threads))
         t0 = time.time()
         ok, text = run_job_inprocess(Job(**job), quiet)
-        conn.send((ok, text, time.time() - t0))
+        conn.send((ok, text, time.time() - t0, t0))
+
+
+def thread_cap(threads: int) -> int:
+    """``threads``, at most ``OMP_NUM_THREADS`` when that is set: a worker sets its torch threads explicitly, so it
+    honours the variable as torch's own default does (e.g. ``OMP_NUM_THREADS=1`` on a machine shared with other
+    work, where two threads of tiny ops spin-wait for each other)."""
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(threads, int(cap))) if cap.isdigit() and int(cap) > 0 else max(1, threads)
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -83,13 +97,18 @@ class _Worker:
         child.close()
         self.job: Any = None
         self.attempt = 0
+        self.used = False  # it was sent a job (a worker that never was holds nothing: it is stopped at once)
+        self.sent = 0.0  # when its current job was sent
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         try:
             self.conn.send(None)
         except (OSError, BrokenPipeError):
             pass
-        self.process.join(timeout=10)
+
+    def stop(self) -> None:
+        self.ask_to_stop()
+        self.process.join(timeout=10 if self.used else 0)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -102,13 +121,23 @@ class WorkerLauncher(Launcher):
 
     def _spawn(self, ctx: Any, slot: int, n: int) -> _Worker:
         devs = self.options.devices
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = thread_cap(max(1, (os.cpu_count() or 1) // n))
         return _Worker(ctx, slot, devs[slot % len(devs)] if devs else None, threads, self.options.quiet)
 
     keep_alive = False  # True: workers outlive run() (several sweeps through one pool); close() stops them
     _pool: Optional[list[_Worker]] = None
 
+    def start(self) -> None:
+        """Start the ``--jobs`` workers now, so that they import while the driver still plans (kept until
+        :meth:`close`; one that never gets a job is stopped at once)."""
+        if self._pool is None:
+            n = max(1, self.options.jobs)
+            ctx = mp.get_context("spawn")
+            self._pool = [self._spawn(ctx, i, n) for i in range(n)]
+
     def close(self) -> None:
+        for w in self._pool or []:  # all at once, then wait for each
+            w.ask_to_stop()
         for w in self._pool or []:
             w.stop()
         self._pool = None
@@ -127,6 +156,7 @@ class WorkerLauncher(Launcher):
                             w.stop()
                             workers[i] = w = self._spawn(ctx, i, n)
                         w.job, w.attempt = pending.popleft()
+                        w.used, w.sent = True, time.time()
                         try:
                             w.conn.send((asdict(w.job), self._threads(workers, len(pending))))
                         except OSError:  # it died just now: _poll reports the job's worker as dead
@@ -137,9 +167,11 @@ class WorkerLauncher(Launcher):
                     result = self._poll(w)
                     if result is None:
                         continue
-                    ok, msg = result
+                    ok, msg, timing = result
                     job, attempt = w.job, w.attempt
                     w.job = None
+                    self.job_times.append(dict(name=job.name, sent=w.sent, worker=w.process.pid,
+                                               **(timing or {"began": w.sent, "ended": time.time()})))
                     if not w.process.is_alive() or isinstance(msg, _Died):
                         workers[w.slot] = self._spawn(ctx, w.slot, n)
                     if not ok and self.options.retry and attempt == 0:
@@ -154,24 +186,26 @@ class WorkerLauncher(Launcher):
     @staticmethod
     def _threads(workers: list[_Worker], pending: int) -> int:
         """Torch threads for the job being sent: the cores shared by the jobs that will run alongside it (a
-        lone job, e.g. a stacked λ-sweep or a sweep's last job, gets the cores of idle workers)."""
+        lone job, e.g. a stacked λ-sweep or a sweep's last job, gets the cores of idle workers); at most
+        ``OMP_NUM_THREADS`` (:func:`thread_cap`)."""
         busy = sum(w.job is not None for w in workers)  # the job being sent is already assigned
-        return max(1, (os.cpu_count() or 1) // max(1, min(len(workers), busy + pending)))
+        return thread_cap(max(1, (os.cpu_count() or 1) // max(1, min(len(workers), busy + pending))))
 
     @staticmethod
-    def _poll(w: _Worker) -> Optional[tuple[bool, Any]]:
-        """The finished job's (ok, message), a :class:`_Died` message if the worker died, None if still busy."""
+    def _poll(w: _Worker) -> Optional[tuple[bool, Any, Optional[dict[str, float]]]]:
+        """The finished job's (ok, message, ``{"began", "ended"}`` in the worker), a :class:`_Died` message (no
+        times) if the worker died, None if still busy."""
         try:
             if w.conn.poll():
-                ok, msg, _ = w.conn.recv()
-                return ok, msg
+                ok, msg, seconds, began = w.conn.recv()
+                return ok, msg, {"began": began, "ended": began + seconds}
         except (EOFError, OSError):  # the worker closed its end: it is exiting
             w.process.join(timeout=30)
         if w.process.is_alive():
             return None
         w.process.join()
         w.conn.close()
-        return False, _Died(f"worker died ({describe_exit(w.process.exitcode)})")
+        return False, _Died(f"worker died ({describe_exit(w.process.exitcode)})"), None
 
 
 class _Died(str):

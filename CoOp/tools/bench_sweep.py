@@ -1,22 +1,29 @@
 """Benchmark: one CRoFT lambda2 sweep on DigitsDG-mini, the official way and this project's way, timed.
 
-* official: a ``python train.py`` process per run, no feature cache (a fresh augmentation of every image every
-  epoch), training runs then one evaluation run per (model, open-set folder) (``--launcher process --jobs 1``,
-  ``--eval-per-ood``);
-* project: persistent workers (``--launcher workers --jobs N``), the feature cache (``FEATURE_CACHE.ENABLED``,
-  filled inside the timed flow from an empty folder) and one evaluation pass per trained model over all open-set
-  folders (``train.py --eval-open-set``, the drivers' default);
-* project with ``--stack``: the same, with the λ-sweep's training runs trained as one vectorised run.
+Every flow runs ``--jobs N`` jobs in parallel (default 1, the headline: one job each) with the same torch threads
+per job (``--threads``, default: the cores divided by ``N``; ``OMP_NUM_THREADS`` of every process):
 
-Both flows make the same runs (``launch.setup2``; the same run directories and records): 5 lambda2 values, one
+* official: a ``python train.py`` process per run (``N`` at a time), no feature cache (a fresh augmentation of every
+  image every epoch), training runs then one evaluation run per (model, open-set folder) (``--eval-per-ood``);
+* project: the driver command a user runs, ``python scripts/CRoFT/run_setup2.py ... --then-eval --jobs N``, in a
+  fresh process: ``N`` persistent workers (started before the plan is resolved), the feature cache
+  (``FEATURE_CACHE.ENABLED``, filled inside the timed flow from an empty folder), one evaluation pass per trained
+  model over all open-set folders, training and evaluation in the same workers;
+* project, two commands: the training driver, then the evaluation driver (``python -m launch.setup2 --eval``);
+* project with ``--stack``: the one command, with the λ-sweep's training runs trained as one vectorised run.
+
+All flows make the same runs (``launch.setup2``; the same run directories and records): 5 lambda2 values, one
 held-out domain, one seed, then evaluation against each open-set folder. ``runs`` counts run directories,
-``jobs`` the ``train.py`` invocations that made them. Printed: image-encoder passes (summed from the run records), train and
-evaluation wall time, their ratios; evaluation throughput inside a run against a bare decode + ``encode_image``
-loop over the same images (best of 3, interleaved); one CRoFT training step of 5 λ runs, separate vs stacked,
-at feature widths 64 / 512 / 1024; the start-up (imports) of a fresh ``train.py`` process. With ``--device cuda``: ViT-B/16 (random weights) extraction images/s in fp32
-and bf16, the fraction of the device's measured matmul peak, and the stacked-step comparison on the device.
+``train.py calls`` the invocations that made them. Printed: image-encoder passes (summed from the run records),
+train and evaluation wall time (a driver command's training part includes its start-up and planning), their
+ratios, and where each flow's seconds go (process start-ups, planning, each phase's jobs; from the drivers'
+``--timings`` files and the run records); evaluation throughput inside a run against a bare decode +
+``encode_image`` loop over the same images (best of 3, interleaved); one CRoFT training step of 5 λ runs, separate
+vs stacked, at feature widths 64 / 512 / 1024; the start-up (imports) of a fresh ``train.py`` process. With
+``--device cuda``: ViT-B/16 (random weights) extraction images/s in fp32 and bf16, the fraction of the device's
+measured matmul peak, and the stacked-step comparison on the device.
 
-    python tools/bench_sweep.py [--cache .cache] [--jobs 2] [--epochs 30] [--device cuda]
+    python tools/bench_sweep.py [--cache .cache] [--jobs 1] [--threads T] [--epochs 30] [--device cuda]
 """
 from __future__ import annotations
 
@@ -46,13 +53,19 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", default="mnist", help="held-out domain")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ood", nargs="+", default=["FashionMNIST", "Textures"])
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="workers of the project's flow")
+    p.add_argument("--jobs", type=int, default=1, help="parallel jobs of every flow (processes of the official "
+                   "flow, workers of the project's; the headline is one job each)")
+    p.add_argument("--threads", type=int, help="torch threads per job in every flow (OMP_NUM_THREADS of every "
+                   "process; default: the cores divided by --jobs, what the workers take)")
     p.add_argument("--per-class", type=int, help="DigitsDG-mini images per domain and class (builder default)")
-    p.add_argument("--pretrain-steps", type=int, help="tiny-CLIP pretraining steps (default: the demo's)")
+    p.add_argument("--pretrain-steps", type=int, help="pretrain the tiny CLIP here with this many steps (default: "
+                   "the demo's shipped weights)")
     p.add_argument("--weights", default="", help="an existing tinyclip-rn32 weights file (skips the pretraining; "
                    "timings do not depend on how well it is trained)")
     p.add_argument("--skip-official", action="store_true", help="only the project's flow")
     p.add_argument("--skip-stack", action="store_true", help="no flow with the λ-sweep trained as one stack")
+    p.add_argument("--skip-two-commands", action="store_true",
+                   help="no flow with training and evaluation as two driver commands")
     p.add_argument("--skip-eval-throughput", action="store_true", help="no ZS-CLIP throughput comparison")
     p.add_argument("--device", default="cpu", help="cpu (the sweeps), or cuda[:N] (only the ViT-B/16 extraction "
                    "benchmark: images/s in fp32 and bf16, fraction of the measured matmul peak)")
@@ -61,8 +74,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def ensure_assets(cache: str, per_class: Optional[int], steps: Optional[int], weights: str = "") -> tuple[str, str]:
-    """(data root, tiny-CLIP weights): DigitsDG-mini + open-set folders and the pretrained tinyclip-rn32, built
-    (or reused) by the demo's own steps."""
+    """(data root, tiny-CLIP weights): DigitsDG-mini + open-set folders and tinyclip-rn32 (the shipped weights, or
+    pretrained with ``steps``), built (or reused) by the demo's own steps."""
     from demo.run import ensure_backbone, ensure_data
 
     data_root = os.path.join(cache, "data")
@@ -71,58 +84,156 @@ def ensure_assets(cache: str, per_class: Optional[int], steps: Optional[int], we
         if not os.path.isfile(weights):
             raise SystemExit(f"error: --weights {weights}: no such file (a tinyclip-rn32 state dict belongs there)")
         return data_root, os.path.abspath(weights)
-    return data_root, ensure_backbone(cache, data_root, steps)[0]
+    return data_root, ensure_backbone(cache, data_root, bool(steps), steps)[0]
+
+
+def driver_flags(args: argparse.Namespace, data_root: str, weights: str, work: str, cached: bool,
+                 one_pass: bool = True) -> tuple[list[str], list[str]]:
+    """(driver flags, ``KEY VALUE`` overrides) of the benchmark's sweep (``launch.setup2``) in folder ``work``;
+    ``one_pass`` False: one evaluation job per open-set folder (``--eval-per-ood``)."""
+    flags = ["--root", data_root, "--trainer", "CRoFT", "--datasets", "DigitsDG", "--cfgs", "demo_digits",
+             "--domains", args.domain, "--seeds", str(args.seed), "--shots", "16", "--weights", weights,
+             "--lambda1", "15", "--lambda2", *map(str, args.lambda2), "--ratios", "0.2,0.5", "--gen-step", "1",
+             "--epochs", str(args.epochs),
+             "--output-root", os.path.join(work, "output"), "--eval-root", os.path.join(work, "eval"),
+             "--ood", *args.ood, "--device", "cpu", *([] if one_pass else ["--eval-per-ood"])]
+    return flags, ["FEATURE_CACHE.ENABLED", str(cached), "FEATURE_CACHE.DIR", os.path.join(work, "features")]
 
 
 def plan(args: argparse.Namespace, data_root: str, weights: str, work: str, cached: bool,
          one_pass: bool = True) -> tuple[list, list]:
-    """(training jobs, evaluation jobs) of a flow; ``one_pass`` False: one evaluation job per open-set folder."""
+    """(training jobs, evaluation jobs) of a flow, as the drivers plan them."""
     from launch import setup2
 
-    argv = ["--root", data_root, "--trainer", "CRoFT", "--datasets", "DigitsDG", "--cfgs", "demo_digits",
-            "--domains", args.domain, "--seeds", str(args.seed), "--shots", "16", "--weights", weights,
-            "--lambda1", "15", "--lambda2", *map(str, args.lambda2), "--ratios", "0.2,0.5", "--gen-step", "1",
-            "--epochs", str(args.epochs),
-            "--output-root", os.path.join(work, "output"), "--eval-root", os.path.join(work, "eval"),
-            "--ood", *args.ood, "--device", "cpu", *([] if one_pass else ["--eval-per-ood"]), "--",
-            "FEATURE_CACHE.ENABLED", str(cached), "FEATURE_CACHE.DIR", os.path.join(work, "features")]
+    flags, opts = driver_flags(args, data_root, weights, work, cached, one_pass)
+    argv = flags + ["--", *opts]
     return setup2.plan(argv)[1], setup2.plan(argv, evaluate=True)[1]
+
+
+def run_records(jobs: list) -> list[dict[str, Any]]:
+    """The records of every run the jobs made."""
+    out = []
+    for run_dir in (d for job in jobs for d in job.run_dirs()):
+        with open(os.path.join(run_dir, "record.json"), encoding="utf-8") as f:
+            out.append(json.load(f))
+    return out
 
 
 def encoder_images(jobs: list) -> int:
     """Image-encoder passes summed over the records of every run the jobs made."""
-    total = 0
-    for run_dir in (d for job in jobs for d in job.run_dirs()):
-        with open(os.path.join(run_dir, "record.json"), encoding="utf-8") as f:
-            total += int(json.load(f)["timings"].get("encoder_images", 0))
-    return total
+    return sum(int(r["timings"].get("encoder_images", 0)) for r in run_records(jobs))
 
 
-def run_flow(name: str, train: list, evals: list, launcher: str, jobs: int, stack: bool = False) -> dict[str, Any]:
-    """Run the training then the evaluation jobs with one launcher; wall times and encoder passes. ``stack``:
-    the λ-sweep's training runs as one vectorised job (``--stack``)."""
+def flow_row(name: str, jobs: int, train: list, evals: list, calls: int, train_s: float, eval_s: float,
+             breakdown: list[tuple[str, float]]) -> dict[str, Any]:
+    return {"flow": name, "jobs": jobs, "runs": sum(len(j.run_dirs()) for j in train + evals), "calls": calls,
+            "encoder_images": encoder_images(train + evals), "train_s": round(train_s, 2),
+            "eval_s": round(eval_s, 2), "total_s": round(train_s + eval_s, 2),
+            "breakdown": [(what, round(s, 2)) for what, s in breakdown]}
+
+
+def run_official(args: argparse.Namespace, data_root: str, weights: str, work: str, startup: float) -> dict[str, Any]:
+    """The official flow: a ``python train.py`` process per run (``--jobs`` at a time), no cache, training runs
+    then one evaluation run per (model, open-set folder)."""
     from launch.launchers import LaunchOptions, make_launcher
-    from launch.sweep import run_jobs, stack_jobs
+    from launch.sweep import run_jobs
 
-    n_runs = sum(len(j.run_dirs()) for j in train + evals)  # run directories, however many jobs make them
-    if stack:
-        train = stack_jobs(train)
-
-    runner = make_launcher(launcher, LaunchOptions(jobs=jobs))
-    runner.keep_alive = True  # one pool for both phases (a no-op for launchers without a pool)
-    try:
-        t0 = time.time()
-        failed = run_jobs(train, runner=runner)
-        t1 = time.time()
-        failed += run_jobs(evals, runner=runner)
-        t2 = time.time()
-    finally:
-        runner.close()
+    train, evals = plan(args, data_root, weights, work, cached=False, one_pass=False)
+    runner = make_launcher("process", LaunchOptions(jobs=args.jobs))
+    t0 = time.time()
+    failed = run_jobs(train, runner=runner)
+    t1 = time.time()
+    failed += run_jobs(evals, runner=runner)
+    t2 = time.time()
     if failed:
-        raise SystemExit(f"error: {failed} runs of the {name} flow failed (see the messages above)")
-    return {"flow": name, "runs": n_runs, "jobs": len(train) + len(evals),
-            "encoder_images": encoder_images(train + evals),
-            "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2)}
+        raise SystemExit(f"error: {failed} runs of the official flow failed (see the messages above)")
+    return flow_row("official: process per run, no cache", args.jobs, train, evals, len(train) + len(evals),
+                    t1 - t0, t2 - t1, official_breakdown(runner.job_times, run_records(train), run_records(evals),
+                                                         startup))
+
+
+def official_breakdown(job_times: list[dict[str, Any]], train_recs: list[dict[str, Any]],
+                       eval_recs: list[dict[str, Any]], startup: float) -> list[tuple[str, float]]:
+    """Where the official flow's process-seconds go: each process's imports (``startup``, measured alone), the
+    rest of its start-up (config, data lists, CLIP, trainer) and record outside the run's own ``run_seconds``,
+    then the runs themselves."""
+    wall = sum(j["ended"] - j["sent"] for j in job_times)
+    runs = {k: sum(r["timings"]["run_seconds"] for r in recs) for k, recs in (("train", train_recs),
+                                                                               ("eval", eval_recs))}
+    imports = startup * len(job_times)
+    return [(f"{len(job_times)} process start-ups: imports ({startup} s each, measured alone)", imports),
+            ("the rest of each process's start-up (config, data lists, CLIP, trainer) and its record",
+             wall - imports - runs["train"] - runs["eval"]),
+            (f"{len(train_recs)} training runs (their run_seconds)", runs["train"]),
+            (f"{len(eval_recs)} evaluation runs (their run_seconds)", runs["eval"])]
+
+
+def run_driver(name: str, commands: list[list[str]], train: list, evals: list, jobs: int,
+               log: str) -> dict[str, Any]:
+    """A project flow: driver commands run as a user runs them (fresh ``python`` processes, cwd ``CoOp/``), each
+    with ``--timings``; train seconds run from the first command's start to the end of its training phase."""
+    import subprocess
+
+    spans, timings = [], []
+    env = dict(os.environ, CROFT_NO_PROGRESS="1")
+    for i, cmd in enumerate(commands):
+        path = f"{log}.{i}.timings.json"
+        with open(f"{log}.{i}.txt", "w", encoding="utf-8") as out:
+            t0 = time.time()
+            cut = cmd.index("--")
+            res = subprocess.run([sys.executable, *cmd[:cut], "--timings", path, *cmd[cut:]], cwd=COOP_DIR, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+            t1 = time.time()
+        if res.returncode != 0:
+            raise SystemExit(f"error: the {name} flow's command {i + 1} failed (exit code {res.returncode}; "
+                             f"see {log}.{i}.txt)")
+        with open(path, encoding="utf-8") as f:
+            timings.append(json.load(f))
+        spans.append((t0, t1))
+    train_end = timings[0]["phases"][0]["end"] if len(commands) == 1 else spans[0][1]
+    train_s, total = train_end - spans[0][0], sum(t1 - t0 for t0, t1 in spans)
+    return flow_row(name, jobs, train, evals, sum(len(p["jobs"]) for t in timings for p in t["phases"]), train_s,
+                    total - train_s, driver_breakdown(spans, timings))
+
+
+def driver_breakdown(spans: list[tuple[float, float]], timings: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """Where driver commands' seconds go, from their ``--timings`` files and wall spans ``(start, end)``: the
+    interpreter and the driver's imports, planning (the workers import meanwhile), jobs waiting for a worker to
+    start, the jobs of each phase (the first training job fills the feature cache) and the rest (between jobs,
+    stopping the workers). Job times are job-seconds (they overlap with several parallel jobs)."""
+    total = sum(t1 - t0 for t0, t1 in spans)
+    parts: dict[str, float] = {"imports": 0.0, "planning": 0.0, "waiting": 0.0, "first": 0.0, "train": 0.0,
+                               "eval": 0.0}
+    counts = {"train": 0, "eval": 0}
+    for (t0, _), t in zip(spans, timings):
+        parts["imports"] += t["started"] - t0
+        parts["planning"] += t["planned"] - t["started"]
+        for p in t["phases"]:
+            for k, j in enumerate(p["jobs"]):
+                parts["waiting"] += max(0.0, j["began"] - j["sent"])
+                key = "first" if p["phase"] == "train" and k == 0 and counts["train"] == 0 else p["phase"]
+                parts[key] += j["ended"] - j["began"]
+                counts[p["phase"]] += 1
+    rest = total - sum(parts.values())
+    return [(f"{len(spans)} interpreter start-up(s) and the driver's imports", parts["imports"]),
+            ("planning: every run's fingerprint (the workers start and import meanwhile)", parts["planning"]),
+            ("jobs waiting for a worker to finish starting", parts["waiting"]),
+            ("first training job (fills the feature cache)", parts["first"]),
+            (f"the other {max(0, counts['train'] - 1)} training jobs", parts["train"]),
+            (f"{counts['eval']} evaluation jobs", parts["eval"]),
+            ("the rest: handing out jobs, stopping the workers", rest)]
+
+
+def project_commands(args: argparse.Namespace, data_root: str, weights: str, work: str, then_eval: bool = True,
+                     stack: bool = False) -> list[list[str]]:
+    """The project's driver command(s) for the sweep: ``run_setup2.py ... --then-eval`` (one command), or the
+    training driver then the evaluation driver (``python -m launch.setup2 --eval``)."""
+    flags, opts = driver_flags(args, data_root, weights, work, cached=True)
+    common = [*flags, "--jobs", str(args.jobs), *(["--stack"] if stack else [])]
+    train = [os.path.join("scripts", "CRoFT", "run_setup2.py"), *common]
+    if then_eval:
+        return [[*train, "--then-eval", "--", *opts]]
+    return [[*train, "--", *opts], ["-m", "launch.setup2", "--eval", *flags, "--jobs", str(args.jobs), "--", *opts]]
 
 
 def eval_throughput(data_root: str, weights: str, work: str, domain: str) -> dict[str, Any]:
@@ -306,14 +417,21 @@ def _matmul_peak(device: str, dtype: Any, size: int = 8192, reps: int = 10) -> f
 
 def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optional[dict[str, Any]],
            steps: Optional[list[dict[str, Any]]] = None, startup: Optional[float] = None) -> str:
-    lines = ["| flow | runs | jobs | encoder passes | train s | eval s | total s | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The table (``jobs``: parallel jobs of each flow; speed-ups against the first flow), where each flow's
+    seconds go, then the throughput, start-up and stacked-step lines."""
+    lines = ["| flow | jobs | runs | train.py calls | encoder passes | train s | eval s | total s | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = flows[0] if flows else {}
     for f in flows:
         ratio = f"{base['total_s'] / f['total_s']:.1f}x (train {base['train_s'] / f['train_s']:.1f}x, eval " \
                 f"{base['eval_s'] / f['eval_s']:.1f}x)" if f is not base else "1x"
-        lines.append(f"| {f['flow']} | {f['runs']} | {f.get('jobs', f['runs'])} | {f['encoder_images']:,} | {f['train_s']} | {f['eval_s']} | "
-                     f"{f['total_s']} | {ratio} |")
+        lines.append(f"| {f['flow']} | {f['jobs']} | {f['runs']} | {f['calls']} | {f['encoder_images']:,} | "
+                     f"{f['train_s']} | {f['eval_s']} | {f['total_s']} | {ratio} |")
+    if flows:
+        lines.append("\nwhere the seconds go (job times are job-seconds):")
+        for f in flows:
+            lines.append(f"  {f['flow']} ({f['total_s']} s):")
+            lines.extend(f"    {s:7.2f} s  {what}" for what, s in f["breakdown"])
     if ev:
         lines.append(f"\nevaluation throughput: ZS-CLIP on {ev['images']} images: {ev['in_run_s']} s inside a run "
                      f"vs {ev['bare_loop_s']} s for a bare decode + encode_image loop ({ev['ratio']}x; best of "
@@ -334,6 +452,45 @@ def report(flows: list[dict[str, Any]], ev: Optional[dict[str, Any]], gpu: Optio
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """CPU model and core count (Linux: /proc/cpuinfo)."""
+    model = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return f"{os.cpu_count()} CPU cores" + (f" ({model})" if model else "")
+
+
+def set_threads(threads: int) -> int:
+    """Torch threads per job, the same in every flow: ``OMP_NUM_THREADS`` for the processes started from here (the
+    official flow's ``train.py`` processes; the drivers' workers honour it as a cap) and this process's threads."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def run_flows(args: argparse.Namespace, data_root: str, weights: str, work: str,
+              startup: float) -> list[dict[str, Any]]:
+    """The official flow and the project's flows, ``--jobs`` parallel jobs each, in this order."""
+    flows = []
+    if not args.skip_official:
+        flows.append(run_official(args, data_root, weights, os.path.join(work, "official"), startup))
+    variants = [("project", True, False, "one command (--then-eval)")]
+    if not args.skip_two_commands:
+        variants.append(("two", False, False, "two commands (training driver, then evaluation driver)"))
+    if not args.skip_stack:
+        variants.append(("stacked", True, True, "--stack, one command (--then-eval): one vectorised λ-sweep"))
+    for folder, then_eval, stack, what in variants:
+        sub = os.path.join(work, folder)
+        train, evals = plan(args, data_root, weights, sub, cached=True)
+        cmds = project_commands(args, data_root, weights, sub, then_eval, stack)
+        name = f"project: workers + feature cache + one evaluation pass per model, {what}"
+        flows.append(run_driver(name, cmds, train, evals, args.jobs, os.path.join(work, f"{folder}-driver")))
+    return flows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     cache = os.path.abspath(args.cache)
@@ -345,27 +502,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _dump(args.json, {"gpu": gpu, "stack_steps": steps})
         return 0
     data_root, weights = ensure_assets(cache, args.per_class, args.pretrain_steps, args.weights)
+    args.threads = set_threads(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
     load0 = os.getloadavg()[0]
-    flows = []
-    if not args.skip_official:
-        train, evals = plan(args, data_root, weights, os.path.join(work, "official"), cached=False, one_pass=False)
-        flows.append(run_flow("official: process per run, no cache", train, evals, "process", 1))
-    train, evals = plan(args, data_root, weights, os.path.join(work, "project"), cached=True)
-    flows.append(run_flow(f"project: {args.jobs} persistent workers + feature cache + one evaluation pass per model",
-                          train, evals, "workers", args.jobs))
-    if not args.skip_stack:
-        train, evals = plan(args, data_root, weights, os.path.join(work, "stacked"), cached=True)
-        flows.append(run_flow(f"project, --stack: {args.jobs} workers + feature cache + one vectorised λ-sweep",
-                              train, evals, "workers", args.jobs, stack=True))
+    startup = startup_seconds()
+    flows = run_flows(args, data_root, weights, work, startup)
+    load1 = os.getloadavg()[0]
     ev = None if args.skip_eval_throughput else eval_throughput(data_root, weights, work, args.domain)
     steps = None if args.skip_stack else stack_steps("cpu")
-    startup = startup_seconds()
     text = report(flows, ev, None, steps, startup)
-    print(f"\n{os.cpu_count()} CPU cores, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(f"\n{machine()}, load average {load0:.1f} at the start of the flows, {load1:.1f} at their end; every "
+          f"flow {args.jobs} job(s) in parallel, {args.threads} torch thread(s) per job")
     print(text)
     _dump(args.json, {"flows": flows, "eval_throughput": ev, "stack_steps": steps, "startup_s": startup,
-                      "cpus": os.cpu_count(), "load_avg": [load0, os.getloadavg()[0]]})
+                      "machine": machine(), "cpus": os.cpu_count(), "load_avg": [load0, load1],
+                      "jobs": args.jobs, "threads": args.threads})
     return 0
 
 

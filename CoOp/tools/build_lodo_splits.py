@@ -5,11 +5,14 @@ The official CRoFT code reads ``<root>/PACS/test_on_<domain>.json`` (resp. ``VLC
 their train/val ratio and label order are unknown (spec 4.2, open question 6). This tool makes them
 deterministically from a download in the OoD-Bench/DomainBed layout ``<raw>/<domain>/<class>/<image>``:
 
-- images are placed under ``<root>/<PACS|VLCS>/images/<domain>/<class>/`` (``--link symlink``, the default;
-  ``copy``; or ``none`` when ``--raw`` already *is* that ``images`` folder). Domain folders keep their raw name
-  when it is the domain name in any case (VLCS ``CALTECH`` stays ``CALTECH``; the loader matches domains
-  case-insensitively); DomainBed's VLCS names are renamed (``Caltech101`` -> ``caltech``, ``LabelMe`` ->
-  ``labelme``, ``SUN09`` -> ``sun``, ``VOC2007`` -> ``pascal``). Class folders keep their raw name.
+- images are placed under ``<root>/<PACS|VLCS>/images/<domain folder>/<class>/`` (``--link symlink``, the
+  default; ``copy``; or ``none`` when ``--raw`` already *is* that ``images`` folder), in the README's layout:
+  PACS ``art_painting, cartoon, photo, sketch``; VLCS ``CALTECH, LABELME, PASCAL, SUN``, whatever the raw
+  spelling (DomainBed's / OoD-Bench's ``Caltech101, LabelMe, SUN09, VOC2007``, their lower-case forms, or the
+  domain names in any case). With ``--link none`` the raw folders stay as they are (they must be named after the
+  domains). Class folders keep their raw name. (Under the official ``DATASET.DOMAIN_MATCH substring`` rule the
+  upper-case VLCS folders all become domain ``sun``, as in the official code; every run logs and records the
+  per-domain counts its rule produced and warns about it; ``DATASET.DOMAIN_MATCH folder`` is the named fix.)
 - entries are ``[relative_path, label, classname]`` with ``relative_path`` relative to ``images/``,
   ``classname`` the lower-cased class folder name and ``label`` its index in the sorted list of class names
   (PACS: dog 0, elephant 1, giraffe 2, guitar 3, horse 4, house 5, person 6; VLCS: bird, car, chair, dog,
@@ -57,7 +60,7 @@ from dassl.utils.errors import ConfigError, DataError, UserError  # noqa: E402
 from dassl.utils.tools import atomic_write_bytes  # noqa: E402
 
 BUILDER = "tools/build_lodo_splits.py"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: VLCS folders in the README layout (CALTECH, LABELME, PASCAL, SUN)
 DEFAULT_VAL_FRACTION = 0.2
 LINK_MODES = ("symlink", "copy", "none")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -65,9 +68,11 @@ MANIFEST = "splits_manifest.json"
 
 # folder under --root, canonical domains (from datasets/lodo.py), accepted raw folder aliases (lower-case)
 DATASETS: dict[str, dict[str, Any]] = {
-    "PACS": {"folder": "PACS", "domains": list(PACS.domains), "aliases": {}},
+    "PACS": {"folder": "PACS", "domains": list(PACS.domains), "aliases": {},
+             "layout": {d: d for d in PACS.domains}},
     "VLCS": {"folder": "VLCS", "domains": list(VLCS.domains),
-             "aliases": {"caltech101": "caltech", "sun09": "sun", "voc2007": "pascal"}},
+             "aliases": {"caltech101": "caltech", "sun09": "sun", "voc2007": "pascal"},
+             "layout": {d: d.upper() for d in VLCS.domains}},  # the README's VLCS/images/{CALTECH,...}
 }
 
 
@@ -253,12 +258,13 @@ def build_splits(dataset: str, raw: str, root: str, val_fraction: float = DEFAUL
             raise DataError(f"--link none: domain folder(s) {', '.join(renamed)} of {raw} are not named after "
                             f"a {dataset} domain ({', '.join(spec['domains'])}); use --link symlink or copy, "
                             f"which rename them")
-    dest_domain = {d: (found[d] if found[d].lower() == d else d) for d in spec["domains"]}
+    dest_domain = {d: (found[d] if link == "none" else spec["layout"][d]) for d in spec["domains"]}
     splits, classnames = make_splits(dataset, dest_domain, files, val_fraction, seed)
     for dom in spec["domains"]:
         absent = [c for c in classnames if c not in {k.lower() for k in files[dom]}]
         if absent:
-            notes.append(f"domain {dom} has no images of class(es) {', '.join(absent)}")
+            notes.append(f"WARNING: domain {dom} has no images of class(es) {', '.join(absent)} (every run on "
+                         f"these splits warns about it in its log and record)")
 
     # refuse to clobber differing split files before touching the disk
     payload = {f"test_on_{d}.json": _encode(splits[d]) for d in spec["domains"]}
@@ -300,7 +306,7 @@ def build_splits(dataset: str, raw: str, root: str, val_fraction: float = DEFAUL
     atomic_write_bytes(os.path.join(ds_dir, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
     for n in notes:
-        log(f"note: {n}")
+        log(n if n.startswith("WARNING: ") else f"note: {n}")
     n_img = sum(len(v) for per in files.values() for v in per.values())
     log(f"{dataset}: {n_img} images, {len(classnames)} classes ({', '.join(classnames)}), "
         f"domains {', '.join(f'{d}={dest_domain[d]}' for d in spec['domains'])}")

@@ -1,18 +1,17 @@
-"""Loss pieces of Bayes-CAL (Zhu et al., AAAI 2023) as pure functions of tensors.
+"""Loss pieces of Bayes-CAL (Zhu et al., AAAI 2023) as the official CRoFT code computes them, as pure functions.
 
 The total loss of one batch (:func:`bcal_loss`) is::
 
     CE(category logits, labels) + ALPHA1 * CE(context logits, domain labels)
-        + ALPHA2 * IRM penalty + ALPHA3 * gradient alignment + KL_SCALE * KL
+        + ALPHA2 * IRM + ALPHA3 * alignment + KL(category learner) + KL(context learner)
 
-* :func:`gaussian_kl`: KL divergence of the Gaussian variational contexts from the N(0, 1) prior.
-* :func:`irm_penalty`: IRMv1, the squared gradient of each domain's cross-entropy w.r.t. a dummy logit scale
-  at 1, averaged over the domains present in the batch.
-* :func:`gradient_alignment`: mean over samples of the squared cosine between the per-sample gradients of the
-  two cross-entropies w.r.t. the (normalised) image feature (:func:`ce_feature_gradients`).
-
-Every piece is differentiable w.r.t. the logits / class features, so the prompts receive gradients from the
-penalty terms.
+* :func:`normalize`: ``v / (||v|| + 1e-6)`` row-wise (the official normalisation of image, text and gradients).
+* :func:`variational_kl`: the official KL term of one variational context, with the learner's initial context as
+  prior mean, clamped at 0; :func:`gaussian_kl`: KL to N(0, 1), unclamped (``KL_PRIOR standard``).
+* :func:`irm_penalty`: IRMv1 per domain present (sorted, :func:`irm_grads`), summed (official) or averaged
+  (``IRM_REDUCTION mean``).
+* :func:`gradient_alignment`: ``sum_i (m(g1_i) . m(g2_i))^2`` of the two cross-entropies' gradients w.r.t. the raw
+  image features; taken without a graph (official: a constant) or with one (``ALIGN_GRAD True``).
 """
 from __future__ import annotations
 
@@ -21,6 +20,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+NORM_EPS = 1e-6            # official: x / (x.norm() + 1e-6)
+IRM_REDUCTIONS = ("sum", "mean")
+KL_PRIORS = ("init", "standard")
+
+
+def normalize(v: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """``v / (||v|| + eps)`` along the last dimension."""
+    return v / (v.norm(dim=-1, keepdim=True) + eps)
+
+
+def variational_kl(mu: torch.Tensor, sigma: torch.Tensor, mu0: torch.Tensor, sigma0: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Official KL term: ``max(0, scale * sum[log(s0/s + 1e-3) + (s^2 + (mu0 - mu)^2) / (2 s0^2 + 1e-3)])`` with
+    ``s = sigma^2``, ``s0 = sigma0^2`` (``sigma`` the learnable scale, ``mu0``/``sigma0`` the initial values)."""
+    s0, s = sigma0 ** 2, sigma ** 2
+    kl = torch.log(s0 / s + 1e-3) + (s ** 2 + (mu0 - mu) ** 2) / (2 * s0 ** 2 + 1e-3)
+    return torch.clamp(torch.sum(kl) * scale, min=0.0)
+
 
 def gaussian_kl(mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, std^2) || N(0, 1))`` summed over all elements: ``0.5 * sum(std^2 + mu^2 - 1 - log std^2)``."""
@@ -28,35 +45,44 @@ def gaussian_kl(mu: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return 0.5 * (var + mu * mu - 1.0 - torch.log(var)).sum()
 
 
-def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, envs: torch.Tensor) -> torch.Tensor:
-    """Mean over the environments in ``envs`` of ``(d/ds CE(s * logits_e, labels_e) at s = 1)^2``."""
+def irm_grads(logits: torch.Tensor, labels: torch.Tensor, envs: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The environments present (ascending) and, per environment e, ``d/ds CE(s * logits_e, labels_e)`` at
+    ``s = 1`` (CE averaged within e), with a graph."""
     scale = torch.ones((), device=logits.device, dtype=logits.dtype, requires_grad=True)
-    penalties = []
-    for env in torch.unique(envs):
+    present = torch.unique(envs).tolist()
+    grads = []
+    for env in present:
         idx = envs == env
         loss = F.cross_entropy(logits[idx] * scale, labels[idx])
-        (grad,) = torch.autograd.grad(loss, scale, create_graph=True)
-        penalties.append(grad * grad)
-    return torch.stack(penalties).mean()
+        grads.append(torch.autograd.grad(loss, scale, create_graph=True)[0])
+    return present, torch.stack(grads)
 
 
-def ce_feature_gradients(feats: torch.Tensor, class_feats: torch.Tensor, labels: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    """Per-sample gradient of ``CE(scale * feats_n @ class_feats^T, labels_n)`` w.r.t. ``feats_n``:
-    ``scale * (softmax(logits_n) - onehot(labels_n)) @ class_feats`` -> ``[N, D]`` (differentiable)."""
-    logits = scale * feats @ class_feats.t()
-    residual = logits.softmax(dim=-1) - F.one_hot(labels, class_feats.shape[0]).to(logits.dtype)
-    return scale * residual @ class_feats
+def irm_penalty(logits: torch.Tensor, labels: torch.Tensor, envs: torch.Tensor,
+                reduction: str = "sum") -> torch.Tensor:
+    """IRMv1: the squares of :func:`irm_grads`, summed over the environments (``reduction="sum"``, official) or
+    averaged (``"mean"``); differentiable (second order)."""
+    if reduction not in IRM_REDUCTIONS:
+        raise ValueError(f"IRM reduction must be one of {IRM_REDUCTIONS}, got {reduction!r}")
+    _, grads = irm_grads(logits, labels, envs)
+    total = (grads ** 2).sum()
+    return total / len(grads) if reduction == "mean" else total
 
 
-def gradient_alignment(grad_a: torch.Tensor, grad_b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Mean over rows of the squared cosine similarity between ``grad_a[n]`` and ``grad_b[n]``."""
-    return (F.cosine_similarity(grad_a, grad_b, dim=-1, eps=eps) ** 2).mean()
+def gradient_alignment(loss_a: torch.Tensor, loss_b: torch.Tensor, feats: torch.Tensor,
+                       create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum_i (m(g_a,i) . m(g_b,i))^2, g_a, g_b)`` with ``g_x = d loss_x / d feats`` ([N, D]).
+
+    ``create_graph=False`` (official) gives a constant: it shifts the loss value but trains nothing."""
+    (g_a,) = torch.autograd.grad(loss_a, feats, retain_graph=True, create_graph=create_graph)
+    (g_b,) = torch.autograd.grad(loss_b, feats, retain_graph=True, create_graph=create_graph)
+    cos = (normalize(g_a) * normalize(g_b)).sum(dim=-1)
+    return (cos ** 2).sum(), g_a, g_b
 
 
 @dataclass
 class BCALLoss:
-    """The total loss, its (unweighted) parts and the category logits."""
+    """The total loss, its (unweighted) parts, the logits of both prompt sets and the alignment gradients."""
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -65,21 +91,25 @@ class BCALLoss:
     align: torch.Tensor
     kl: torch.Tensor
     logits: torch.Tensor
+    domain_logits: torch.Tensor
+    grad_ce: torch.Tensor
+    grad_domain: torch.Tensor
 
 
-def bcal_loss(feats: torch.Tensor, class_feats: torch.Tensor, domain_feats: torch.Tensor, labels: torch.Tensor,
-              domains: torch.Tensor, scale: float, alphas: tuple[float, float, float], kl: torch.Tensor,
-              kl_scale: float) -> BCALLoss:
-    """Bayes-CAL loss from normalised image features ``[N, D]``, normalised class text features ``[C, D]``,
-    normalised domain (context) text features ``[E, D]``, class and domain labels ``[N]``, the logit scale, the
-    weights ``(alpha1, alpha2, alpha3)`` and the KL term of the variational contexts."""
-    logits = scale * feats @ class_feats.t()
-    domain_logits = scale * feats @ domain_feats.t()
+def bcal_loss(raw_feats: torch.Tensor, class_feats: torch.Tensor, domain_feats: torch.Tensor,
+              labels: torch.Tensor, domains: torch.Tensor, scale: float, alphas: tuple[float, float, float],
+              kl: torch.Tensor, irm_reduction: str = "sum", align_grad: bool = False) -> BCALLoss:
+    """Bayes-CAL loss from raw image features ``[N, D]`` (detached here and made a leaf, as officially),
+    normalised class and domain (context) text features ``[C, D]``/``[E, D]``, class and domain labels ``[N]``,
+    the logit scale, ``(alpha1, alpha2, alpha3)`` and the (already scaled) KL of the variational contexts."""
+    feats = raw_feats.detach().requires_grad_(True)
+    img = normalize(feats)
+    logits = scale * img @ class_feats.t()
+    domain_logits = scale * img @ domain_feats.t()
     ce = F.cross_entropy(logits, labels)
     ce_domain = F.cross_entropy(domain_logits, domains)
-    irm = irm_penalty(logits, labels, domains)
-    align = gradient_alignment(ce_feature_gradients(feats, class_feats, labels, scale),
-                               ce_feature_gradients(feats, domain_feats, domains, scale))
+    align, g_ce, g_dom = gradient_alignment(ce, ce_domain, feats, create_graph=align_grad)
+    irm = irm_penalty(logits, labels, domains, irm_reduction)
     a1, a2, a3 = alphas
-    total = ce + a1 * ce_domain + a2 * irm + a3 * align + kl_scale * kl
-    return BCALLoss(total, ce, ce_domain, irm, align, kl, logits)
+    total = ce + a1 * ce_domain + a2 * irm + a3 * align + kl
+    return BCALLoss(total, ce, ce_domain, irm, align, kl, logits, domain_logits, g_ce, g_dom)

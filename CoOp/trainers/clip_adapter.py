@@ -10,8 +10,9 @@ common evaluator (accuracy, energy / MCM / MSP / KNN detection) applies unchange
 
 Differences from the official ``CLIP_Adapter.py`` (same results where it runs):
 
-* The text features are computed once at build time; the official code re-encodes the (frozen) prompts on every
-  forward, which gives the same values.
+* The text features are computed once (:meth:`FeatureHeadTrainer.frozen_text`: again only when CLIP's dtype or
+  device changes); the official code re-encodes the (frozen) prompts on every forward, which gives the same
+  values.
 * The prompt template comes from :func:`trainers.clip_common.single_template`, which covers every dataset
   (``"a photo of a {}."`` by default). The official template dict has no ``ImageNetOOD46`` entry and raises a
   ``KeyError`` in Setup-I evaluation.
@@ -31,6 +32,7 @@ from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
 
 from .clip_common import FeatureHeadTrainer, setup_frozen_clip, single_template, text_features
+from .prompting import upcast
 
 
 class BottleneckAdapter(nn.Module):
@@ -76,11 +78,9 @@ class CLIP_Adapter(FeatureHeadTrainer):
     def build_model(self) -> None:
         cfg = self.cfg
         c = cfg.TRAINER.CLIP_ADAPTER
-        bundle, prec = setup_frozen_clip(self, c.PREC)
-        tpl = single_template(cfg)
-        print(f"Prompt template: {tpl!r}")
-        tf = text_features(bundle, self.dm.dataset.classnames, "single", tpl, self.device).float()
-        self.text_feats = tf / tf.norm(dim=-1, keepdim=True)
+        self.clip_bundle, prec = setup_frozen_clip(self, c.PREC)
+        self.template = single_template(cfg)
+        print(f"Prompt template: {self.template!r}")
         self.ratio = float(c.RATIO)
         print(f"CLIP-Adapter: ratio {self.ratio}, reduction {int(c.REDUCTION)}")
         self.adapter = BottleneckAdapter(self.text_feats.shape[1], int(c.REDUCTION)).to(self.device)
@@ -88,6 +88,18 @@ class CLIP_Adapter(FeatureHeadTrainer):
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("clip_adapter", self.adapter, self.optim, self.sched)
 
+    def raw_text_features(self) -> torch.Tensor:
+        """Unnormalised single-template class text features ``[C, D]`` of the frozen CLIP."""
+        return text_features(self.clip_bundle, self.dm.dataset.classnames, "single", self.template, self.device)
+
+    @property
+    def text_feats(self) -> torch.Tensor:
+        """L2-normalised class text features ``[C, D]``."""
+        def make() -> torch.Tensor:
+            tf = self.raw_text_features()
+            return tf / tf.norm(dim=-1, keepdim=True)
+        return self.frozen_text(make)
+
     def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return clip_adapter_logits(self.adapter, feats.float(), self.text_feats, self.ratio, self.logit_scale)
+        return clip_adapter_logits(self.adapter, upcast(feats), self.text_feats, self.ratio, self.logit_scale)
 

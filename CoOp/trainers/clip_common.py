@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 import torch.nn.functional as F
 
-from clip_backbone import CLIPBundle, default_weights_path, load_clip, tokenize
+from clip_backbone import CLIPBundle, LocalFeatureEncoder, default_weights_path, load_clip, tokenize
 from dassl.engine import TrainerX
 from dassl.utils import resources
 from dassl.utils.errors import ConfigError
 from dassl.engine.inference import InferenceOutput
 
 from .prompt_templates import CUSTOM_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES_SELECT
+from .prompting import upcast
 
 
 def load_clip_to_cpu(cfg: Any) -> CLIPBundle:
@@ -50,7 +51,23 @@ def setup_frozen_clip(trainer: Any, prec: str) -> tuple[CLIPBundle, str]:
     trainer.clip_model = clip_model
     trainer.image_encoder = clip_model.visual
     trainer.logit_scale = bundle.logit_scale
+    attach_local_encoder(trainer)
     return bundle, prec
+
+
+def attach_local_encoder(trainer: Any) -> None:
+    """Set ``trainer.local_image_encoder`` over its frozen ``image_encoder`` when the run wants local features
+    (``trainer.wants_local``; ``MODEL.BACKBONE.LOCAL_FEATURES`` picks the definition)."""
+    if getattr(trainer, "wants_local", False):
+        trainer.local_image_encoder = LocalFeatureEncoder(trainer.image_encoder,
+                                                          trainer.cfg.MODEL.BACKBONE.LOCAL_FEATURES)
+
+
+def region_logits(local: torch.Tensor, text_feats: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(N, R, C)`` logits ``s * n(local) @ text_feats^T`` of local features ``(N, R, D)`` against normalised
+    class text features ``(C, D)``, upcast to fp32 (as the global logits)."""
+    local = upcast(local)
+    return scale * (local / local.norm(dim=-1, keepdim=True)) @ upcast(text_feats).to(local.dtype).t()
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -73,12 +90,12 @@ def class_prompts(classnames: list[str], template: str) -> list[str]:
 
 @torch.no_grad()
 def encode_prompts(bundle: CLIPBundle, prompts: list[str], device: torch.device, batch: int = 256) -> torch.Tensor:
-    """Raw (unnormalised) CLIP text features of ``prompts``."""
+    """Raw (unnormalised) CLIP text features of ``prompts`` (upcast to fp32; a float64 model gives float64)."""
     model = bundle.model
     out = []
     for i in range(0, len(prompts), batch):
         tokens = tokenize(prompts[i:i + batch], bundle.context_length).to(device)
-        out.append(model.encode_text(tokens).float())
+        out.append(upcast(model.encode_text(tokens)))
     return torch.cat(out)
 
 
@@ -109,7 +126,18 @@ class FeatureHeadTrainer(TrainerX):
 
     Subclasses implement ``forward_features(feats) -> (logits, normalised features)`` and may override
     ``before_step`` (called before every training step and inference, e.g. to build a cache lazily).
+    Frozen text classifiers go through :meth:`frozen_text`.
     """
+
+    def frozen_text(self, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()`` (text features of the frozen CLIP), computed on first use and again whenever the text
+        tower's dtype or device changes: the values of recomputing them on every forward (as the official
+        CLIP-Adapter does) at the cost of one computation."""
+        weight = self.clip_model.token_embedding.weight
+        key = (weight.dtype, weight.device)
+        if getattr(self, "_frozen_text_key", None) != key:
+            self._frozen_text, self._frozen_text_key = make(), key
+        return self._frozen_text
 
     def before_step(self) -> None:
         pass

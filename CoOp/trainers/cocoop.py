@@ -8,7 +8,9 @@ call, chunked at inference), ``logits[n, c] = s * cos(x_n, t_c(x_n))``, plain cr
 learner (context + meta-net) trains (checkpoint model name ``prompt_learner``).
 
 Inference returns ``InferenceOutput(logits, normalised image features)``. Precision handling as in
-:mod:`trainers.prompt_trainer` (the meta-net stays fp32; the official code casts it to fp16 for ``PREC fp16``).
+:mod:`trainers.prompt_trainer`: under ``PREC fp16`` the whole prompt learner, context and meta-net, is cast to fp16
+as officially (the official context takes CLIP's dtype and the meta-net is ``.half()``-ed); the named fix
+``FP32_PARAMS True`` keeps both fp32. The meta-net reads the L2-normalised image feature.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ the number of tokens of that text). Only the prompt learner trains (checkpoint m
 ``token_prefix``/``token_suffix`` buffers (the fixed [SOS] and class-name embeddings) are saved but dropped when a
 model is loaded for evaluation, so a checkpoint works with the current class names.
 
-Inference returns ``InferenceOutput(logits, normalised image features)`` (score: the energy logsumexp(logits)). Precision
+Inference returns ``InferenceOutput(logits, normalised image features)`` (score: the energy logsumexp(logits)), and,
+when a score reads them (``gl_mcm``, ``l_mcm``), the local logits ``s * cos(region, text_c)`` of the image's local
+features (:mod:`clip_backbone.local`) against the same prompts. Precision
 handling (``PREC``): see :mod:`trainers.prompt_trainer`.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class CoOp(PromptCLIPTrainer):
     CFG_RANGES = {"TRAINER.COOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.COOP.PREC": PREC}
 
     cfg_node = "COOP"
+    LOCAL_FEATURES = True  # local logits for gl_mcm / l_mcm
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
@@ -72,3 +75,8 @@ class CoOp(PromptCLIPTrainer):
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
         tf = self.text_features()
         return self.logit_scale * feats.to(tf.dtype) @ tf.t()
+
+    def forward_logits_local(self, feats: torch.Tensor, raw: torch.Tensor, local: torch.Tensor,
+                             domains: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tf = self.text_features()
+        return self.logit_scale * feats.to(tf.dtype) @ tf.t(), self.logit_scale * local.to(tf.dtype) @ tf.t()

@@ -5,6 +5,9 @@ the engine: config keys, CLIP loading, text features (computed once, not checkpo
 schedulers registered as ``clip_adapter`` and ``generator``, and inference returning
 ``InferenceOutput(logits, features=X_hat, score, extras={"img_zs": X_zs})`` (the official ``CustomCLIP``
 returns ``[logits, X_hat, T_hat, X_zs, T_zs, score]``; the per-class ``T_hat``/``T_zs`` are not per-image).
+When a score reads local logits (``gl_mcm``, ``l_mcm``; not in the official code), each local feature goes through
+the image adapter exactly as the global feature does, ``n(ρ·L W_iᵀ + (1 − ρ)·L)``, and is scored against the
+adapted text features: ``local_logits = s · L̂ T̂ᵀ`` (:meth:`CRoFT.local_logits`).
 
 Dataset semantics (the official code switched on dataset-name substrings) live in one table here,
 :data:`SEMANTICS` / :data:`DATASET_SEMANTICS`, chosen by the one key ``TRAINER.CRoFT.SEMANTICS`` (``auto``:
@@ -63,6 +66,7 @@ class CRoFT(TrainerX):
     """Concurrent optimisation for OOD generalisation and open-set OOD detection (Zhu et al., ICML 2024)."""
 
     cfg_node = "CRoFT"  # the TRAINER.<node> this trainer reads
+    LOCAL_FEATURES = True  # local logits (through the image adapter) for gl_mcm / l_mcm
     STACK_KEYS = ("TRAINER.CRoFT.lambda1", "TRAINER.CRoFT.lambda2")  # train.py --member: one vectorised λ-sweep
 
     @classmethod
@@ -149,7 +153,20 @@ class CRoFT(TrainerX):
         return out
 
     def model_inference(self, input: torch.Tensor) -> InferenceOutput:
-        feats = self.encode_images(input).float()
-        out = forward(self.adapter, feats, self.text_feats, self.opts, self.logit_scale)
+        local = None
+        if self.infer_local:
+            feats, local = self.encode_images_local(input)
+        else:
+            feats = self.encode_images(input)
+        out = forward(self.adapter, feats.float(), self.text_feats, self.opts, self.logit_scale)
         return InferenceOutput(logits=out.logits, features=out.img_feat, score=out.score,
-                               extras={"img_zs": out.img_zs})
+                               extras={"img_zs": out.img_zs},
+                               local_logits=None if local is None else self.local_logits(local.float(), out.txt_feat))
+
+    def local_logits(self, local: torch.Tensor, txt_feat: torch.Tensor) -> torch.Tensor:
+        """``(N, R, C)`` logits of local features ``(N, R, D)``: each region through the image adapter as the
+        global feature (``n(ρ·L W_iᵀ + (1 − ρ)·L)``), then ``s ·`` (adapted region) ``@ T̂ᵀ`` (``txt_feat``)."""
+        n, r, d = local.shape
+        regions, _ = self.adapter(local.reshape(n * r, d), self.text_feats, self.opts.ratio, self.opts.ratio_text,
+                                  self.opts.norm_eps)
+        return ((self.logit_scale * regions) @ txt_feat.t()).view(n, r, -1)

@@ -27,13 +27,19 @@ images of the batch are grouped by ``domain`` label (``TEST_GROUP_BY_DOMAIN True
 (``False``). Predictions therefore depend on the test batch size and composition (``DATALOADER.TEST.BATCH_SIZE``).
 Outputs are returned in the loader's order (the official code reorders images by domain).
 
-Inference returns ``InferenceOutput(logits, normalised image features)``. Precision as in :mod:`trainers.prompt_trainer` (the MLP
-stays fp32; the official code casts it to fp16 for ``PREC fp16``). The official output width ``512 * N_CTX`` is the
-text width of RN50 / ViT-B/16; here it is the loaded model's token-embedding width.
+As officially, the MLP runs once per domain group, groups in ascending domain-label order (so the dropout draws
+come in the official order), and the logits' columns are in group order; the rows stay in the loader's order (the
+official code reorders them by group; the loss and the logits of each image are the same).
+
+Inference returns ``InferenceOutput(logits, normalised image features)``. Precision as in
+:mod:`trainers.prompt_trainer`: under ``PREC fp16`` the MLP is cast to fp16 with CLIP, as officially (named fix
+``FP32_PARAMS True`` keeps it fp32). The official output width ``512 * N_CTX`` is the text width of RN50 /
+ViT-B/16; here it is the loaded model's token-embedding width. The MLP's dropout can take its keep-masks from
+``mask_source`` (see :class:`ReplayableDropout`; used to replay recorded masks).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -51,6 +57,23 @@ DOMAIN_POOLS = ("mean_of_mlp", "mlp_of_mean")
 LOGIT_MODES = ("concat", "per_group")
 
 
+class ReplayableDropout(nn.Dropout):
+    """``nn.Dropout`` whose keep-mask comes from ``mask_source`` when set (a callable ``x -> 0/1 mask shaped like
+    x``, e.g. recorded masks); kept entries are scaled by ``1 / (1 - p)`` as torch does. None: torch's own draw."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.mask_source: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask_source is None or not self.training or self.p == 0:
+            return super().forward(x)
+        keep = self.mask_source(x).to(device=x.device, dtype=x.dtype)
+        if keep.shape != x.shape:
+            raise ValueError(f"dropout mask_source gave shape {tuple(keep.shape)} for input {tuple(x.shape)}")
+        return x * (keep / (1.0 - self.p))
+
+
 class DomainPromptMLP(nn.Module):
     """``Linear(n_in, width) -> Dropout -> ReLU -> [Linear(width, width) -> Dropout -> ReLU] * (depth - 2)
     -> Linear(width, n_out)``."""
@@ -58,7 +81,7 @@ class DomainPromptMLP(nn.Module):
     def __init__(self, n_in: int, n_out: int, depth: int = 3, width: int = 512, dropout: float = 0.1) -> None:
         super().__init__()
         self.input = nn.Linear(n_in, width)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ReplayableDropout(dropout)
         self.hiddens = nn.ModuleList([nn.Linear(width, width) for _ in range(depth - 2)])
         self.output = nn.Linear(width, n_out)
         for m in self.modules():
@@ -157,12 +180,13 @@ class DPLCLIP(PromptCLIPTrainer):
     # ------------------------------------------------------------------ forward
     def domain_tokens(self, feats: torch.Tensor, raw: torch.Tensor, groups: torch.Tensor,
                       n_groups: int) -> torch.Tensor:
-        """Domain tokens ``[G, M, w]`` of each group."""
+        """Domain tokens ``[G, M, w]`` of each group (``mean_of_mlp``: one MLP call per group, in group order)."""
+        dtype = self.mlp.output.weight.dtype
         if self.cfg.TRAINER.DPLCLIP.DOMAIN_POOL == "mean_of_mlp":
-            dtype = self.mlp.output.weight.dtype
-            tokens = group_means(self.mlp(raw.to(dtype)), groups, n_groups)
+            x = raw.to(dtype)
+            tokens = torch.stack([self.mlp(x[groups == g]).mean(dim=0) for g in range(n_groups)])
         else:
-            tokens = self.mlp(group_means(feats.float(), groups, n_groups).to(self.mlp.output.weight.dtype))
+            tokens = self.mlp(group_means(feats, groups, n_groups).to(dtype))
         return tokens.reshape(n_groups, self.prompt_tokens.n_ctx, self.width)
 
     def group_text_features(self, domain_tokens: torch.Tensor) -> torch.Tensor:
@@ -170,6 +194,12 @@ class DPLCLIP(PromptCLIPTrainer):
         pt = self.prompt_tokens
         tf = encode_prompt_embeddings(self.text_encoder, pt(domain_tokens), pt.tokenized_prompts)
         return tf / tf.norm(dim=-1, keepdim=True)
+
+    @staticmethod
+    def domain_groups(domains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official ``sort_images`` grouping: the domain labels present (ascending) and each row's group."""
+        present, groups = torch.unique(domains, return_inverse=True)
+        return present, groups
 
     def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,8 +209,8 @@ class DPLCLIP(PromptCLIPTrainer):
             groups = torch.zeros(feats.shape[0], dtype=torch.long, device=feats.device)
             n_groups = 1
         else:
-            _, groups = torch.unique(domains, return_inverse=True)
-            n_groups = int(groups.max().item()) + 1
+            present, groups = self.domain_groups(domains)
+            n_groups = len(present)
         tf = self.group_text_features(self.domain_tokens(feats, raw, groups, n_groups))   # [G, C, D]
         x = feats.to(tf.dtype)
         if self.cfg.TRAINER.DPLCLIP.LOGITS == "concat":

@@ -6,9 +6,11 @@ optimisation step with optional AMP, and inference returning ``InferenceOutput(l
 Precision (``PREC``, official default ``fp16``): ``fp32``; ``fp16``/``bf16`` = frozen CLIP weights AND the learnable
 parameters in that dtype, as the official code (its context vectors take CLIP's dtype); the named fix
 ``TRAINER.<node>.FP32_PARAMS True`` keeps the learnable parameters in fp32 (prompts are cast to the text encoder's
-dtype; text/image features go back to fp32 for the logits either way); ``amp`` = fp32 weights under
-``torch.autocast`` with a ``GradScaler`` on CUDA. On CPU every mode runs in fp32
-(:meth:`SimpleTrainer.resolve_precision`); the run record's ``precision`` block says what was requested and used.
+dtype); ``amp`` = fp32 weights under ``torch.autocast`` with a ``GradScaler`` on CUDA. Under ``fp16``/``bf16`` the
+image and text features are upcast to fp32 (:func:`trainers.prompting.upcast`) before the logits, so logits, loss
+and scores are computed in fp32 (official: fp16 logits); under ``amp`` they are computed under autocast and returned
+as fp32. On CPU every mode runs in fp32 (:meth:`SimpleTrainer.resolve_precision`); the run
+record's ``precision`` block says what was requested and used. A model cast to float64 computes in float64.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from clip_backbone import TextEncoder
 from dassl.engine import TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError
+from dassl.utils.torchtools import load_pretrained_weights
 from dassl.engine.inference import InferenceOutput
 
-from .clip_common import freeze, load_clip_to_cpu
-from .prompting import PROMPT_PRECISIONS
+from .clip_common import attach_local_encoder, freeze, load_clip_to_cpu
+from .prompting import PROMPT_PRECISIONS, upcast
 
 class PromptCLIPTrainer(TrainerX):
     """What CoOp, CoCoOp and DPLCLIP share: frozen CLIP in the requested precision, a text encoder over prompt
@@ -35,6 +38,7 @@ class PromptCLIPTrainer(TrainerX):
 
     cfg_node = ""         # name of the TRAINER.<node> config node
     model_name = "prompt_learner"
+    READS_INIT_WEIGHTS = True  # MODEL.INIT_WEIGHTS initialises the learnable module, as upstream CoOp
     # keys the official extend_cfg declares for this trainer (so the official scripts' overrides merge) but the
     # trainer does not implement: only the default value is accepted (the official code ignores them silently)
     unsupported_keys: dict[str, Any] = {}
@@ -72,17 +76,18 @@ class PromptCLIPTrainer(TrainerX):
             clip_model.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)
         self.clip_model = clip_model.to(self.device).eval()
         self.image_encoder = self.clip_model.visual
+        attach_local_encoder(self)
         self.text_encoder = TextEncoder(self.clip_model)
         if self.prec in ("fp16", "bf16") and not self.node().get("FP32_PARAMS", False):
             module.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)   # official: params follow CLIP
         module = module.to(self.device)
+        if cfg.MODEL.INIT_WEIGHTS:  # upstream CoOp: every entry whose name and shape match is loaded
+            load_pretrained_weights(module, cfg.MODEL.INIT_WEIGHTS)
         self.precision_info = {**getattr(self, "precision_info", {}),
                                "learnable_params": str(next(module.parameters()).dtype).replace("torch.", "")}
         trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
         print(f"Parameters to be updated ({self.model_name}): {trainable}")
-        self.optim = build_optimizer(module, cfg.OPTIM)
-        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
-        self.register_model(self.model_name, module, self.optim, self.sched)
+        self.register_prompt_model(module)
         self.scaler = (torch.amp.GradScaler("cuda") if self.prec == "amp" and self.device.type == "cuda"
                        else None)
         print(f"Precision: {self.prec} (requested {self.node().PREC}; learnable parameters "
@@ -90,6 +95,13 @@ class PromptCLIPTrainer(TrainerX):
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         raise NotImplementedError
+
+    def register_prompt_model(self, module: nn.Module) -> None:
+        """Optimiser, scheduler and registration (``model_name``) of the built, cast and moved prompt module;
+        a trainer that steps and checkpoints several parts separately overrides this (BCAL)."""
+        self.optim = build_optimizer(module, self.cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, self.cfg.OPTIM)
+        self.register_model(self.model_name, module, self.optim, self.sched)
 
     # ------------------------------------------------------------------ forward
     def autocast(self) -> Any:
@@ -99,9 +111,21 @@ class PromptCLIPTrainer(TrainerX):
 
     def image_features(self, images: torch.Tensor,
                        batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen image features in fp32: ``(L2-normalised, raw)``."""
-        raw = self.encode_images(images, batch).float()
+        """Frozen image features, upcast to fp32: ``(L2-normalised, raw)``."""
+        raw = upcast(self.encode_images(images, batch))
         return raw / raw.norm(dim=-1, keepdim=True), raw
+
+    def image_features_local(self, images: torch.Tensor,
+                             batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen image features, upcast to fp32: ``(L2-normalised, raw, L2-normalised local (N, R, D))``."""
+        raw, local = (upcast(t) for t in self.encode_images_local(images, batch))
+        return raw / raw.norm(dim=-1, keepdim=True), raw, local / local.norm(dim=-1, keepdim=True)
+
+    def forward_logits_local(self, feats: torch.Tensor, raw: torch.Tensor, local: torch.Tensor,
+                             domains: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, C], local logits [N, R, C])`` against the same class text features (trainers with
+        ``LOCAL_FEATURES``; ``local`` is L2-normalised)."""
+        raise NotImplementedError(f"{type(self).__name__} yields no local logits")
 
     def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
                        domains: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -125,19 +149,26 @@ class PromptCLIPTrainer(TrainerX):
         domains = batch["domain"].to(self.device) if "domain" in batch else None
         with self.autocast():
             feats, raw = self.image_features(image, batch)
-            logits = self.forward_logits(feats, raw, domains).float()
+            logits = upcast(self.forward_logits(feats, raw, domains))
             loss = F.cross_entropy(logits, label)
         self.optimisation_step(loss)
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == label).float().mean().item() * 100.0}
+        acc = (logits.argmax(1) == label).sum().item() * (100.0 / label.numel())   # Dassl's compute_accuracy
+        return {"loss": loss.item(), "acc": acc}
 
     def model_inference(self, input: Any) -> InferenceOutput:
-        """Logits and normalised image features (score: their energy); ``input`` is the image batch, or ``(images,
-        domains)`` for trainers whose :meth:`parse_batch_test` passes the domain labels on."""
+        """Logits and normalised image features (score: their energy), plus the local logits when this pass asks
+        for them (``infer_local``); ``input`` is the image batch, or ``(images, domains)`` for trainers whose
+        :meth:`parse_batch_test` passes the domain labels on."""
         images, domains = input if isinstance(input, (tuple, list)) else (input, None)
+        local_logits = None
         with self.autocast():
-            feats, raw = self.image_features(images)
-            logits = self.forward_logits(feats, raw, domains).float()
-        feats = feats.float()
-        return InferenceOutput(logits=logits, features=feats)
+            if self.infer_local:
+                feats, raw, local = self.image_features_local(images)
+                logits, local_logits = (upcast(t) for t in self.forward_logits_local(feats, raw, local, domains))
+            else:
+                feats, raw = self.image_features(images)
+                logits = upcast(self.forward_logits(feats, raw, domains))
+        feats = upcast(feats)
+        return InferenceOutput(logits=logits, features=feats, local_logits=local_logits)

@@ -21,6 +21,12 @@ CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 PROMPT_PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 (where the official code calls ``.float()``); fp32 and fp64 stay as they are, so a model
+    cast to float64 (the golden parity tests) computes in float64 throughout."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 # ----------------------------------------------------------------------------------------------- prompt pieces
 def clip_embed_dim(clip_model: nn.Module) -> int:
     """Dimension D of CLIP's joint image/text embedding."""
@@ -104,12 +110,13 @@ def assemble_prompts(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tens
 
 def encode_prompt_embeddings(text_encoder: TextEncoder, prompts: torch.Tensor,
                              tokenized: torch.Tensor) -> torch.Tensor:
-    """fp32 text features of prompt embeddings ``[..., C, L, w]`` (tokenized ``[C, L]``) -> ``[..., C, D]``."""
+    """Text features (fp32, or fp64 for a float64 model) of prompt embeddings ``[..., C, L, w]`` (tokenized
+    ``[C, L]``) -> ``[..., C, D]``."""
     lead = prompts.shape[:-3]
     n_cls, length, width = prompts.shape[-3:]
     flat = prompts.reshape(-1, length, width).to(text_encoder.dtype)
     tok = tokenized.repeat(flat.shape[0] // n_cls, 1)
-    return text_encoder(flat, tok).float().reshape(*lead, n_cls, -1)
+    return upcast(text_encoder(flat, tok)).reshape(*lead, n_cls, -1)
 
 
 def init_context(clip_model: nn.Module, context_length: int, n_ctx: int, ctx_init: str, n_cls: int = 0,

@@ -1,9 +1,10 @@
 """``TIP_ADAPTER`` trainer: Tip-Adapter-F (Zhang et al., ECCV 2022) as used as a baseline by the official CRoFT code.
 
 Model (``x`` = L2-normalised frozen CLIP image feature, ``W`` = 7-template ensemble class text features,
-``K`` = learnable cache keys, ``V`` = one-hot cache values, ``s`` = CLIP's logit scale)::
+``K`` = learnable cache keys, ``V`` = one-hot cache values, ``s`` = 100 as officially, or CLIP's logit scale with
+``CLIP_LOGIT_SCALE True``)::
 
-    logits = s * x W^T + ALPHA * exp(-BETA * (1 - x K^T)) V
+    logits = s * x W^T + ALPHA * exp(-(BETA - BETA * x K^T)) V
 
 Cache (``CACHE_MODE``):
 
@@ -44,11 +45,13 @@ identically, and the keys are deterministic for a given seed.
 Differences from the official ``TIP_ADAPTER.py`` (see spec section 3):
 
 * ``CACHE_MODE fixed`` (not the default): unshuffled cache loader and per-run cache files, see above;
-* ``AUGMENT_EPOCH`` is declared (official: undeclared key, crash unless the cache exists) [bug fixed];
-* the CLIP logit scale ``s`` instead of a literal 100 (identical for OpenAI weights);
+* ``AUGMENT_EPOCH`` is declared, default 10 (official: undeclared key, crash unless the cache exists) [bug fixed];
+* ``CLIP_LOGIT_SCALE True`` (named fix, off by default): the zero-shot logits use CLIP's logit scale ``s``
+  instead of the official constant 100 (the same for OpenAI weights up to their fp16 rounding);
 * one-hot values use the dataset's class count (official ``F.one_hot`` infers it from the labels present);
-* ``PREC`` (official default fp16) casts the image encoder only; the text classifier is encoded in fp32 (official:
-  fp16 CLIP throughout); CPU always runs fp32.
+* ``PREC`` (official default fp16) casts the image encoder only; the image features are upcast to fp32 and the text
+  classifier, cache keys/values, logits and scores are fp32 (official: fp16 CLIP, cache and logits throughout);
+  CPU always runs fp32. A model cast to float64 (the golden parity tests) computes in float64.
 """
 from __future__ import annotations
 
@@ -74,12 +77,15 @@ from dassl.engine import TRAINER_REGISTRY
 from dassl.optim import build_lr_scheduler, build_optimizer
 from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.tools import atomic_write_bytes
+from dassl.utils.safe_load import UnsafeFileError, load_torch_file
 from dassl.utils.torchtools import load_checkpoint
 
 from .clip_common import FeatureHeadTrainer, setup_frozen_clip, single_template, text_features
+from .prompting import upcast
 
 CACHE_FORMAT = 1
 CACHE_MODES = ("official", "fixed")
+OFFICIAL_ZS_SCALE = 100.0  # the official zero-shot logits: 100. * image_features @ clip_weights
 
 
 class TipCache(nn.Module):
@@ -100,16 +106,22 @@ class TipCache(nn.Module):
             self.weight.copy_(keys.to(self.weight))
             self.cache_values.copy_(F.one_hot(labels.long(), self.cache_values.shape[1]).to(self.cache_values))
 
-    def forward(self, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-        """Cache logits ``alpha * exp(-beta * (1 - x K^T)) V`` for normalised features ``x``."""
-        affinity = x @ self.weight.t()
-        return alpha * torch.exp(-beta * (1.0 - affinity)) @ self.cache_values
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities ``x K^T`` (N x N_cache) of normalised features ``x`` (the official ``adapter(x)``)."""
+        return x @ self.weight.t()
+
+    def cache_logits(self, affinity: torch.Tensor, beta: float) -> torch.Tensor:
+        """Cache logits ``exp(-(beta - beta * A)) V`` (N x C), as the official expression."""
+        return torch.exp(-(beta - beta * affinity)) @ self.cache_values
 
 
 def tip_logits(cache: TipCache, x: torch.Tensor, clip_weights: torch.Tensor, alpha: float, beta: float,
-               logit_scale: float) -> torch.Tensor:
-    """Tip-Adapter(-F) logits for L2-normalised image features ``x``."""
-    return logit_scale * x @ clip_weights.t() + cache(x, alpha, beta)
+               zs_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tip-Adapter(-F) ``(logits, zero-shot logits, cache logits)`` for L2-normalised image features ``x``:
+    ``logits = zs_scale * x W^T + alpha * exp(-(beta - beta * x K^T)) V``."""
+    clip = zs_scale * x @ clip_weights.t()
+    cache_part = cache.cache_logits(cache(x), beta)
+    return clip + alpha * cache_part, clip, cache_part
 
 
 @contextmanager
@@ -153,6 +165,7 @@ class TIP_ADAPTER(FeatureHeadTrainer):
         c.PREC = "fp16"        # precision of the frozen image encoder (official fp16; CPU: fp32); the cache is fp32
         c.CACHE_DIR = ""       # where cache files live ("" = <OUTPUT_DIR>/tip_cache)
         c.CACHE_MODE = "official"  # official (shuffled, drop-last, one shared file per shots/seed) | fixed
+        c.CLIP_LOGIT_SCALE = False  # named fix: zero-shot logits x CLIP's logit scale (official: the constant 100)
 
     def check_cfg(self, cfg: Any) -> None:
         c = cfg.TRAINER.TIP_ADAPTER
@@ -163,11 +176,8 @@ class TIP_ADAPTER(FeatureHeadTrainer):
     def build_model(self) -> None:
         cfg = self.cfg
         c = cfg.TRAINER.TIP_ADAPTER
-        bundle, self.prec = setup_frozen_clip(self, c.PREC)
-        classnames = self.dm.dataset.classnames
+        self.clip_bundle, self.prec = setup_frozen_clip(self, c.PREC)
         print("Text features: 7-template ensemble")
-        self.clip_weights = text_features(bundle, classnames, "ensemble7", single_template(cfg),
-                                          self.device).float()
         self.dim = int(self.clip_weights.shape[1])
         self.alpha, self.beta = float(c.ALPHA), float(c.BETA)
         train_x = list(self.dm.dataset.train_x or [])
@@ -179,9 +189,21 @@ class TIP_ADAPTER(FeatureHeadTrainer):
             labels = torch.tensor([d.label for d in train_x], dtype=torch.long)
             self.adapter.set_cache(torch.zeros(len(train_x), self.dim), labels)
 
+    @property
+    def clip_weights(self) -> torch.Tensor:
+        """The zero-shot classifier ``[C, D]``: 7-template ensemble text features of the frozen CLIP."""
+        return self.frozen_text(lambda: text_features(self.clip_bundle, self.dm.dataset.classnames, "ensemble7",
+                                                      single_template(self.cfg), self.device))
+
+    @property
+    def zs_scale(self) -> float:
+        """Scale of the zero-shot logits: 100 (official) or CLIP's logit scale (``CLIP_LOGIT_SCALE``)."""
+        return float(self.logit_scale) if self.cfg.TRAINER.TIP_ADAPTER.CLIP_LOGIT_SCALE else OFFICIAL_ZS_SCALE
+
     def _register_cache(self, n_cache: int) -> None:
-        """(Re)create the cache module with ``n_cache`` entries, its optimiser and scheduler (name ``adapter``)."""
-        self.adapter = TipCache(self.dim, n_cache, self.num_classes).to(self.device)
+        """(Re)create the cache module with ``n_cache`` entries (in the text classifier's dtype), its optimiser
+        and scheduler (name ``adapter``)."""
+        self.adapter = TipCache(self.dim, n_cache, self.num_classes).to(self.device, self.clip_weights.dtype)
         self.optim = build_optimizer(self.adapter, self.cfg.OPTIM) if n_cache > 0 else None
         self.sched = build_lr_scheduler(self.optim, self.cfg.OPTIM) if self.optim is not None else None
         if "adapter" in self._models:
@@ -249,15 +271,17 @@ class TIP_ADAPTER(FeatureHeadTrainer):
         with isolated_rng(self.cache_seed()):
             for aug in range(n_aug):
                 print(f"Tip-Adapter cache: augment epoch {aug + 1}/{n_aug}")
-                feats = torch.cat([self.encode_images(b["img"].to(self.device), b).float() for b in loader])
+                feats = torch.cat([upcast(self.encode_images(b["img"].to(self.device), b)) for b in loader])
                 total = feats if total is None else total + feats
         keys = total / n_aug
         return (keys / keys.norm(dim=-1, keepdim=True)).cpu()
 
     def _read_cache(self, path: str, desc: dict[str, Any]) -> Optional[torch.Tensor]:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
+            obj = load_torch_file(path, "Tip-Adapter cache")  # weights only: a code-carrying file is refused
+        except UnsafeFileError:
+            raise
+        except UserError as err:
             print(f"WARNING: unreadable Tip-Adapter cache {path} ({err}); rebuilding")
             return None
         if not isinstance(obj, dict) or obj.get("meta") != desc:
@@ -279,7 +303,7 @@ class TIP_ADAPTER(FeatureHeadTrainer):
             print(f"Tip-Adapter cache (official): augment epoch {aug + 1}/{n_aug}")
             feats, labs = [], []
             for b in self.train_loader_x:
-                feats.append(self.encode_images(b["img"].to(self.device), b).float())
+                feats.append(upcast(self.encode_images(b["img"].to(self.device), b)))
                 labs.append(b["label"])
             epoch = torch.cat(feats)
             total = epoch if total is None else total + epoch
@@ -293,7 +317,7 @@ class TIP_ADAPTER(FeatureHeadTrainer):
     def load_or_build_official_cache(self) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
         path = self.official_cache_path()
         if os.path.isfile(path):
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = load_torch_file(path, "Tip-Adapter cache")  # weights only: a code-carrying file is refused
             keys, labels = obj["keys"], obj["labels"]
             if keys.shape[1] != self.dim or int(labels.max()) >= self.num_classes:
                 raise UserError(f"shared Tip-Adapter cache {path} ({keys.shape[0]} keys of size {keys.shape[1]}, "
@@ -364,10 +388,14 @@ class TIP_ADAPTER(FeatureHeadTrainer):
         self.prepare_cache()
         super().before_train()
 
+    def logit_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, zero-shot logits, cache logits)`` of L2-normalised features ``x`` at ``self.alpha``/``beta``."""
+        return tip_logits(self.adapter, x, self.clip_weights, self.alpha, self.beta, self.zs_scale)
+
     def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = feats.float()
+        x = upcast(feats)
         x = x / x.norm(dim=-1, keepdim=True)
-        return tip_logits(self.adapter, x, self.clip_weights, self.alpha, self.beta, self.logit_scale), x
+        return self.logit_parts(x)[0], x
 
     def before_step(self) -> None:
         self.prepare_cache()

@@ -2,7 +2,9 @@
 
 Precision ``TRAINER.ZSCLIP.PREC`` (official default ``fp16``: the official code runs CLIP's fp16 weights on the GPU):
 ``fp16``/``bf16`` cast the whole CLIP (text features are computed in that dtype), ``amp`` runs fp32 weights under
-autocast, ``fp32``; CPU always runs fp32. Logits are computed in fp32 from the (L2-normalised) features.
+autocast, ``fp32``; CPU always runs fp32. Logits are computed in fp32 from the (L2-normalised) features. When a
+score reads them (``gl_mcm``, ``l_mcm``) inference also returns the local logits ``s * cos(region, text_c)`` of the
+image's local features (:mod:`clip_backbone.local`) against the same class text features.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dassl.config.validate import PREC
 from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.engine.inference import InferenceOutput
 
-from .clip_common import freeze, load_clip_to_cpu, single_template, text_features
+from .clip_common import attach_local_encoder, freeze, load_clip_to_cpu, region_logits, single_template, text_features
 
 
 @TRAINER_REGISTRY.register()
@@ -24,6 +26,7 @@ class ZeroshotCLIP(TrainerX):
     """logits = s * cos(image, class prompt); returns ``InferenceOutput(logits, features)``."""
 
     cfg_node = "ZSCLIP"  # the TRAINER.<node> this trainer reads
+    LOCAL_FEATURES = True  # local logits for gl_mcm / l_mcm
     dataset_signature = staticmethod(single_template)  # derived from DATASET.NAME (one evaluation pass must agree)
     CFG_RANGES = {"TRAINER.ZSCLIP.PREC": PREC}
 
@@ -45,6 +48,7 @@ class ZeroshotCLIP(TrainerX):
             self.clip_model.to(torch.float16 if self.prec == "fp16" else torch.bfloat16)
         print(f"Precision: {self.prec} (requested {cfg.TRAINER.ZSCLIP.PREC})")
         self.image_encoder = self.clip_model.visual
+        attach_local_encoder(self)
         tpl = single_template(cfg)
         print(f"Prompt template: {tpl!r} ({self.text_mode})")
         tf = text_features(bundle, classnames, self.text_mode, tpl, self.device)
@@ -53,11 +57,17 @@ class ZeroshotCLIP(TrainerX):
 
     def model_inference(self, input: torch.Tensor) -> InferenceOutput:
         amp = self.prec == "amp"
+        local = None
         with torch.autocast(device_type=self.device.type) if amp else contextlib.nullcontext():
-            feats = self.encode_images(input).float()
+            if self.infer_local:
+                feats, local = self.encode_images_local(input)
+            else:
+                feats = self.encode_images(input)
+        feats = feats.float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
         logits = self.logit_scale * feats @ self.text_feats.t()
-        return InferenceOutput(logits=logits, features=feats)
+        local_logits = None if local is None else region_logits(local, self.text_feats, self.logit_scale)
+        return InferenceOutput(logits=logits, features=feats, local_logits=local_logits)
 
     def set_model_mode(self, mode: str = "train", names: Any = None) -> None:
         self.clip_model.eval()

@@ -21,7 +21,8 @@ COMPAT_DEFAULTS: dict[str, Any] = {
     "TRAINER.COCOOP.CTX_INIT": "",
     "TRAINER.COCOOP.PREC": "fp16",
     "DATASET.SUBSAMPLE_CLASSES": "all",          # all, base or new (CoOp's base-to-new split)
-    "MODEL.INIT_WEIGHTS": "",                    # CoOp: load_pretrained_weights(prompt_learner, ...)
+    "MODEL.INIT_WEIGHTS": "",                    # CoOp: load_pretrained_weights(prompt_learner, ...); read by
+                                                 # the prompt trainers, refused by the others (train.py)
     "USE_CUDA": True,                            # read by upstream train.py; DEVICE decides here
 }
 COMPAT_KEYS: tuple[str, ...] = tuple(COMPAT_DEFAULTS)

@@ -54,6 +54,9 @@ _C.DATASET.FEWSHOT_SAMPLER = "official"
 _C.DATASET.DOMAIN_MATCH = "substring"
 # Open-set evaluation datasets (<ID>_<OOD>, e.g. PACS_DTD): per-class caps of the official code.
 _C.DATASET.ID_PER_CLASS_CAP = 500
+# Order of their caps: "official" (open-set sample, then val, then test: the ID samples depend on the open set
+# drawn before them) or "id_first" (named deviation: test, val, then the open set; see datasets/openset.py).
+_C.DATASET.OPENSET_DRAW_ORDER = "official"
 # Setup-I: size of the open-set sample of the 600 held-out ImageNet classes (< 1 = all their val images)
 _C.DATASET.SETUP1_OOD_SIZE = 1000
 # Setup-I open-set sample of evaluation runs: "shared_cache" (official: seeds 2 and 3 group the held-out images by
@@ -62,6 +65,10 @@ _C.DATASET.SETUP1_OOD_SAMPLE = "shared_cache"
 # Single prompt template used by single-template trainers ("" = the dataset's default, "a photo of a {}.").
 _C.DATASET.PROMPT_TEMPLATE = ""
 _C.DATASET.OOD_PER_CLASS_CAP = 100
+# Decode the held-out (test) and open-set (ood_test) images at start-up, before training, so a corrupt file stops
+# the run at once; images that decoded are remembered per folder tree by path, size and mtime
+# ($CROFT_CACHE_DIR or ~/.cache/croft/image_checks), so later runs only stat them. False skips the check.
+_C.DATASET.VERIFY_IMAGES = True
 
 ###########################
 # Dataloader
@@ -95,6 +102,10 @@ _C.MODEL.BACKBONE.NAME = ""
 # Local CLIP weights: OpenAI TorchScript .pt, a plain state dict, or an open_clip checkpoint. Empty: look
 # in ~/.cache/clip/<name>.pt (where OpenAI's loader keeps them). Nothing is ever downloaded.
 _C.MODEL.BACKBONE.WEIGHTS = ""
+# Local (per-region) image features, computed only when a trainer (LoCoOp) or a score (gl_mcm, l_mcm) needs them:
+# "value" (LoCoOp / GL-MCM: ViT's last block on its value path; ResNets: the attention pool's value projection)
+# or "tokens" (named deviation, ViT only: the final patch tokens through ln_post and proj).
+_C.MODEL.BACKBONE.LOCAL_FEATURES = "value"
 
 ###########################
 # Optimization
@@ -123,7 +134,8 @@ _C.OPTIM.WARMUP_RECOUNT = True
 # Train
 ###########################
 _C.TRAIN = CN()
-# 0: save only the last epoch (and best-val when TEST.FINAL_MODEL = best_val)
+# Every epoch replaces the rolling checkpoint model.pth.tar-<E> (resume; best-val is kept too when
+# TEST.FINAL_MODEL = best_val); N > 0 also keeps the file of every N-th epoch.
 _C.TRAIN.CHECKPOINT_FREQ = 0
 _C.TRAIN.PRINT_FREQ = 10
 _C.TRAIN.TENSORBOARD = False
@@ -141,6 +153,12 @@ _C.TEST.FINAL_MODEL = "best_val"
 _C.TEST.OOD_SCORES = ("energy", "mcm", "msp", "knn")
 _C.TEST.KNN_K = 50
 _C.TEST.MCM_TEMPERATURE = 1.0
+# OpenOOD v1.5 scores (dassl/evaluation/openood_scores.py), OpenOOD's defaults: GEN's gamma and top-M (gen.yml);
+# the principal dimensions of ViM (vim.yml) and Residual (residual.yml), each < the image feature dimension.
+_C.TEST.GEN_GAMMA = 0.1
+_C.TEST.GEN_M = 100
+_C.TEST.VIM_DIM = 256
+_C.TEST.RESIDUAL_DIM = 512
 # Which split is the in-distribution side of open-set detection: "test" (Setup-II official: the held-out
 # domain) or "val" (Setup-I official). Only correctly classified ID images count (official evaluator).
 _C.TEST.OOD_ID_SPLIT = "test"

@@ -97,6 +97,7 @@ ENGINE_RANGES: dict[str, Range] = {
     "VERSION": count(1),
     "SEED": Range(integer=True, note="< 0: no seeding"),
     "DEVICE": DEVICE,
+    "MODEL.BACKBONE.LOCAL_FEATURES": Range(choices=("value", "tokens"), note="tokens: ViT only"),
     "INPUT.SIZE": count(1),
     "INPUT.PIXEL_MEAN": unit(),
     "INPUT.PIXEL_STD": positive(),
@@ -104,6 +105,7 @@ ENGINE_RANGES: dict[str, Range] = {
     "INPUT.RRCROP_SCALE": Range(0.0, 1.0, lo_open=True),
     "DATASET.NUM_SHOTS": count(-1, "-1 or 0: all images; K: K-shot"),
     "DATASET.ID_PER_CLASS_CAP": count(-1, "< 1: no cap"),
+    "DATASET.OPENSET_DRAW_ORDER": Range(choices=("official", "id_first"), note="id_first: named deviation"),
     "DATASET.SETUP1_OOD_SIZE": count(-1, "< 1: all images"),
     "DATASET.OOD_PER_CLASS_CAP": count(-1, "< 1: no cap"),
     "DATALOADER.NUM_WORKERS": count(0),
@@ -122,10 +124,14 @@ ENGINE_RANGES: dict[str, Range] = {
     "OPTIM.WARMUP_EPOCH": count(-1, "< 1: no warm-up"),
     "OPTIM.WARMUP_CONS_LR": nonneg(),
     "OPTIM.WARMUP_MIN_LR": nonneg(),
-    "TRAIN.CHECKPOINT_FREQ": count(0, "0: last epoch only"),
+    "TRAIN.CHECKPOINT_FREQ": count(0, "0: the rolling last checkpoint only"),
     "TRAIN.PRINT_FREQ": count(1),
     "TEST.KNN_K": count(1),
     "TEST.MCM_TEMPERATURE": positive(),
+    "TEST.GEN_GAMMA": positive(),
+    "TEST.GEN_M": count(1),
+    "TEST.VIM_DIM": count(1, "< the image feature dimension"),
+    "TEST.RESIDUAL_DIM": count(1, "< the image feature dimension"),
 }
 
 

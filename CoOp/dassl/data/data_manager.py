@@ -11,6 +11,7 @@ from ..utils.errors import DataError
 from .datasets import build_dataset
 from .datasets.base_dataset import Datum
 from .transforms import build_transform
+from .verify import verify_dataset
 
 
 def read_image(path: str) -> Image.Image:
@@ -57,6 +58,8 @@ class DataManager:
     def __init__(self, cfg: Any, custom_tfm_train: Optional[Callable] = None,
                  custom_tfm_test: Optional[Callable] = None, dataset: Any = None) -> None:
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
+        if cfg.DATASET.VERIFY_IMAGES:  # held-out and open-set images decode: found now, not at the final test
+            verify_dataset(self.dataset, os.path.expanduser(cfg.DATASET.ROOT))
         self.tfm_train = custom_tfm_train or build_transform(cfg, is_train=True)
         self.tfm_test = custom_tfm_test or build_transform(cfg, is_train=False)
         nw = cfg.DATALOADER.NUM_WORKERS
@@ -81,6 +84,11 @@ class DataManager:
         """A loader over open-set images built like ``ood_test_loader`` (``DATALOADER.OOD_TEST.TRANSFORM``)."""
         batch_size, tfm, nw, pin = self._ood
         return build_data_loader(items, batch_size, tfm, False, nw, pin_memory=pin)
+
+    def build_eval_loader(self, items: list[Datum]) -> DataLoader:
+        """A loader over ``items`` built like ``test_loader`` (test transform, in order)."""
+        batch_size, _, nw, pin = self._ood
+        return build_data_loader(items, batch_size, self.tfm_test, False, nw, pin_memory=pin)
 
     @property
     def num_classes(self) -> int:

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import torchvision.transforms as T
-from torchvision.transforms import InterpolationMode
-
 from ..utils.errors import ConfigError
 
 AVAILABLE_TRANSFORMS = ("random_resized_crop", "random_crop", "random_flip", "center_crop", "normalize")
 
-INTERPOLATION_MODES = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
+# INPUT.INTERPOLATION -> torchvision's InterpolationMode member (torchvision is imported on first use: importing it
+# costs about 2 s of CPU, which a sweep driver that only resolves configs does not pay)
+INTERPOLATION_MODES = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "NEAREST"}
 
 
-def build_transform(cfg: Any, is_train: bool = True) -> T.Compose:
-    """Build the train or test transform of ``cfg.INPUT``."""
+def build_transform(cfg: Any, is_train: bool = True) -> Any:
+    """Build the train or test transform of ``cfg.INPUT`` (a ``torchvision.transforms.Compose``)."""
+    import torchvision.transforms as T
+
     choices = list(cfg.INPUT.TRANSFORMS)
     for name in choices:
         if name not in AVAILABLE_TRANSFORMS:
@@ -31,7 +28,7 @@ def build_transform(cfg: Any, is_train: bool = True) -> T.Compose:
                               f"{', '.join(AVAILABLE_TRANSFORMS)})")
     if cfg.INPUT.INTERPOLATION not in INTERPOLATION_MODES:
         raise ConfigError(f"unknown INPUT.INTERPOLATION {cfg.INPUT.INTERPOLATION!r}")
-    interp = INTERPOLATION_MODES[cfg.INPUT.INTERPOLATION]
+    interp = getattr(T.InterpolationMode, INTERPOLATION_MODES[cfg.INPUT.INTERPOLATION])
     size = tuple(cfg.INPUT.SIZE)
     normalize = T.Normalize(mean=cfg.INPUT.PIXEL_MEAN, std=cfg.INPUT.PIXEL_STD)
     ops: list[Any] = []

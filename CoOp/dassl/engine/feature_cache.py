@@ -10,7 +10,12 @@ All trainers of this project keep CLIP's image encoder frozen, so a run only nee
   methods and seeds share the same views.
 
 The stores live under ``FEATURE_CACHE.DIR/<key>/<kind>/`` (``kind`` = ``test`` or ``train_v<v>``) where the key
-hashes the backbone, the weights file (path, size, mtime) and the INPUT config. Each store is append-only and
+hashes the backbone, the weights file (path, size, mtime) and the INPUT config. A run that wants local image
+features (``trainer.wants_local``: LoCoOp, or a local score such as ``gl_mcm``) also keeps each image's R x D local
+features, flattened, in the store ``<kind>_local`` (``<kind>_local-tokens`` for ``MODEL.BACKBONE.LOCAL_FEATURES
+tokens``) next to its global store, filled in the same encoder pass; its loaders then yield ``(1 + R) x D`` rows
+(global first), which :meth:`SimpleTrainer.encode_images` / ``encode_images_local`` split. Other runs never
+compute or read them. Each store is append-only and
 sharded (:mod:`.feature_store`): shards are written atomically under a file lock and read through memory maps,
 so parallel runs and ``torchrun`` ranks can share it. An old single-file store (``<kind>.pt``) is imported once. This is a
 deliberate deviation from the official code (fresh augmentation every epoch): it is off by default.
@@ -83,9 +88,11 @@ def _fill_lock(folder: str, lane: int, blocking: bool) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def fill_lane(path: str) -> int:
-    """The fill lane of an image (``FILL_LANES`` lanes per store, each with its own lock)."""
-    return zlib.crc32(path.encode()) % FILL_LANES
+def fill_lane(path: str, root: str = "") -> int:
+    """The fill lane of an image (``FILL_LANES`` lanes per store, each with its own lock), from its path relative
+    to the data root: a tree that lies elsewhere is encoded in the same batches, so its features are bit-identical."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if root else path
+    return zlib.crc32(rel.encode()) % FILL_LANES
 
 
 def view_seed(view: int, path: str, root: str) -> int:
@@ -115,7 +122,9 @@ class _SeededViews(Dataset):
             return self.transform(img), path
         seed = view_seed(self.view, path, self.root)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the transforms draw from the CPU generator only; torch.manual_seed would also (lazily) seed every
+            # accelerator, formatting a stack trace per call (~1 ms per image), and leave their streams changed
+            torch.default_generator.manual_seed(seed)
             return self.transform(img), path
 
 
@@ -146,16 +155,22 @@ class FeatureCache:
         base = cfg.FEATURE_CACHE.DIR or os.path.join(os.path.expanduser("~"), ".cache", "croft", "features")
         dtype = next(trainer.image_encoder.parameters()).dtype
         self.dir = os.path.join(base, cache_key(cfg, dtype))
+        self.local_mode = cfg.MODEL.BACKBONE.LOCAL_FEATURES if getattr(trainer, "wants_local", False) else None
+
+    def local_kind(self, kind: str) -> str:
+        """The store kind of the local features that go with store ``kind``."""
+        return f"{kind}_local" if self.local_mode == "value" else f"{kind}_local-{self.local_mode}"
 
     @torch.no_grad()
     def _fill(self, items: list[Datum], transform: Any, store: FeatureStore, view: Optional[int], desc: str,
-              rank: int = 0, world_size: int = 1) -> None:
-        """Encode the images of ``items`` missing from ``store`` (this rank's share of them) and append them."""
+              rank: int = 0, world_size: int = 1, local: Optional[FeatureStore] = None) -> None:
+        """Encode the images of ``items`` missing from ``store`` (or from ``local``, its local-feature store)
+        (this rank's share of them) and append them."""
         shard = sorted({d.impath for d in items})[rank::world_size]  # shard the full list: ranks never overlap
-        if all(p in store for p in shard):
+        if not any(_missing(p, store, local) for p in shard):
             return
         if world_size > 1:  # torchrun ranks fill disjoint shares and need no lock
-            self._encode([p for p in shard if p not in store], transform, store, view, desc)
+            self._encode([p for p in shard if _missing(p, store, local)], transform, store, view, desc, local)
             return
         # runs of a sweep start together: the images of a store are split into lanes, one filler per lane at a
         # time; a filler first takes the lanes nobody holds, then waits for the others and reads their shards.
@@ -163,60 +178,79 @@ class FeatureCache:
         # killed process.
         lanes: dict[int, list[str]] = {}
         for p in shard:
-            lanes.setdefault(fill_lane(p), []).append(p)
+            lanes.setdefault(fill_lane(p, self.trainer.cfg.DATASET.ROOT), []).append(p)
         waiting = []
         for lane, paths in sorted(lanes.items()):
-            if not self._fill_lane(lane, paths, transform, store, view, desc, blocking=False):
+            if not self._fill_lane(lane, paths, transform, store, view, desc, blocking=False, local=local):
                 waiting.append((lane, paths))
         for lane, paths in waiting:
-            self._fill_lane(lane, paths, transform, store, view, desc, blocking=True)
+            self._fill_lane(lane, paths, transform, store, view, desc, blocking=True, local=local)
 
     def _fill_lane(self, lane: int, paths: list[str], transform: Any, store: FeatureStore, view: Optional[int],
-                   desc: str, blocking: bool) -> bool:
+                   desc: str, blocking: bool, local: Optional[FeatureStore] = None) -> bool:
         """Encode the missing ``paths`` of one lane under its lock; False if the lock is held and not ``blocking``."""
         with _fill_lock(store.folder, lane, blocking) as held:
             if not held:
                 return False
-            store.refresh()
-            todo = [p for p in paths if p not in store]
+            for s in (store, local):
+                if s is not None:
+                    s.refresh()
+            todo = [p for p in paths if _missing(p, store, local)]
             if todo:
-                self._encode(todo, transform, store, view, desc)
+                self._encode(todo, transform, store, view, desc, local)
             return True
 
     @torch.no_grad()
-    def _encode(self, todo: list[str], transform: Any, store: FeatureStore, view: Optional[int], desc: str) -> None:
-        """Encode ``todo`` and append the features to ``store`` in shards of ``FLUSH_ROWS``."""
+    def _encode(self, todo: list[str], transform: Any, store: FeatureStore, view: Optional[int], desc: str,
+                local: Optional[FeatureStore] = None) -> None:
+        """Encode ``todo`` and append the features to ``store`` (and the flattened local features to ``local``)
+        in shards of ``FLUSH_ROWS``."""
         tr = self.trainer
         loader = DataLoader(_SeededViews(todo, transform, view, tr.cfg.DATASET.ROOT),
                             batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False, num_workers=0)
         paths_new: list[str] = []
         feats_new: list[torch.Tensor] = []
+        locals_new: list[torch.Tensor] = []
         dtype = next(tr.image_encoder.parameters()).dtype
+
+        def flush() -> None:
+            if local is not None:
+                local.add(paths_new, torch.cat(locals_new))
+            store.add(paths_new, torch.cat(feats_new))
+
         # iterating a DataLoader draws a base seed from the global RNG: keep the run's random stream untouched,
         # so a run that builds the cache and one that re-uses it train identically
         with torch.random.fork_rng(devices=[]):
             for images, paths in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
-                feats_new.append(tr.image_encoder(images.to(tr.device, dtype=dtype)).float().cpu())
+                x = images.to(tr.device, dtype=dtype)
+                if local is None:
+                    feats_new.append(tr.image_encoder(x).float().cpu())
+                else:
+                    glob, loc = tr.local_image_encoder(x)
+                    feats_new.append(glob.float().cpu())
+                    locals_new.append(loc.float().flatten(1).cpu())
                 tr.encoder_images += len(images)
                 paths_new.extend(paths)
                 if len(paths_new) >= FLUSH_ROWS:
-                    store.add(paths_new, torch.cat(feats_new))
-                    paths_new, feats_new = [], []
+                    flush()
+                    paths_new, feats_new, locals_new = [], [], []
         if paths_new:
-            store.add(paths_new, torch.cat(feats_new))
+            flush()
 
     def _views(self, items: list[Datum], n_aug: int, name: str, rank: int = 0,
-               world_size: int = 1) -> list[FeatureStore]:
-        """``n_aug`` augmented views (train transform), or the test-transform features when ``n_aug == 0``."""
+               world_size: int = 1) -> list[Any]:
+        """``n_aug`` augmented views (train transform), or the test-transform features when ``n_aug == 0``; with
+        local features each view reads its global and local stores as one (:class:`_WithLocal`)."""
         dm = self.trainer.dm
         augmented = n_aug > 0
-        out = []
+        out: list[Any] = []
         for v in range(n_aug if augmented else 1):
             kind = f"train_v{v}" if augmented else "test"
             store = open_store(self.dir, kind)
+            local = open_store(self.dir, self.local_kind(kind)) if self.local_mode else None
             self._fill(items, dm.tfm_train if augmented else dm.tfm_test, store, v if augmented else None,
-                       f"cache {name} {kind}", rank, world_size)
-            out.append(store)
+                       f"cache {name} {kind}", rank, world_size, local)
+            out.append(store if local is None else _WithLocal(store, local))
         return out
 
     def extract(self, rank: int = 0, world_size: int = 1) -> dict[str, int]:
@@ -243,7 +277,8 @@ class FeatureCache:
         cfg = tr.cfg
         ds = tr.dm.dataset
         os.makedirs(self.dir, exist_ok=True)
-        print(f"Feature cache: {self.dir} ({self.views} training views)")
+        print(f"Feature cache: {self.dir} ({self.views} training views"
+              f"{f'; local features: {self.local_mode}' if self.local_mode else ''})")
         bs_train, bs_test = cfg.DATALOADER.TRAIN_X.BATCH_SIZE, cfg.DATALOADER.TEST.BATCH_SIZE
         if ds.train_x:
             tr.train_loader_x = _LazyLoader(lambda: DataLoader(
@@ -268,6 +303,29 @@ class FeatureCache:
         return _LazyLoader(lambda: DataLoader(FeatureDataset(items, self._views(items, n_aug, "ood_test")),
                                               batch_size=bs, shuffle=False), len(items), bs, False)
 
+    def eval_loader(self, items: list[Datum], name: str) -> "_LazyLoader":
+        """A feature loader over ``items`` under the test transform, in order (e.g. the training split for the
+        statistics of fitted OOD scores); ``name`` labels the progress bar."""
+        bs = self.trainer.cfg.DATALOADER.TEST.BATCH_SIZE
+        return _LazyLoader(lambda: DataLoader(FeatureDataset(items, self._views(items, 0, name)), batch_size=bs,
+                                              shuffle=False), len(items), bs, False)
+
+
+def _missing(path: str, store: FeatureStore, local: Optional[FeatureStore]) -> bool:
+    return path not in store or (local is not None and path not in local)
+
+
+class _WithLocal:
+    """A view's global store and its local store read as one: ``get(path)`` is the ``(1 + R, D)`` rows."""
+
+    def __init__(self, store: FeatureStore, local: FeatureStore) -> None:
+        self.store = store
+        self.local = local
+
+    def get(self, path: str) -> torch.Tensor:
+        glob = self.store.get(path)
+        return torch.cat([glob.unsqueeze(0), self.local.get(path).view(-1, glob.shape[0])])
+
 
 class _LazyLoader:
     """A loader built on first use, so features of splits a run never touches are never computed."""
@@ -287,11 +345,12 @@ class _LazyLoader:
 
 
 def _pass_features(device: torch.device, stats: dict[str, int]) -> Any:
-    """Batches of the feature loaders (N x D) pass through (``stats["hits"]`` counts them); image batches
-    (e.g. Tip-Adapter's own cache loader) fall back to the encoder (``stats["fallbacks"]``)."""
+    """Batches of the feature loaders (N x D, or N x (1 + R) x D with local features) pass through
+    (``stats["hits"]`` counts them); image batches (e.g. Tip-Adapter's own cache loader) fall back to the encoder
+    (``stats["fallbacks"]``)."""
 
     def provider(images: torch.Tensor, batch: Optional[dict]) -> Optional[torch.Tensor]:
-        hit = images.dim() == 2
+        hit = images.dim() in (2, 3)
         stats["hits" if hit else "fallbacks"] += 1
         return images.to(device).float() if hit else None
 

@@ -81,7 +81,16 @@ class FeatureStore:
     def _array(self, k: int) -> np.ndarray:
         arr = self._arrays[k]
         if arr is None:
-            arr = np.load(os.path.join(self.folder, self._stems[k] + ".npy"), mmap_mode="r")
+            path = os.path.join(self.folder, self._stems[k] + ".npy")
+            try:  # a plain float array: np.load refuses pickled objects (allow_pickle=False)
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                if arr.dtype.hasobject or arr.ndim != 2:
+                    raise ValueError(f"expected an N x D float array, got {arr.dtype} {arr.shape}")
+            except (OSError, ValueError) as err:
+                from ..utils.errors import DataError
+
+                raise DataError(f"feature cache shard {path} is not a feature array ({err}); delete the "
+                                f"folder {self.folder} to rebuild it") from None
             self._arrays[k] = arr
         return arr
 

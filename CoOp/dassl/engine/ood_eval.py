@@ -6,8 +6,12 @@
    only when ``TEST.OOD_ID_CORRECT_ONLY``; for ``knn`` only when ``TEST.KNN_ID_CORRECT_ONLY``, default all
    images as the official KNN script) against the open-set images; all metrics of
    :func:`dassl.evaluation.ood.ood_metrics`; the familiar ``OODD_FPR95:`` / ``AUROC:`` lines for the energy score.
-   KNN uses the source-domain ``val`` features as its bank (as the official KNN script).
-3. ``scores.npz`` (logits, labels, features, scores per split) and ``energy_hist.png`` in the output directory.
+   KNN uses the source-domain ``val`` features as its bank (as the official KNN script). Fitted scores
+   (``mahalanobis``, ``vim``, ``residual``, ``temp_msp``) get their statistics from one extra pass over the ID
+   training split ``train_x`` (:mod:`.score_fit`), only when one is requested.
+3. ``scores.npz`` (logits, labels, features, scores per split; ``local_<score>``: a local score's per-image
+   reduction of the local logits, made per batch at collection, :func:`.inference.local_reduction`) and
+   ``energy_hist.png`` in the output directory.
 """
 from __future__ import annotations
 
@@ -23,18 +27,21 @@ from ..evaluation.scores import ScoreInputs, compute_score, missing_inputs, scor
 from ..evaluation.plots import plot_score_histograms
 from ..utils.errors import ConfigError
 from ..utils.tools import atomic_write_bytes
+from .inference import score_settings
+from .score_fit import FittedStats, fit_requested
 
 
 def _score_inputs(out: dict[str, np.ndarray], trainer: Any, bank: np.ndarray | None, k: int,
                   cfg: Any) -> ScoreInputs:
-    """The registry's view of one split's outputs (float64, as the official numpy evaluation)."""
+    """The registry's view of one split's outputs (float64, as the official numpy evaluation; the local scores'
+    reductions were computed per batch in float32, as GL-MCM's own evaluation, and widen exactly)."""
     def t(a: np.ndarray | None) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.asarray(a)).double()
 
     return ScoreInputs(logits=t(out["logits"]), features=t(out.get("features")), bank=t(bank),
-                       score=t(out.get("score")), logit_scale=trainer.logit_scale_value(),
-                       mcm_temperature=cfg.TEST.MCM_TEMPERATURE, k=k,
-                       extras={key[len("extra_"):]: t(v) for key, v in out.items() if key.startswith("extra_")})
+                       score=t(out.get("score")), k=k, **score_settings(trainer, cfg),
+                       extras={key[len("extra_"):]: t(v) for key, v in out.items() if key.startswith("extra_")},
+                       local={key[len("local_"):]: t(v) for key, v in out.items() if key.startswith("local_")})
 
 
 def check_score_names(names: Any) -> list[str]:
@@ -73,12 +80,14 @@ def run_evaluation(trainer: Any) -> dict[str, Any]:
 
 
 def detect_open_set(trainer: Any, outs: dict[str, dict[str, np.ndarray]], cfg: Any = None,
-                    id_scores: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, Any]:
+                    id_scores: dict[tuple[str, str], np.ndarray] | None = None,
+                    fitted: FittedStats | None = None) -> dict[str, Any]:
     """Every ``TEST.OOD_SCORES`` entry and its detection metrics from one run's split outputs (``outs``: the ID
     split, ``ood_test`` and ``val`` when present, in collection order); writes the artifacts to
     ``cfg.OUTPUT_DIR`` (``cfg``: the run's config, default ``trainer.cfg``). ``id_scores`` (score, split) ->
     scores of the splits other than ``ood_test``: filled on first use and reused, so a pass over several open
-    sets scores the ID side once."""
+    sets scores the ID side once. ``fitted``: the model's fitted-score statistics (:mod:`.score_fit`), likewise
+    fitted on the training split on first use and reused."""
     cfg = trainer.cfg if cfg is None else cfg
     id_split = cfg.TEST.OOD_ID_SPLIT
     id_out = outs[id_split]
@@ -95,6 +104,11 @@ def detect_open_set(trainer: Any, outs: dict[str, dict[str, np.ndarray]], cfg: A
             print(f"Note: {name} score skipped (this run has no {', '.join(missing)}: the trainer returns no "
                   f"image features or there is no val split)")
             names.remove(name)
+    fits = FittedStats() if fitted is None else fitted
+    names = fit_requested(trainer, cfg, names, inputs[id_split], fits,
+                          lambda o: _score_inputs(o, trainer, None, 0, cfg))
+    for inp in inputs.values():
+        inp.fitted = fits.stats
     cache = {} if id_scores is None else id_scores
     detection: dict[str, Any] = {}
     all_scores: dict[str, dict[str, np.ndarray]] = {}
@@ -111,22 +125,24 @@ def detect_open_set(trainer: Any, outs: dict[str, dict[str, np.ndarray]], cfg: A
         only_correct = bool(cfg.TEST.KNN_ID_CORRECT_ONLY if name == "knn" else cfg.TEST.OOD_ID_CORRECT_ONLY)
         keep = id_keep_mask(id_out["logits"], id_out["labels"], only_correct)
         id_side = per_split[id_split][keep]
-        threshold = ood.val_threshold_tpr95(id_side)
+        threshold = ood.id_threshold_tpr95(id_side)
         res = ood.ood_metrics(id_side, per_split["ood_test"], threshold=threshold)
         res["num_id"] = int(keep.sum())
         res["id_correct_only"] = only_correct
         res["num_ood"] = int(len(per_split["ood_test"]))
         if name == "knn":
             res["k"] = k
+        if name in fits.stats:
+            res["fit"] = fits.record(name)
         detection[name] = res
         print(f"=> ood detection result (score: {name}; ID: {'correct ' if only_correct else 'all '}"
               f"{id_split} images, n={res['num_id']}; open-set n={res['num_ood']})")
         print(f"threshold @ TPR95 on ID: {threshold:.6f}")
         if name == "energy":
-            print(f"OODD_FPR95: {res['fpr95_val_threshold']}")
+            print(f"OODD_FPR95: {res['fpr95_id_percentile']}")
             print(f"AUROC: {res['auroc']}")
-        print(f"  {name}: FPR95(TPR-ID) {100 * res['fpr95_tpr_id']:.2f}  FPR95(val-thr) "
-              f"{100 * res['fpr95_val_threshold']:.2f}  FPR95(TPR-OOD) {100 * res['fpr95_tpr_ood']:.2f}  "
+        print(f"  {name}: FPR95(TPR-ID) {100 * res['fpr95_tpr_id']:.2f}  FPR95(ID-p5) "
+              f"{100 * res['fpr95_id_percentile']:.2f}  FPR95(TPR-OOD) {100 * res['fpr95_tpr_ood']:.2f}  "
               f"AUROC {100 * res['auroc']:.2f}  AUPR-In {100 * res['aupr_in']:.2f}  AUPR-Out {100 * res['aupr_out']:.2f}")
     metrics: dict[str, Any] = {"ood": detection}
     if cfg.TEST.SAVE_SCORES:

@@ -1,6 +1,7 @@
-"""Structured run records: ``record.json`` (config, seed, metrics, timings, versions) then a ``done`` marker.
+"""Structured run records: ``record.json`` (config, identity, seed, metrics, timings, versions) then ``done``.
 
-Both are written atomically, record first; collectors only trust a run directory that has ``done``.
+Both are written atomically, record first; collectors only trust a run directory that has ``done``, and sweeps
+count it as the planned run only when its fingerprint is the planned one (:func:`is_done`).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from typing import Any, Optional
 
 from ..utils.tools import atomic_write_json, atomic_write_text, read_json, versions
+from .identity import stored_identity
 
 RECORD_FILE = "record.json"
 DONE_FILE = "done"
@@ -36,6 +38,20 @@ class RunRecord:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         self._t0 = time.time()
+        self._earlier_seconds = 0.0  # training segments before this process (a resumed run)
+
+    def set_identity(self, identity: dict[str, Any]) -> None:
+        """The run's identity (:mod:`dassl.engine.identity`): fingerprint and fingerprinted values."""
+        self.data["identity"] = identity
+        self.data["fingerprint"] = identity["fingerprint"]
+
+    def set_segments(self, segments: list[dict[str, Any]]) -> None:
+        """The training segments of a resumed run (one per process that trained it, oldest first): ``started``
+        becomes the first segment's start and ``timings.total_seconds`` adds the earlier segments' seconds."""
+        self.data["segments"] = segments
+        if len(segments) > 1:
+            self.data["started"] = segments[0]["started"]
+            self._earlier_seconds = sum(float(s.get("seconds", 0.0)) for s in segments[:-1])
 
     def add_metrics(self, section: str, values: dict[str, Any]) -> None:
         self.data["metrics"].setdefault(section, {}).update({k: _plain(v) for k, v in values.items()})
@@ -44,7 +60,7 @@ class RunRecord:
         self.data[key] = value
 
     def write(self, output_dir: str) -> str:
-        self.data["timings"]["total_seconds"] = round(time.time() - self._t0, 3)
+        self.data["timings"]["total_seconds"] = round(time.time() - self._t0 + self._earlier_seconds, 3)
         self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         path = os.path.join(output_dir, RECORD_FILE)
         atomic_write_json(path, self.data)
@@ -61,8 +77,15 @@ def _plain(v: Any) -> Any:
         return str(v)
 
 
-def is_done(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, DONE_FILE)) and os.path.isfile(os.path.join(run_dir, RECORD_FILE))
+def is_done(run_dir: str, fingerprint: Optional[str] = None) -> bool:
+    """This run finished: ``done`` and ``record.json`` exist and, when ``fingerprint`` is given, the directory's
+    run has that fingerprint (a finished run of another configuration is not this run)."""
+    if not (os.path.isfile(os.path.join(run_dir, DONE_FILE)) and os.path.isfile(os.path.join(run_dir, RECORD_FILE))):
+        return False
+    if fingerprint is None:
+        return True
+    stored = stored_identity(run_dir)
+    return stored is not None and stored.get("fingerprint") == fingerprint
 
 
 def load_record(run_dir: str) -> dict[str, Any]:

@@ -136,8 +136,13 @@ class Lockstep:
 
     def train(self) -> None:
         trainers = [s.trainer for s in self.sessions]
+        for t in trainers:  # older rolling checkpoints go once every member has saved the epoch (see rewind)
+            t.defer_checkpoint_prune = True
         self.each(lambda t: t.before_train())
         starts = {s.trainer.start_epoch for s in self.sessions}
+        if len(starts) == 1:  # every member at the same epoch: files older than its rolling checkpoint go
+            for t in trainers:
+                t.prune_checkpoints(t.output_dir)
         if len(starts) > 1 and not self.rewind(min(starts)):  # killed between the members' checkpoints
             self.one_by_one(f"members resume from different epochs {sorted(starts)}")
             return
@@ -153,11 +158,14 @@ class Lockstep:
             stack.sync()
             self.check_weights()
             self.each(lambda t: t.after_epoch())
+            for s in self.live:
+                s.trainer.prune_checkpoints(s.trainer.output_dir)
         self.each(lambda t: t.after_train())
 
     def rewind(self, epoch: int) -> bool:
-        """Bring members that resumed later back to their ``model.pth.tar-<epoch>`` checkpoints (kept per
-        epoch); False when that is not possible (some member has none)."""
+        """Bring members that resumed later back to their ``model.pth.tar-<epoch>`` checkpoints (a member's
+        previous rolling checkpoint stays until every member has saved the next epoch); False when that is not
+        possible (some member has none)."""
         ahead = [s for s in self.sessions if s.trainer.start_epoch > epoch]
         if epoch == 0:
             return False
@@ -178,6 +186,7 @@ class Lockstep:
     def one_by_one(self, reason: str) -> None:
         print(f"Note: stacked training falls back to one run after another ({reason})")
         for s in self.sessions:
+            s.trainer.defer_checkpoint_prune = False
             set_rng_state(self.built_rng)
             s.activate()
             s.trainer.train(s.trainer.start_epoch, s.trainer.max_epoch)

@@ -22,12 +22,16 @@ Conventions
                                                  as OOD at the FIRST point of sklearn's ROC curve (OOD
                                                  positive, negated scores, intermediate collinear points
                                                  dropped) whose OOD recall is >= 0.95
-  ``fpr95_val_threshold``     ID (threshold)     CRoFT evaluator: fraction of OOD scores STRICTLY above
-                                                 a threshold taken from ID validation scores
+  ``fpr95_id_percentile``     ID (threshold)     CRoFT evaluator: fraction of OOD scores STRICTLY above
+                                                 the 5th percentile of the ID side's scores (Setup-II:
+                                                 correctly classified held-out TEST images; Setup-I: the
+                                                 correctly classified val images); that threshold is
+                                                 stored as ``id_threshold``
   ==========================  =================  =====================================================
 
 :data:`FPR95_CONVENTION` names the FPR95 each official table used per score (energy: the evaluator's
-``OODD_FPR95`` = ``fpr95_val_threshold``; KNN: ``metric_utils`` = ``fpr95_tpr_id``).
+``OODD_FPR95`` = ``fpr95_id_percentile``; KNN: ``metric_utils`` = ``fpr95_tpr_id``; the scores taken from OpenOOD
+v1.5, :data:`OPENOOD_SCORES`: OpenOOD's evaluator = ``fpr95_tpr_ood``).
 """
 from __future__ import annotations
 
@@ -44,20 +48,44 @@ __all__ = [
     "aupr_out_openood",
     "fpr95_tpr_id",
     "fpr95_tpr_ood",
-    "val_threshold_tpr95",
-    "fpr95_val_threshold",
+    "id_threshold_tpr95",
+    "fpr95_id_percentile",
+    "METRIC_ALIASES",
+    "metric_value",
+    "canonical_metric",
     "ood_metrics",
     "FPR95_CONVENTION",
+    "OPENOOD_SCORES",
     "fpr95_convention",
 ]
 
-FPR95_CONVENTION: dict[str, str] = {"energy": "fpr95_val_threshold", "knn": "fpr95_tpr_id"}
-"""Score -> the FPR95 its official table reports (energy: evaluator ``OODD_FPR95``; KNN: ``metric_utils``)."""
+OPENOOD_SCORES = ("maxlogit", "gen", "temp_msp", "mahalanobis", "vim", "residual")
+FPR95_CONVENTION: dict[str, str] = {"energy": "fpr95_id_percentile", "knn": "fpr95_tpr_id",
+                                    **{s: "fpr95_tpr_ood" for s in OPENOOD_SCORES}}
+"""Score -> the FPR95 its official table reports (energy: evaluator ``OODD_FPR95``; KNN: ``metric_utils``;
+OpenOOD v1.5's post-hoc scores: OpenOOD's evaluator, ``fpr95_tpr_ood``)."""
 
 
 def fpr95_convention(score: str) -> str:
     """The official FPR95 key of a score (scores without an official table: ``fpr95_tpr_id``)."""
     return FPR95_CONVENTION.get(score, "fpr95_tpr_id")
+
+
+METRIC_ALIASES: dict[str, str] = {"fpr95_val_threshold": "fpr95_id_percentile", "val_threshold": "id_threshold"}
+"""Old metric key -> its current name (records written before the rename still collect)."""
+
+
+def canonical_metric(name: str) -> str:
+    """The current name of a metric key (old names of :data:`METRIC_ALIASES` are mapped)."""
+    return METRIC_ALIASES.get(name, name)
+
+
+def metric_value(det: dict[str, Any], key: str) -> Any:
+    """``det[key]`` from one score's detection metrics of a record, also under the key's old name; None if absent."""
+    key = canonical_metric(key)
+    if key in det:
+        return det[key]
+    return next((det[old] for old, new in METRIC_ALIASES.items() if new == key and old in det), None)
 
 # --------------------------------------------------------------------------------------------------------------
 # Metrics (numpy in, float out)
@@ -191,17 +219,19 @@ def aupr_out_openood(id_scores: Any, ood_scores: Any) -> float:
     return _trapezoid_aupr(-neg, -pos)
 
 
-def val_threshold_tpr95(id_scores: Any) -> float:
+def id_threshold_tpr95(id_scores: Any) -> float:
     """The official evaluator's ID threshold: ``numpy.percentile(id_scores, 5)`` (linear interpolation).
 
-    About 95 % of the given ID scores are ``>= threshold``. The caller passes only the scores of the CORRECTLY
-    CLASSIFIED ID validation samples, as the official ``eval_ood_detection`` does.
+    About 95 % of the given ID scores are ``>= threshold``. The caller passes the ID side's scores: the CORRECTLY
+    CLASSIFIED val images in Setup-I (official ``eval_ood_detection``), the correctly classified held-out test
+    images in Setup-II (official ``load_ImgFeat``).
     """
     return float(np.percentile(_as_scores(id_scores, "id_scores"), 5))
 
 
-def fpr95_val_threshold(ood_scores: Any, threshold: float) -> float:
-    """Official evaluator FPR95 (ID-derived threshold): fraction of OOD scores STRICTLY greater than it."""
+def fpr95_id_percentile(ood_scores: Any, threshold: float) -> float:
+    """Official evaluator FPR95 (``OODD_FPR95``): fraction of OOD scores STRICTLY greater than ``threshold``, the 5th
+    percentile of the ID side's scores (:func:`id_threshold_tpr95`)."""
     neg = _as_scores(ood_scores, "ood_scores")
     threshold = float(threshold)
     if np.isnan(threshold):
@@ -214,8 +244,8 @@ def ood_metrics(id_scores: Any, ood_scores: Any, threshold: float | None = None)
 
     Keys: ``auroc``, ``aupr_in``, ``aupr_out``, ``aupr_in_openood``, ``aupr_out_openood``, ``fpr95_tpr_id``,
     ``fpr95_tpr_ood``; and, only when
-    ``threshold`` (e.g. from :func:`val_threshold_tpr95` on ID validation scores) is given,
-    ``fpr95_val_threshold`` and ``val_threshold``.
+    ``threshold`` (from :func:`id_threshold_tpr95` on the ID side's scores) is given, ``fpr95_id_percentile`` and
+    ``id_threshold`` (old records: ``fpr95_val_threshold`` / ``val_threshold``, read by :func:`metric_value`).
     """
     pos, neg = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
     res: dict[str, float] = {
@@ -228,7 +258,11 @@ def ood_metrics(id_scores: Any, ood_scores: Any, threshold: float | None = None)
         "fpr95_tpr_ood": fpr95_tpr_ood(pos, neg),
     }
     if threshold is not None:
-        res["fpr95_val_threshold"] = fpr95_val_threshold(neg, threshold)
-        res["val_threshold"] = float(threshold)
+        res["fpr95_id_percentile"] = fpr95_id_percentile(neg, threshold)
+        res["id_threshold"] = float(threshold)
     return res
+
+
+val_threshold_tpr95 = id_threshold_tpr95  # old names, kept for callers written before the rename
+fpr95_val_threshold = fpr95_id_percentile
 

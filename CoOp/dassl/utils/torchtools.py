@@ -1,16 +1,21 @@
-"""Checkpoint I/O (atomic writes, Dassl layout: ``<dir>/<model>/model.pth.tar-<E>`` and ``model-best.pth.tar``)."""
+"""Checkpoint I/O (atomic writes, Dassl layout: ``<dir>/<model>/model.pth.tar-<E>`` and ``model-best.pth.tar``;
+a ``checkpoint`` file names the newest ``model.pth.tar-<E>``, the rolling checkpoint resume starts from)."""
 from __future__ import annotations
 
 import io
 import os
+import random
+import re
 import warnings
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .safe_load import load_torch_file
 from .tools import atomic_write_bytes, atomic_write_text
 
 
@@ -39,14 +44,71 @@ def save_checkpoint(state: dict[str, Any], save_dir: str, is_best: bool = False,
     return fpath
 
 
+def set_latest_checkpoint(save_dir: str, name: str) -> None:
+    """Make the ``checkpoint`` file of ``save_dir`` name ``name`` (atomic; unchanged when it already does)."""
+    pointer = os.path.join(save_dir, "checkpoint")
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            if f.readline().strip() == name:
+                return
+    atomic_write_text(pointer, name + "\n")
+
+
+def prune_checkpoints(save_dir: str, keep_every: int = 0) -> list[str]:
+    """Remove every ``model.pth.tar-<E>`` of ``save_dir`` but the one ``checkpoint`` names (the rolling last
+    checkpoint) and, when ``keep_every`` > 0, those with ``E % keep_every == 0``; return the removed names."""
+    pointer = os.path.join(save_dir, "checkpoint")
+    if not os.path.isfile(pointer):
+        return []
+    with open(pointer, encoding="utf-8") as f:
+        newest = f.readline().strip()
+    removed = []
+    for name in sorted(os.listdir(save_dir)):
+        m = re.fullmatch(r"model\.pth\.tar-(\d+)", name)
+        if m and name != newest and not (keep_every > 0 and int(m.group(1)) % keep_every == 0):
+            os.unlink(os.path.join(save_dir, name))
+            removed.append(name)
+    return removed
+
+
+def rng_to_tensors() -> dict[str, Any]:
+    """The python, numpy and torch (and CUDA) global RNG states as tensors and numbers (weights-only loadable)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = list(torch.cuda.get_rng_state_all())
+    return out
+
+
+def rng_from_tensors(rng: dict[str, Any]) -> None:
+    """Restore what :func:`rng_to_tensors` saved (also the older layout with numpy's own state tuple)."""
+    py, npy = rng["python"], rng["numpy"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    else:
+        random.setstate(py)
+    if isinstance(npy, dict):
+        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    else:
+        np.random.set_state(npy)
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def load_checkpoint(fpath: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; missing files raise a one-line error."""
+    """Load a checkpoint written by :func:`save_checkpoint` (weights only, :mod:`dassl.utils.safe_load`); a
+    missing, unreadable or code-carrying file raises a one-line error naming it."""
     if not fpath or not os.path.isfile(fpath):
         raise UserError(f"checkpoint not found: {fpath}")
-    try:
-        return torch.load(fpath, map_location=map_location, weights_only=False)
-    except Exception as err:  # corrupt / truncated file
-        raise UserError(f"cannot read checkpoint {fpath}: {err}") from None
+    return load_torch_file(fpath, "checkpoint", map_location)  # weights only: a file is data, never code
 
 
 def resume_from_checkpoint(fdir: str, model: nn.Module, optimizer: Any = None, scheduler: Any = None) -> int:

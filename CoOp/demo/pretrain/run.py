@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from dassl.utils.tools import atomic_write_bytes, atomic_write_json, sha256_file
+from dassl.utils.tools import atomic_write_json
 from demo.data import CLASSNAMES
 from demo.pretrain import digits, model as tiny
 from demo.pretrain.train import TRAIN_TEMPLATES, Recipe, deterministic_torch, stroke_alpha, train_steps
@@ -26,21 +26,31 @@ def data_digest(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def save_state(model: torch.nn.Module, path: Path) -> str:
-    """torch.save the state dict atomically; returns its sha256."""
-    import io
+def cpu_kernels() -> dict:
+    """The CPU and the float kernels torch used (other instruction sets give other bytes)."""
+    import os
+    import platform
 
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write_bytes(str(path), buf.getvalue())
-    return sha256_file(str(path))
+    model = next((ln.split(":", 1)[1].strip() for ln in _read_lines("/proc/cpuinfo") if ln.startswith("model name")),
+                 platform.processor())
+    return {"cpu": model, "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 def reusable(cache_dir: Path, cfg: dict, recipe: Recipe, digest: Optional[str]) -> Optional[dict]:
     """The cached summary when it was trained with this config, recipe and (if given) data."""
     cached = tiny.cached_summary(cache_dir, cfg)
-    if cached is None or cached.get("recipe") != recipe.as_dict():
-        return None
+    if cached is None or cached.get("recipe") != recipe.as_dict() or cached.get("source") == "shipped":
+        return None  # a copy of the shipped weights is no pretraining of this machine
     if digest is not None and cached.get("data_sha256") != digest:
         return None
     return cached
@@ -62,6 +72,9 @@ def summarise(cfg: dict, recipe: Recipe, losses: list[float], data_info: dict, d
                              "and background colours (else white on black)"),
             "loss": "symmetric InfoNCE, same-class pairs positive (uniform target over them)",
             "determinism": "fixed steps, seeded generator, fixed torch threads, torch deterministic algorithms",
+            "vocabulary": "only the token ids of the captions are trained; the other embedding rows are 0",
+            "precision": "trained in float32; every floating tensor rounded to float16 after the last step "
+                         "(stored as float16, run as float32)",
             "first_loss": round(losses[0], 4) if losses else None,
             "final_loss": round(float(np.mean(tail)), 4) if tail else None,
             "final_logit_scale": round(float(model.logit_scale.exp().item()), 2),
@@ -121,9 +134,12 @@ def pretrain(cache_dir: str | Path = tiny.DEFAULT_CACHE_DIR, *, config_path: str
             f"{r.threads} threads, seed {r.seed}")
         losses = train_steps(model, tokens, stroke_alpha(images), torch.from_numpy(labels), r, log)
     model.eval()
+    tiny.round_weights(model)
     summary = summarise(cfg, r, losses, info, disjoint, model)
     summary["data_sha256"] = digest or data_digest(images, labels)
-    summary["sha256"] = save_state(model, cache_dir / tiny.CKPT_NAME)
+    summary["made_on"] = cpu_kernels()
+    summary["sha256"] = tiny.save_weights(model, cache_dir / tiny.WEIGHTS_NAME)
+    summary["pt_sha256"] = tiny.write_state_dict(cache_dir / tiny.CKPT_NAME, model.state_dict())
     summary["seconds"] = round(time.time() - t0, 1)
     if evaluate and digits_built(data_root):
         summary["zero_shot"] = evaluate_zero_shot(model, tiny.get_tokenizer(cfg), data_root, verbose=verbose)

@@ -7,25 +7,30 @@ from typing import Any, Iterable, Optional
 
 
 class Datum:
-    """One sample: image path, integer label, domain index, class name (and, here, a domain name).
+    """One sample: image path, integer label, domain index, class name, domain name (and the official
+    ``alldomain``, unused here).
 
-    Pickles in Dassl's layout (the instance dict ``_impath``, ``_label``, ``_domain``, ``_classname``; a
-    non-empty ``_domainname`` is added), so few-shot split caches are shared with upstream Dassl both ways.
+    Pickles in the official CRoFT layout: the instance dict ``_impath``, ``_label``, ``_domain``, ``_classname``,
+    ``_domainname``, ``_alldomain``, always all six (the official DataManager reads ``domainname`` of every
+    item). Upstream Dassl's ``Datum`` (the first four) reads such pickles, and pickles of either load here (a
+    missing ``_domainname`` is ``""``), so few-shot split caches are shared both ways.
     """
 
     def __init__(self, impath: str = "", label: int = 0, domain: int = 0, classname: str = "",
-                 domainname: str = "") -> None:
+                 domainname: str = "", alldomain: Optional[list[str]] = None) -> None:
         self._impath = impath
         self._label = int(label)
         self._domain = int(domain)
         self._classname = classname
         self._domainname = domainname
+        self._alldomain = alldomain
 
     impath = property(lambda self: self._impath)
     label = property(lambda self: self._label)
     domain = property(lambda self: self._domain)
     classname = property(lambda self: self._classname)
     domainname = property(lambda self: self._domainname)
+    alldomain = property(lambda self: self._alldomain)
 
     def __repr__(self) -> str:
         return f"Datum({self._impath!r}, label={self._label}, domain={self._domain}, classname={self._classname!r})"
@@ -38,18 +43,15 @@ class Datum:
         return hash((self._impath, self._label, self._domain))
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {"_impath": self._impath, "_label": self._label, "_domain": self._domain,
-                 "_classname": self._classname}
-        if self._domainname:
-            state["_domainname"] = self._domainname
-        return state
+        return {"_impath": self._impath, "_label": self._label, "_domain": self._domain,
+                "_classname": self._classname, "_domainname": self._domainname, "_alldomain": self._alldomain}
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
             state = state[1]  # (dict, slots) pickles of slotted classes
         if isinstance(state, dict):
             self.__init__(state.get("_impath", ""), state.get("_label", 0), state.get("_domain", 0),
-                          state.get("_classname", ""), state.get("_domainname", ""))
+                          state.get("_classname", ""), state.get("_domainname", ""), state.get("_alldomain"))
         else:  # this project's earlier tuple layout
             self.__init__(*state)
 
@@ -136,12 +138,15 @@ class DatasetBase:
             output.append(dataset)
         return output[0] if len(output) == 1 else output
 
-    def generate_fewshot_dataset_balance(self, *data_sources: list[Datum], num_shots: int = -1) -> Any:
+    def generate_fewshot_dataset_balance(self, *data_sources: list[Datum], num_shots: int = -1,
+                                         repeat: bool = False) -> Any:
         """The official PACS "balanced" sampler, reproduced with its bug (spec 7.3).
 
-        For every label present it splits the *whole* source by domain and draws ``num_shots // #domains``
-        items from each domain regardless of class, so the result is class-agnostic (~proportional to class
-        frequencies) and may contain duplicates. Use :meth:`generate_fewshot_per_class_domain` for the fix.
+        For every label with at least ``num_shots`` items it splits the *whole* source by domain and draws
+        ``num_shots // #domains`` items from each domain regardless of class, so the result is class-agnostic
+        (~proportional to class frequencies) and may contain duplicates. A domain with fewer items than that
+        share is taken whole without a draw, a label with fewer than ``num_shots`` items likewise (``repeat``:
+        ``random.choices`` instead, as officially). Use :meth:`generate_fewshot_per_class_domain` for the fix.
         """
         if num_shots < 1:
             return data_sources[0] if len(data_sources) == 1 else data_sources
@@ -152,10 +157,13 @@ class DatasetBase:
             per_domain = num_shots // max(len(by_domain), 1)
             for _, items in self.split_dataset_by_label(data_source).items():
                 if len(items) < num_shots:
-                    dataset.extend(items)
+                    dataset.extend(random.choices(items, k=num_shots) if repeat else items)
                     continue
                 for _, dom_items in by_domain.items():
-                    dataset.extend(random.sample(dom_items, min(per_domain, len(dom_items))))
+                    if len(dom_items) >= per_domain:
+                        dataset.extend(random.sample(dom_items, per_domain))
+                    else:
+                        dataset.extend(random.choices(dom_items, k=per_domain) if repeat else dom_items)
             output.append(dataset)
         return output[0] if len(output) == 1 else output
 
@@ -178,8 +186,11 @@ class DatasetBase:
 
 
 def subsample_per_class(items: list[Datum], cap: int) -> list[Datum]:
-    """At most ``cap`` items per label, drawn with python's global ``random`` (order of first appearance)."""
+    """At most ``cap`` (>= 1) items per label, as the official caps ``generate_fewshot_dataset(items,
+    num_shots=cap)``: labels in order of first appearance, ``random.sample(group, cap)`` (python's global
+    ``random``) for every label with at least ``cap`` items, so exactly ``cap`` items are reordered and consume
+    random state too; smaller groups are kept as they are."""
     out: list[Datum] = []
     for _, group in DatasetBase.split_dataset_by_label(items).items():
-        out.extend(random.sample(group, cap) if len(group) > cap else group)
+        out.extend(random.sample(group, cap) if len(group) >= cap else group)
     return out
