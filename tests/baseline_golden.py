@@ -25,15 +25,18 @@ domain, seed, hyper-parameter and sampled index comes from it; nothing here know
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -411,6 +414,47 @@ def optimiser_settings(trainer: Any) -> list[dict[str, Any]]:
             for g in trainer._optims[name].param_groups]
 
 
+def check_inputs(errors: Any, case: Case) -> None:
+    """The image normalisation recipe (BASELINES.md section 2) and the source domains of a case's training images."""
+    for split in ("train", "eval"):
+        errors.add(f"X_{split}", normalise_images(case[f"X_{split}_uint8"], case["pixel_mean"], case["pixel_std"]),
+                   case[f"X_{split}"])
+    errors.add_flag("source_domains", sorted(set(case["d_train"].ravel().tolist()))
+                    == sorted(case["source_domains"].tolist()))
+
+
+def check_optimiser(errors: Any, trainer: Any, case: Case, lr_epoch1: bool = True) -> None:
+    """Every parameter group's SGD settings (and, ``lr_epoch1``, its first-epoch learning rate) against the case."""
+    for group in optimiser_settings(trainer):
+        for name in ("weight_decay", "momentum", "dampening", "nesterov"):
+            errors.add(name, float(group[name]), float(case[name]))
+        if lr_epoch1:
+            errors.add("lr_epoch1", group["lr"], case["lr_epoch1"])
+
+
+@contextlib.contextmanager
+def _one_thread_body() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Autouse fixture of the parity modules (import it): their replays run on one torch thread."""
+    with _one_thread_body():
+        yield
+
+
+def one(outputs: list[Any]) -> Any:
+    """The single recorded call of a hook."""
+    assert len(outputs) == 1, f"expected one recorded call, got {len(outputs)}"
+    return outputs[0]
+
+
 def start_schedule(trainer: Any, case: Case) -> None:
     """BASELINES.md section 3: epoch 1 (warm-up), one ``update_lr`` before step 0, the steps one epoch."""
     trainer.epoch = 1
@@ -685,3 +729,102 @@ def renamed_copy(fixture: Fixture, path: str) -> str:
     out["meta__case_keys"] = np.array([f"re_{k}" for k in reversed(keys)])
     np.savez_compressed(path, **out)
     return path
+
+
+@dataclass
+class Replay:
+    """Errors of one replay by group (e.g. ``static``, ``steps``, ``eval``, ``draws``) and the names compared."""
+
+    case: Case
+    dtype: torch.dtype
+    groups: dict[str, Errors] = field(default_factory=dict)
+    init: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def group(self, name: str) -> Errors:
+        return self.groups.setdefault(name, Errors(f"{self.case.key} {self.dtype} {name}"))
+
+    @property
+    def compared(self) -> set[str]:
+        """The fixture arrays compared (an entry's first word: ``"name (what)"`` notes what was checked)."""
+        return {n.split(" ")[0] for g in self.groups.values() for n in g.values}
+
+    def worst(self, *names: str) -> float:
+        return max(self.groups[n].worst() for n in names)
+
+
+def renamed_replay(fixture: Fixture, method: str, index: int, run: Callable[[Case, torch.dtype, str], Replay],
+                   directory: str) -> Replay:
+    """Replay case ``index`` of ``method`` from :func:`renamed_copy` of ``fixture`` (made once per directory's
+    parent): a file with other case keys, CLIP keys, case order, class names and seeds, the same maths."""
+    path = os.path.join(os.path.dirname(directory), "renamed.npz")
+    if not os.path.isfile(path):
+        renamed_copy(fixture, path)
+    keys = [c.key for c in fixture.cases((method,))]
+    cases = Fixture(path).cases((method,))
+    assert [c.key for c in cases] == [f"re_{k}" for k in reversed(keys)]
+    return run(cases[index], torch.float64, directory)
+
+
+class Replays:
+    """Replays of a test module, run once per (case, dtype) and shared by its tests: ``run(case, dtype, dir)``."""
+
+    DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+    def __init__(self, factory: Any, fixture: Fixture, run: Callable[[Case, torch.dtype, str], Any]) -> None:
+        self.factory, self.fixture, self.run, self.done = factory, fixture, run, {}
+
+    def get(self, key: str, dtype: str = "float64") -> Any:
+        if (key, dtype) not in self.done:
+            directory = str(self.factory.mktemp(f"{key}_{dtype}"))
+            self.done[key, dtype] = self.run(self.fixture.case(key), self.DTYPES[dtype], directory)
+        return self.done[key, dtype]
+
+
+# ------------------------------------------------------------------ the tests read everything from the file
+def source_literals(path: str) -> list[tuple[int, str, str]]:
+    """``(line, token type, text)`` of every number and string literal of a Python file, except on lines marked
+    ``# literal-ok: <reason>``."""
+    import tokenize
+
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out = []
+    with open(path, "rb") as f:
+        for tok in tokenize.tokenize(f.readline):
+            if tok.type in (tokenize.NUMBER, tokenize.STRING) and "# literal-ok:" not in lines[tok.start[0] - 1]:
+                out.append((tok.start[0], tokenize.tok_name[tok.type], tok.string))
+    return out
+
+
+COMMON = 4     # literal-ok: integers below this (indices, halves, pairs) are too common to flag
+SETTINGS = 8   # literal-ok: arrays up to this size hold settings (n_ctx, alphas, ab_pairs, lr_used...)
+
+
+def fixture_literals(fixture: Fixture) -> tuple[set, set]:
+    """Numbers (array dimensions, values of small arrays, except integers below ``COMMON``) and names (case, CLIP,
+    class, domain and dataset names) that a test reading everything from the file never spells out."""
+    numbers: set = set()
+    names: set = set(fixture.case_keys)
+    for key, value in fixture.arrays.items():
+        numbers |= {d for d in value.shape if d >= COMMON}
+        if value.dtype.kind in "iuf" and value.size <= SETTINGS:
+            numbers |= {v.item() for v in value.ravel() if not (float(v).is_integer() and abs(v) < COMMON)}
+        if key.endswith(("__classnames", "__alldomain", "__dataset_name", "__clip_key")):
+            names |= {str(v) for v in np.atleast_1d(value)}
+    return numbers, names
+
+
+def spelled_out(paths: list[str], numbers: set, names: set) -> list[tuple[str, int, str]]:
+    found = []
+    for path in paths:
+        for line, kind, text in source_literals(path):
+            if kind == "NUMBER":
+                hit = ast.literal_eval(text) in numbers  # a NUMBER token is a plain literal
+            else:
+                inner = text.lstrip("rbfRBF")[1:-1].strip("'\"")
+                hit = inner in names or any(inner.startswith(f"{n}__") for n in names)
+            if hit:
+                found.append((os.path.basename(path), line, text))
+    return found
+
+

@@ -14,7 +14,7 @@ array of a case goes unread. The mutation tests show that the comparison sees ea
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import baseline_golden as bg
+from baseline_golden import one, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 # the harness steps the schedulers before any optimiser step (BASELINES.md section 3), which torch warns about
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
@@ -36,19 +37,6 @@ INPUT_ARRAYS = ("method", "dataset_name", "trainer_config", "clip_key", "seed", 
                 "y_eval", "d_eval", "pixel_mean", "pixel_std", "cache_X_uint8", "cache_perm", "cache_labels",
                 "cache_domains", "ab_pairs", "X_eval", "backbone_name")
 INPUT_PREFIXES = ("init__", "sample_idx__")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def one(outputs: list[Any]) -> Any:
-    assert len(outputs) == 1, f"expected one recorded call, got {len(outputs)}"
-    return outputs[0]
 
 
 # ------------------------------------------------------------------------------------------------ per trainer
@@ -147,12 +135,7 @@ def static_checks(tr: Any, case: bg.Case, errors: bg.Errors) -> None:
     from trainers.prompt_templates import IMAGENET_TEMPLATES_SELECT
 
     errors.add("tokenized_prompts", prompt_tokens(tr, case), case["tokenized_prompts"])
-    errors.add("X_train", bg.normalise_images(case["X_train_uint8"], case["pixel_mean"], case["pixel_std"]),
-               case["X_train"])
-    errors.add("X_eval", bg.normalise_images(case["X_eval_uint8"], case["pixel_mean"], case["pixel_std"]),
-               case["X_eval"])
-    errors.add_flag("source_domains", sorted(set(case["d_train"].ravel().tolist()))
-                    == sorted(case["source_domains"].tolist()))
+    bg.check_inputs(errors, case)
     settings = {"n_ctx": lambda: tr.prompt_learner.n_ctx, "ratio": lambda: tr.ratio, "alpha": lambda: tr.alpha,
                 "beta": lambda: tr.beta, "aug_epochs": lambda: tr.cfg.TRAINER.TIP_ADAPTER.AUGMENT_EPOCH,
                 "templates": lambda: float(list(IMAGENET_TEMPLATES_SELECT) != case.strings("templates")),
@@ -160,30 +143,11 @@ def static_checks(tr: Any, case: bg.Case, errors: bg.Errors) -> None:
     for name, ours in settings.items():
         if case.has(name):
             errors.add(name, ours(), 0.0 if name == "templates" else case[name])
-    for group in bg.optimiser_settings(tr):
-        for name in ("weight_decay", "momentum", "dampening", "nesterov"):
-            errors.add(name, float(group[name]), float(case[name]))
-        errors.add("lr_epoch1", group["lr"], case["lr_epoch1"])
+    bg.check_optimiser(errors, tr, case)
 
 
 # ------------------------------------------------------------------------------------------------ one replay
-@dataclass
-class Replay:
-    """Errors of one replay by group (``static``, ``steps``, ``eval``, ``score``, ``cache``) and the names read."""
-
-    case: bg.Case
-    dtype: torch.dtype
-    groups: dict[str, bg.Errors] = field(default_factory=dict)
-
-    def group(self, name: str) -> bg.Errors:
-        return self.groups.setdefault(name, bg.Errors(f"{self.case.key} {self.dtype} {name}"))
-
-    @property
-    def compared(self) -> set[str]:
-        return {n for g in self.groups.values() for n in g.values}
-
-    def worst(self, *names: str) -> float:
-        return max(self.groups[n].worst() for n in names)
+Replay = bg.Replay
 
 
 def tip_prepare(tr: Any, case: bg.Case, dtype: torch.dtype, replay: Replay, order_matched: bool = False) -> None:
@@ -286,22 +250,9 @@ def check_replay(r: Replay) -> None:
             group.check(group_tolerance(name, r.case.method, r.dtype))
 
 
-class Replays:
-    """Replays run once per (case, dtype) and shared by the tests of this module."""
-
-    def __init__(self, factory: pytest.TempPathFactory) -> None:
-        self.factory, self.done = factory, {}
-
-    def get(self, key: str, dtype: str = "float64") -> Replay:
-        if (key, dtype) not in self.done:
-            directory = str(self.factory.mktemp(f"{key}_{dtype}"))
-            self.done[key, dtype] = run_replay(FIXTURE.case(key), DTYPES[dtype], directory)
-        return self.done[key, dtype]
-
-
 @pytest.fixture(scope="module")
-def replays(tmp_path_factory) -> Replays:
-    return Replays(tmp_path_factory)
+def replays(tmp_path_factory) -> bg.Replays:
+    return bg.Replays(tmp_path_factory, FIXTURE, run_replay)
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -423,67 +374,20 @@ def test_parity_on_a_renamed_fixture(index, renamed, tmp_path):
     check_replay(run_replay(case, torch.float64, str(tmp_path)))
 
 
-def _source_literals(path: str) -> list[tuple[int, str, str]]:
-    """``(line, token type, text)`` of every number and string literal of a Python file, except on lines marked
-    ``# literal-ok: <reason>``."""
-    import tokenize
-
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    out = []
-    with open(path, "rb") as f:
-        for tok in tokenize.tokenize(f.readline):
-            if tok.type in (tokenize.NUMBER, tokenize.STRING) and "# literal-ok:" not in lines[tok.start[0] - 1]:
-                out.append((tok.start[0], tokenize.tok_name[tok.type], tok.string))
-    return out
-
-
-COMMON = 4     # literal-ok: integers below this (indices, halves, pairs) are too common to flag
-SETTINGS = 8   # literal-ok: arrays up to this size hold settings (n_ctx, alphas, ab_pairs, lr_used...)
-
-
-def _fixture_literals(fixture: bg.Fixture) -> tuple[set, set]:
-    """Numbers (array dimensions, values of small arrays, except integers below ``COMMON``) and names (case, CLIP,
-    class, domain and dataset names) that a test reading everything from the file never spells out."""
-    numbers: set = set()
-    names: set = set(fixture.case_keys)
-    for key, value in fixture.arrays.items():
-        numbers |= {d for d in value.shape if d >= COMMON}
-        if value.dtype.kind in "iuf" and value.size <= SETTINGS:
-            numbers |= {v.item() for v in value.ravel() if not (float(v).is_integer() and abs(v) < COMMON)}
-        if key.endswith(("__classnames", "__alldomain", "__dataset_name", "__clip_key")):
-            names |= {str(v) for v in np.atleast_1d(value)}
-    return numbers, names
-
-
-def _spelled_out(paths: list[str], numbers: set, names: set) -> list[tuple[str, int, str]]:
-    found = []
-    for path in paths:
-        for line, kind, text in _source_literals(path):
-            if kind == "NUMBER":
-                hit = eval(text) in numbers  # a NUMBER token is a plain literal
-            else:
-                inner = text.lstrip("rbfRBF")[1:-1].strip("'\"")
-                hit = inner in names or any(inner.startswith(f"{n}__") for n in names)
-            if hit:
-                found.append((os.path.basename(path), line, text))
-    return found
-
-
 def test_no_size_or_name_of_the_fixture_is_spelled_out():
     """The helper and this file hold no literal size, count, hyper-parameter or name of the fixture's cases."""
-    found = _spelled_out([bg.__file__, __file__], *_fixture_literals(FIXTURE))
+    found = bg.spelled_out([bg.__file__, __file__], *bg.fixture_literals(FIXTURE))
     assert not found, f"literals that belong in the fixture file: {found}"
 
 
 def test_the_literal_scan_finds_planted_literals(tmp_path):
-    numbers, names = _fixture_literals(FIXTURE)
+    numbers, names = bg.fixture_literals(FIXTURE)
     case = FIXTURE.case(CASES[0])
     n_ctx, width = case["init__" + case.param_names[0]].shape[-2:]
     planted = tmp_path / "planted.py"
     planted.write_text(f"A = {int(width)}\nB = {case.classnames[0]!r}\nC = '{case.key}__X_train'\n"
                        f"D = {float(case['base_lr'])!r}  # a setting\nE = 2\n")
-    lines = [line for _, line, _ in _spelled_out([str(planted)], numbers, names)]
+    lines = [line for _, line, _ in bg.spelled_out([str(planted)], numbers, names)]
     assert lines == [1, 2, 3, 4]  # literal-ok: line numbers of the planted file
 
 

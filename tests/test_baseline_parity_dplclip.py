@@ -17,7 +17,6 @@ evaluation batch holds several domains), ignoring dropout and another weight dec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 import baseline_golden as bg
+from baseline_golden import one, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 METHOD = "DPLCLIP"
 FIXTURE = bg.load_fixture()
@@ -36,37 +36,7 @@ INPUT_ARRAYS = ("method", "dataset_name", "trainer_config", "backbone_name", "cl
 INPUT_PREFIXES = ("init__", "sample_idx__")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def one(outputs: list[Any]) -> Any:
-    assert len(outputs) == 1, f"expected one recorded call, got {len(outputs)}"
-    return outputs[0]
-
-
-@dataclass
-class Replay:
-    """Errors of one replay by group (``static``, ``steps``, ``eval``, ``score``, ``draws``)."""
-
-    case: bg.Case
-    dtype: torch.dtype
-    groups: dict[str, bg.Errors] = field(default_factory=dict)
-    init: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def group(self, name: str) -> bg.Errors:
-        return self.groups.setdefault(name, bg.Errors(f"{self.case.key} {self.dtype} {name}"))
-
-    @property
-    def compared(self) -> set[str]:
-        return {n.split(" ")[0] for g in self.groups.values() for n in g.values}
-
-    def worst(self, *names: str) -> float:
-        return max(self.groups[n].worst() for n in names)
+Replay = bg.Replay
 
 
 def add(errors: bg.Errors, name: str, ours: Any, ref: Any) -> None:
@@ -86,18 +56,10 @@ def static_checks(tr: Any, case: bg.Case, errors: bg.Errors) -> None:
     errors.add("mlp_depth", len(mlp.hiddens) + 2, case["mlp_depth"])
     errors.add("mlp_dropout", mlp.dropout.p, case["mlp_dropout"])
     errors.add_flag("registered_models", tr.get_model_names() == case.strings("registered_models"))
-    errors.add("X_train", bg.normalise_images(case["X_train_uint8"], case["pixel_mean"], case["pixel_std"]),
-               case["X_train"])
-    errors.add("X_eval", bg.normalise_images(case["X_eval_uint8"], case["pixel_mean"], case["pixel_std"]),
-               case["X_eval"])
-    errors.add_flag("source_domains", sorted(set(case["d_train"].ravel().tolist()))
-                    == sorted(case["source_domains"].tolist()))
+    bg.check_inputs(errors, case)
     errors.add("base_lr", tr.cfg.OPTIM.LR, case["base_lr"])
     errors.add("max_epoch", tr.cfg.OPTIM.MAX_EPOCH, case["max_epoch"])
-    for group in bg.optimiser_settings(tr):
-        for name in ("weight_decay", "momentum", "dampening", "nesterov"):
-            errors.add(name, float(group[name]), float(case[name]))
-        errors.add("lr_epoch1", group["lr"], case["lr_epoch1"])
+    bg.check_optimiser(errors, tr, case)
 
 
 def instrument(rec: bg.Recorder, tr: Any) -> None:
@@ -191,22 +153,9 @@ def run_replay(case: bg.Case, dtype: torch.dtype, directory: str, extra_opts: tu
     return replay
 
 
-class Replays:
-    """Replays run once per (case, dtype) and shared by the tests of this module."""
-
-    def __init__(self, factory: pytest.TempPathFactory) -> None:
-        self.factory, self.done = factory, {}
-
-    def get(self, key: str, dtype: str = "float64") -> Replay:
-        if (key, dtype) not in self.done:
-            directory = str(self.factory.mktemp(f"{key}_{dtype}"))
-            self.done[key, dtype] = run_replay(FIXTURE.case(key), DTYPES[dtype], directory)
-        return self.done[key, dtype]
-
-
 @pytest.fixture(scope="module")
-def replays(tmp_path_factory) -> Replays:
-    return Replays(tmp_path_factory)
+def replays(tmp_path_factory) -> bg.Replays:
+    return bg.Replays(tmp_path_factory, FIXTURE, run_replay)
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -294,18 +243,11 @@ def test_every_recorded_array_is_compared(key, replays):
 
 
 # ------------------------------------------------------------------------------------------------ other files
-@pytest.fixture(scope="module")
-def renamed(tmp_path_factory) -> bg.Fixture:
-    return bg.Fixture(bg.renamed_copy(FIXTURE, str(tmp_path_factory.mktemp("renamed") / "renamed.npz")))
-
-
 @pytest.mark.parametrize("index", range(len(CASES)))
-def test_parity_on_a_renamed_fixture(index, renamed, tmp_path):
+def test_parity_on_a_renamed_fixture(index, tmp_path_factory):
     """A file with other case keys, CLIP keys, case order, class names and seeds (same maths) passes unchanged:
     cases come from ``meta__case_keys`` and ``method``, names and seeds from the file."""
-    cases = renamed.cases((METHOD,))
-    assert [c.key for c in cases] == [f"re_{k}" for k in reversed(CASES)]
-    r = run_replay(cases[index], torch.float64, str(tmp_path))
+    r = bg.renamed_replay(FIXTURE, METHOD, index, run_replay, str(tmp_path_factory.mktemp("renamed") / "run"))
     for group in ("static", "steps", "eval", "draws"):
         r.group(group).check(0.0 if group == "draws" else bg.TOL64)
 
@@ -313,9 +255,7 @@ def test_parity_on_a_renamed_fixture(index, renamed, tmp_path):
 def test_no_size_or_name_of_the_fixture_is_spelled_out():
     """This file holds no literal size, count, hyper-parameter or name of the fixture's cases (the scan of
     ``test_baseline_parity.py``, which also shows that it finds planted literals)."""
-    from test_baseline_parity import _fixture_literals, _spelled_out
-
-    found = _spelled_out([__file__], *_fixture_literals(FIXTURE))
+    found = bg.spelled_out([__file__], *bg.fixture_literals(FIXTURE))
     assert not found, f"literals that belong in the fixture file: {found}"
 
 

@@ -101,3 +101,20 @@ def test_compat_keys_are_exempt(data_root, tmp_path):
     out = tmp_path / "compat"
     rec = run_cli(cli_args(data_root, str(out), "CRoFT", flags=["--eval-only"], extra=["TRAINER.COOP.N_CTX", "4"]))
     assert "COOP" not in rec["config"]["TRAINER"]
+
+
+def test_configs_read_with_libyaml_as_with_the_python_parser():
+    """Configs are parsed with libyaml's safe loader when PyYAML has it (``dassl.config.loading.SAFE_LOADER``):
+    every shipped config reads the same as with ``yaml.safe_load``."""
+    import glob
+
+    import yaml
+
+    from dassl.config import loading
+
+    assert loading.SAFE_LOADER is (yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+    paths = glob.glob(os.path.join(COOP, "configs", "**", "*.yaml"), recursive=True)
+    assert len(paths) > 30
+    for path in paths:
+        text = open(path, encoding="utf-8").read()
+        assert yaml.load(text, Loader=loading.SAFE_LOADER) == yaml.safe_load(text), path

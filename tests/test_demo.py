@@ -93,22 +93,34 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out3 = capsys.readouterr().out
     # 6 trained models x 2 open sets
     assert "| held-out accuracy | 12 | 0.00 | 0.00 |" in out3 and "verdict lines identical" in out3
+    # other settings in the same cache folder: refused before anything runs, then replaced with --rerun-changed
+    with pytest.raises(SystemExit, match="holds a run of another configuration .*OPTIM.MAX_EPOCH: 2 -> 3"):
+        main([*argv, "--epochs", "3"])
+    rc = main([*argv, "--epochs", "3", "--methods", "ZS-CLIP", "--rerun-changed"])
+    out4 = capsys.readouterr().out
+    assert rc == 0 and "1 runs planned, 0 already done, 1 to run; 1 of them replace a run" in out4
+    assert main([*argv, "--epochs", "3", "--methods", "ZS-CLIP"]) == 0 and "0 to run" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_rows_repeat_bit_for_bit_on_one_cpu(tmp_path, capsys):
-    """docs/demo.md: the rows repeat bit for bit on one CPU model. Two cold quick demos in separate cache folders,
-    two workers each (jobs land on either), with the shipped tiny CLIP: every saved array is equal."""
+def test_a_second_cold_run_gives_the_same_report(tmp_path, capsys):
+    """docs/demo.md: two cold runs on one CPU give the same report, character for character, and the same bits in
+    every run's saved scores. Two quick demos in separate cache folders, two workers each (jobs land on either),
+    with the shipped tiny CLIP."""
     from demo import compare
     from demo.run import main
 
-    caches = [tmp_path / "a", tmp_path / "b"]
+    caches, texts = [tmp_path / "a", tmp_path / "b"], []
     for cache in caches:
         assert main(["--cache", str(cache), "--quick", "--per-class", "30", "--methods", "ZS-CLIP", "CoOp", "CRoFT",
                      "--jobs", "2", "--epochs", "2"]) == 0
-    capsys.readouterr()
+        out = capsys.readouterr().out
+        texts.append(out[out.index("## DigitsDG-mini"):out.index("demo finished")].replace(str(cache), "CACHE"))
+    assert texts[0] == texts[1]
     assert compare.main([*map(str, caches), "--variant", "demo-quick", "--bitwise"]) == 0
-    assert "12 of 12 runs bit-identical" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| held-out accuracy | 12 | 0.00 | 0.00 |" in out
+    assert "12 of 12 runs bit-identical" in out  # every cached feature encoded in a batch of ENCODE_BATCH images
 
 
 def test_locoop_trains_first_on_one_pool_of_one_thread_workers(tmp_path):

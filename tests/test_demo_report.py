@@ -178,3 +178,18 @@ def test_a_cache_folder_holds_runs_of_one_tiny_clip(tmp_path):
     check_weights(str(tmp_path / "demo"), "a" * 64)  # the same weights: fine
     with pytest.raises(SystemExit, match=f"holds runs of the tiny CLIP sha256 {'a' * 64}, this run uses {'b' * 64}"):
         check_weights(str(tmp_path / "demo"), "b" * 64)
+
+
+def test_bitwise_compare_cuts_each_cache_folder_off_image_paths():
+    """``python -m demo.compare --bitwise``: two cache folders hold the same data tree at two places, so image paths
+    are compared below each folder; numbers by dtype and bits."""
+    import numpy as np
+
+    from demo.compare import _equal
+
+    a, b = np.array(["/x/a/data/d/1.png", "/x/a/data/d/2.png"]), np.array(["/y/bb/data/d/1.png", "/y/bb/data/d/2.png"])
+    assert _equal(a, b, ("/x/a", "/y/bb")) and not _equal(a, b, ("", ""))
+    assert not _equal(a, b[::-1], ("/x/a", "/y/bb"))
+    assert _equal(np.float32([1.0, 2.0]), np.float32([1.0, 2.0]), ("", ""))
+    assert not _equal(np.float32([1.0]), np.float64([1.0]), ("", ""))
+    assert not _equal(np.float32([1.0]), np.float32([np.nextafter(np.float32(1.0), np.float32(2.0))]), ("", ""))

@@ -137,3 +137,36 @@ def test_workers_start_before_the_plan_is_resolved(data, tmp_path, monkeypatch):
     assert setup2.main(_flags(data, tmp_path, "probe") + ["--then-eval"] + TINY, trainer="CRoFT") == 0
     assert order == ["start", "plan", "plan", "resolve", "resolve"]
     assert len(_comparable(tmp_path / "eval")) == 2
+
+
+def test_a_lost_planning_worker_leaves_the_planning_to_the_driver(data, tmp_path, monkeypatch, capsys):
+    """A launcher whose worker dies before it answers a planning call: the driver plans (and keeps its books)
+    itself, one note each time, and the runs are made."""
+    from launch import launchers, setup2
+
+    class Lost(launchers.InProcessLauncher):
+        def call(self, target: str, *args) -> None:
+            raise launchers.WorkerLost(f"worker 1 died before answering {target} (killed by SIGKILL)")
+
+    monkeypatch.setitem(launchers.LAUNCHERS, "lost", Lost)
+    assert setup2.main(_flags(data, tmp_path, "lost") + ["--then-eval"] + TINY, trainer="CRoFT") == 0
+    err = capsys.readouterr().err
+    assert err.count("the driver plans by itself") == 3  # the plan, then the books of each phase
+    assert "launch.sweep:plan_phases_of" in err and "launch.sweep:prepare_phase" in err
+    assert len(_comparable(tmp_path / "eval")) == 2
+
+
+def test_a_driver_plans_in_its_worker_and_never_imports_torch(data, tmp_path):
+    """With the ``workers`` launcher the plan and the books are made in the worker: the driver process never
+    imports torch or open_clip, and its workers end without leaving a semaphore behind."""
+    import subprocess
+
+    from helpers import COOP
+
+    argv = _flags(data, tmp_path, "workers") + ["--jobs", "1", "--then-eval"] + TINY
+    code = (f"import sys\nfrom launch import setup2\nrc = setup2.main({argv!r}, trainer='CRoFT')\n"
+            "print(rc, sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=COOP, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
+    assert "leaked semaphore" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "runs planned" in proc.stdout and len(_comparable(tmp_path / "eval")) == 2

@@ -324,3 +324,26 @@ def test_log_is_live_under_the_workers_launcher_and_survives_a_driver_kill(root,
     assert os.path.getsize(log) == settled >= sizes[-1]  # the worker died with the driver; its lines stay
     text = open(log, encoding="utf-8").read()
     assert text.endswith("\n") and "epoch [1/20] batch [1/" in text and not os.path.exists(done)
+
+
+def test_rolling_checkpoints_are_synced_once_at_the_end(tmp_path, monkeypatch):
+    """Every checkpoint write is atomic; ``model-best.pth.tar`` is fsync'd when written, the rolling checkpoint and
+    its ``checkpoint`` pointer (rewritten every epoch) only by ``sync_checkpoint``, which training calls once at
+    its end (``after_train``)."""
+    from dassl.engine.trainer import SimpleTrainer
+    from dassl.utils.torchtools import save_checkpoint, sync_checkpoint
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+                        or real(fd))
+    state = {"state_dict": {"w": torch.zeros(2)}, "epoch": 3}
+    assert sync_checkpoint(str(tmp_path)) == []  # nothing saved yet
+    save_checkpoint(state, str(tmp_path))
+    assert synced == []
+    save_checkpoint(state, str(tmp_path), is_best=True)
+    assert len(synced) == 1 and synced[0].startswith(".tmp-")  # the best model's data, before its rename
+    paths = sync_checkpoint(str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["model.pth.tar-3", "checkpoint"] == synced[1:]
+    import inspect
+
+    assert "self.sync_checkpoints(self.output_dir)" in inspect.getsource(SimpleTrainer.after_train)

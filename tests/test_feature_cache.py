@@ -191,3 +191,22 @@ def test_a_view_is_the_transform_drawn_from_its_seed(root):
         torch.manual_seed(view_seed(2, path, root))
         assert torch.equal(img, tfm(Image.open(path).convert("RGB")))
     assert not torch.equal(got[0], _SeededViews(paths, tfm, view=3, root=root)[0][0])
+
+
+def test_a_cached_feature_does_not_depend_on_its_batch():
+    """The cache encodes every batch padded to ``ENCODE_BATCH`` rows (``pad_batch``), so an image's feature is the
+    same bits whichever images share its batch, at whichever position (which run or fill lane encoded it first);
+    an unpadded short batch gives other bits on this encoder, which is why the padding exists."""
+    from clip_backbone.loader import load_clip
+    from dassl.engine.feature_cache import pad_batch
+
+    torch.manual_seed(0)
+    enc = load_clip("tinyclip-rn32", "random").model.visual.eval()
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        alone = enc(pad_batch(x[:5], 16))[:5]
+        mixed = enc(pad_batch(torch.cat([x[7:10], x[:5]]), 16))[3:8]
+        reversed_ = enc(pad_batch(x[[4, 3, 2, 1, 0]], 16))[[4, 3, 2, 1, 0]]
+    assert torch.equal(alone, mixed) and torch.equal(alone, reversed_)
+    assert torch.equal(pad_batch(x, 12), x) and len(pad_batch(x[:5], 16)) == 16
+    assert torch.equal(pad_batch(x[:3], 5)[3:], x[2:3].expand(2, 3, 32, 32))

@@ -244,3 +244,28 @@ def test_worker_threads_honour_omp_num_threads(monkeypatch):
     assert WorkerLauncher._threads(pool, pending=1) == 3  # 8 // 2 = 4 cores each, capped at 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert WorkerLauncher._threads(pool, pending=5) == 1
+
+
+def test_a_call_runs_in_the_first_worker(capsys):
+    """``WorkerLauncher.call`` (a driver plans in its worker): the function runs there, what it prints is printed
+    here and what it raises is raised here; an answer that cannot be sent is one RuntimeError; a dead worker is
+    ``WorkerLost`` (the driver then computes it itself)."""
+    from launch.launchers import LaunchOptions, WorkerLost
+    from launch.workers import WorkerLauncher
+
+    runner = WorkerLauncher(LaunchOptions(jobs=1))
+    try:
+        pid = runner.call("os:getpid")
+        assert pid == runner._pool[0].process.pid and pid != os.getpid()
+        runner.call("builtins:print", "from the worker")
+        assert capsys.readouterr().out == "from the worker\n"
+        with pytest.raises(SystemExit, match="error: a planned refusal"):
+            runner.call("sys:exit", "error: a planned refusal")
+        with pytest.raises(RuntimeError, match="threading:Lock: the worker cannot send its answer"):
+            runner.call("threading:Lock")
+        assert runner.call("os:getpid") == pid  # the same worker goes on
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerLost, match="killed by SIGKILL"):
+            runner.call("os:getpid")
+    finally:
+        runner.close()

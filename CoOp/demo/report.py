@@ -32,14 +32,14 @@ def baselines(rows: list[dict[str, Any]]) -> list[str]:
 def summary(rows: list[dict[str, Any]], ref: str = "CRoFT") -> str:
     """The verdict line, the effect sizes behind it (paired mean differences with 95 % intervals) and what the
     benchmark can and cannot say."""
-    effects = verdict.claim_effects(claim_units(rows), ref, baselines(rows))
-    if len(effects) < len(verdict.CLAIM_METRICS):
+    found = verdict.claim_effects(claim_units(rows), ref, baselines(rows))
+    if len(found) < len(verdict.CLAIM_METRICS):
         return f"_No verdict: {ref} or the baselines have no finished runs._"
-    return (f"{verdict.verdict_line(effects, ref)}\n\n**Effect sizes** ({ref} with λ2 chosen on source-domain "
+    return (f"{verdict.verdict_line(found, ref)}\n\n**Effect sizes** ({ref} with λ2 chosen on source-domain "
             f"validation accuracy, against the best baseline on each metric; Student-t intervals over the held-out "
-            f"domain x seed pairs): {verdict.effects_text(effects)} It is a tiny CLIP pretrained here on digits, "
-            "with 32 px images and 16 shots; it tests the code path and the direction of effects, not the paper's "
-            "effect sizes on PACS/VLCS with OpenAI CLIP.")
+            f"domain x seed pairs): {verdict.effects_text(found)} It is a tiny CLIP pretrained on digits for this "
+            "demo, with 32 px images and 16 shots; it tests the code path and the direction of effects, not the "
+            "paper's effect sizes on PACS/VLCS with OpenAI CLIP.")
 
 
 def grid_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

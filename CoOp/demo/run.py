@@ -51,6 +51,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="1 seed, 1 held-out domain, 3 epochs (smoke test)")
     p.add_argument("--full", action="store_true",
                    help="the stronger variant (make demo-full): 30 epochs, CoCoOp, CRoFT over the official λ2 grid")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="replace the runs of another configuration in the cache folder (default: refuse them)")
     p.add_argument("--select", choices=["val", "oracle", "none"], default="val",
                    help="how a swept method's setting is chosen per held-out domain and seed (default %(default)s)")
     p.add_argument("--readme", help="write the report between the demo markers of this file (make demo-readme: "
@@ -115,11 +117,16 @@ def check_weights(demo_root: str, sha256: str) -> None:
     atomic_write_json(path, {"sha256": sha256})
 
 
-def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple[str, str], evaluate: bool) -> list:
-    """Setup-II jobs of every selected method (training, or open-set evaluation). Training starts with the
+def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple[str, str], evaluate: bool,
+             planner: Any = None) -> list:
+    """Setup-II jobs of every selected method (training, or open-set evaluation), each run with its planned
+    fingerprint (a directory holding a run of another configuration is not done; ``planner``: a
+    ``launch.runid.Planner`` shared by calls, whose configs are memoised). Both phases get the same options, so
+    that an evaluation's planned model is the training run as planned. Training starts with the
     methods that train on local features (LoCoOp): their runs fill each feature-cache entry with its local
     features in the same encoder pass, where a plain run first would leave them to a second pass."""
     from launch import setup2
+    from launch.sweep import resolve_plan
 
     jobs = []
     methods = M.select(args.methods, args.full)
@@ -130,30 +137,39 @@ def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tupl
                 *m.flags, *(["--domains", *args.domains] if args.domains else []),
                 *(["--epochs", str(args.epochs)] if args.epochs else []),
                 "--", "FEATURE_CACHE.DIR", os.path.join(args.cache, "features"), *RUN_OPTS,
-                *(["TEST.OOD_SCORES", str(M.local_scores())] if evaluate and m.local else [])]
-        jobs.extend(setup2.plan(argv, evaluate=evaluate)[1])
+                *(["TEST.OOD_SCORES", str(M.local_scores())] if m.local else [])]
+        driver_args, planned = setup2.plan(argv, evaluate=evaluate)
+        planner = resolve_plan(setup2, driver_args, planned, evaluate, planner)
+        jobs.extend(planned)
     return jobs
 
 
 def run_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple[str, str], stages: Stages,
             runner: Any) -> int:
     """Train, then evaluate every runnable job with the pool ``runner``; returns the number of failed runs."""
-    from launch.sweep import run_jobs, runnable, write_manifest
+    from launch.runid import Planner
+    from launch.sweep import mark_replacements, run_jobs, runnable, write_manifest
 
     with stages.stage("training"):
         print("== 3/4 leave-one-domain-out training")
-        train = plan_all(args, data_root, weights, roots, evaluate=False)
+        planner = Planner()
+        train = plan_all(args, data_root, weights, roots, evaluate=False, planner=planner)
+        evals = plan_all(args, data_root, weights, roots, evaluate=True, planner=planner)
+        for jobs in (train, evals):  # a directory of another run stops the demo before anything runs
+            mark_replacements(jobs, args.rerun_changed)
         write_manifest(roots[0], "demo_train", train)
         note_machine(os.path.dirname(roots[0]), train)
+        ran = [j for j in train if not j.done()]
         failures = run_jobs(train, num_workers=args.jobs, runner=runner)
+    stages.note("training", f"{encoder_passes(ran):,} encoder passes filling the feature cache")
     with stages.stage("evaluation"):
         print("== 4/4 open-set evaluation")
-        evals = plan_all(args, data_root, weights, roots, evaluate=True)
         write_manifest(roots[1], "demo_eval", evals)
+        evals = runnable(evals, True)
         note_machine(os.path.dirname(roots[0]), evals)
-        failures += run_jobs(runnable(evals, True), num_workers=args.jobs, runner=runner)
-    stages.note("training", f"{encoder_passes(train):,} encoder passes filling the feature cache")
-    stages.note("evaluation", f"{encoder_passes(evals):,}")
+        ran = [j for j in evals if not j.done()]
+        failures += run_jobs(evals, num_workers=args.jobs, runner=runner)
+    stages.note("evaluation", f"{encoder_passes(ran):,}")
     return failures
 
 

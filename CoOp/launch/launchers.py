@@ -47,6 +47,10 @@ class LaunchOptions:
     args: Any = field(default_factory=argparse.Namespace)
 
 
+class WorkerLost(RuntimeError):
+    """A launcher's worker died while it ran a call (``WorkerLauncher.call``); the caller computes it itself."""
+
+
 class Launcher:
     """Base class: ``run`` executes ``jobs`` and calls ``report`` once per job."""
 

@@ -6,7 +6,7 @@ source-domain validation accuracy (used to select a grid setting) from the evalu
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -40,18 +40,19 @@ def finished(root: str, kind: str) -> list[Run]:
     return runs
 
 
-def scores_file(out_dir: str) -> Optional[dict[str, np.ndarray]]:
-    """The arrays an evaluation run saved (``scores.npz``), or None."""
+def scores_file(out_dir: str, keys: Optional[Sequence[str]] = None) -> Optional[dict[str, np.ndarray]]:
+    """The arrays an evaluation run saved (``scores.npz``; ``keys``: only those of them it holds, the others are
+    not read), or None."""
     path = os.path.join(out_dir, "scores.npz")
     if not os.path.isfile(path):
         return None
     with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+        return {k: z[k] for k in z.files if keys is None or k in keys}
 
 
 def val_accuracy(run: Run) -> Optional[float]:
     """Source-domain validation accuracy (%) of an evaluation run, from its saved logits."""
-    arr = scores_file(run.out_dir)
+    arr = scores_file(run.out_dir, ("val__logits", "val__labels"))
     if arr is None or "val__logits" not in arr:
         return None
     return 100.0 * float((arr["val__logits"].argmax(1) == arr["val__labels"]).mean())

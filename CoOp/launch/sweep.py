@@ -65,6 +65,18 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
     """Run the unfinished jobs with the named launcher (:mod:`launch.launchers`), or with ``runner`` (a launcher
     instance that may be reused across calls); return the number of failures. A dry run lists every job:
     ``[done]``, ``[todo]`` or, for a directory holding another run, ``[changed: KEY: old -> new, ...]``."""
+    todo, unit, text = job_summary(jobs, dry_run)
+    print(text, end="")
+    if dry_run or not todo:
+        return 0
+    options = LaunchOptions(jobs=max(1, num_workers), devices=list(devices) if devices else None, quiet=quiet,
+                            retry=retry, sweep_dir=sweep_dir, args=args if args is not None else argparse.Namespace())
+    return execute_jobs(todo, unit, runner or make_launcher(launcher, options))
+
+
+def job_summary(jobs: list[Job], dry_run: bool = False) -> tuple[list[Job], str, str]:
+    """(the unfinished jobs, ``"runs"`` or ``"jobs"``, the lines :func:`run_jobs` prints before it runs them:
+    the counts and, for a dry run, every job with its state and command)."""
     from dassl.engine.identity import describe
     from dassl.engine.records import is_done
     from launch.runid import changed_runs
@@ -74,9 +86,9 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
     multi = planned != len(jobs)  # some job writes several runs (an evaluation pass, a stack)
     unit = "jobs" if multi else "runs"
     changed = {os.path.abspath(d): diff for _, d, diff in changed_runs(jobs)}
-    print(f"{planned} runs planned, {done} already done, {planned - done} to run"
-          + (f" ({len(todo)} of {len(jobs)} jobs)" if multi else "")
-          + (f"; {len(changed)} of them replace a run of another configuration" if changed else ""))
+    lines = [f"{planned} runs planned, {done} already done, {planned - done} to run"
+             + (f" ({len(todo)} of {len(jobs)} jobs)" if multi else "")
+             + (f"; {len(changed)} of them replace a run of another configuration" if changed else "")]
     if dry_run:
         def tag(d: str, fingerprint: Optional[str]) -> str:
             if os.path.abspath(d) in changed:
@@ -85,17 +97,17 @@ def run_jobs(jobs: list[Job], launcher: str = DEFAULT_LAUNCHER, num_workers: int
 
         for j in jobs:
             runs = j.runs()
-            print((tag(runs[0]["output_dir"], runs[0].get("fingerprint") or None) if len(runs) == 1 else
-                   "[done] " if j.done() else "[todo] ") + j.name)
+            lines.append((tag(runs[0]["output_dir"], runs[0].get("fingerprint") or None) if len(runs) == 1 else
+                          "[done] " if j.done() else "[todo] ") + j.name)
             for r in (runs if len(runs) > 1 else []):
-                print("    " + tag(r["output_dir"], r.get("fingerprint") or None) + r["output_dir"])
-            print("    python train.py " + quote(j.argv))
-        return 0
-    if not todo:
-        return 0
-    options = LaunchOptions(jobs=max(1, num_workers), devices=list(devices) if devices else None, quiet=quiet,
-                            retry=retry, sweep_dir=sweep_dir, args=args if args is not None else argparse.Namespace())
-    runner = runner or make_launcher(launcher, options)
+                lines.append("    " + tag(r["output_dir"], r.get("fingerprint") or None) + r["output_dir"])
+            lines.append("    python train.py " + quote(j.argv))
+    return todo, unit, "".join(line + "\n" for line in lines)
+
+
+def execute_jobs(todo: list[Job], unit: str, runner: Any) -> int:
+    """Run ``todo`` with the launcher ``runner`` (a progress bar on stderr, each failure reported as it happens,
+    a summary at the end); return the number of failures."""
     failures: list[tuple[str, str]] = []
     try:
         from tqdm import tqdm
@@ -222,30 +234,64 @@ def refuse_changed(jobs: list[Job], rerun: bool) -> list[Job]:
     return [job for job in jobs if id(job) in marked]
 
 
+def mark_replacements(jobs: list[Job], rerun: bool) -> None:
+    """:func:`refuse_changed`; with ``rerun`` the jobs of such directories replace them (``train.py
+    --rerun-changed`` empties a directory once the run's start-up succeeded)."""
+    for job in refuse_changed(jobs, rerun):
+        if "--rerun-changed" not in job.argv:
+            job.argv = ["--rerun-changed", *job.argv]
+
+
 def drive(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str, runner: Any = None,
           timings: Optional[CommandTimings] = None) -> int:
     """Refuse (or, ``--rerun-changed``, replace) planned directories holding another run, record the planned
     jobs in the manifest, run the runnable ones (with ``runner``, a launcher kept by the caller, else one made
-    from ``args``; its job times go to ``timings``); exit code 1 if any failed."""
-    root = args.eval_root if evaluate else args.output_root
+    from ``args``; its job times go to ``timings``); exit code 1 if any failed. The bookkeeping before the runs
+    (:func:`prepare_phase`) runs in the launcher's first worker when it takes calls (:func:`in_worker`)."""
+    sweep_dir = os.path.join(args.eval_root if evaluate else args.output_root, "sweeps", manifest_name)
+    first, t0 = len(getattr(runner, "job_times", [])), time.time()
+    ran, answer = in_worker(runner, "prepare_phase", args, jobs, evaluate, manifest_name)
+    todo, unit, text = answer if ran else prepare_phase(args, jobs, evaluate, manifest_name)
+    print(text, end="")
+    if args.dry_run or not todo:
+        return 0
+    if runner is None:
+        options = LaunchOptions(jobs=max(1, args.jobs), devices=list(args.devices) if args.devices else None,
+                                quiet=not args.verbose, retry=getattr(args, "retry", False), sweep_dir=sweep_dir,
+                                args=args)
+        runner = make_launcher(args.launcher, options)
+    else:  # one launcher for the command's phases (started early, see start_launcher)
+        runner.options.sweep_dir = sweep_dir
+    failures = execute_jobs(todo, unit, runner)
+    if timings is not None:
+        timings.add_phase("eval" if evaluate else "train", t0, time.time(), runner.job_times[first:])
+    return 1 if failures else 0
+
+
+def prepare_phase(args: Any, jobs: list[Job], evaluate: bool, manifest_name: str) -> tuple[list[Job], str, str]:
+    """A phase's bookkeeping before its runs: refuse (or mark for replacement) directories of another run, write
+    the manifest, leave out evaluations without a finished model, stack (``--stack``); returns
+    :func:`job_summary` of what is left (a dry run: of every planned job, nothing written)."""
     if not args.dry_run:
-        replace = refuse_changed(jobs, getattr(args, "rerun_changed", False))
-        write_manifest(root, manifest_name, jobs)
-        for job in replace:  # train.py empties the directory once the run's start-up succeeded
-            job.argv = ["--rerun-changed", *job.argv]
+        mark_replacements(jobs, getattr(args, "rerun_changed", False))
+        write_manifest(args.eval_root if evaluate else args.output_root, manifest_name, jobs)
     todo = jobs if args.dry_run else runnable(jobs, evaluate)  # a dry run lists every planned job
     if getattr(args, "stack", False) and not evaluate:
         todo = stack_jobs(todo)
-    sweep_dir = os.path.join(root, "sweeps", manifest_name)
-    if runner is not None:  # one launcher for the command's phases (started early, see start_launcher)
-        runner.options.sweep_dir = sweep_dir
-    first, t0 = len(getattr(runner, "job_times", [])), time.time()
-    failures = run_jobs(todo, launcher=args.launcher, num_workers=args.jobs,
-                        devices=args.devices, dry_run=args.dry_run, quiet=not args.verbose,
-                        retry=getattr(args, "retry", False), sweep_dir=sweep_dir, args=args, runner=runner)
-    if timings is not None and runner is not None and not args.dry_run:
-        timings.add_phase("eval" if evaluate else "train", t0, time.time(), runner.job_times[first:])
-    return 1 if failures else 0
+    return job_summary(todo, args.dry_run)
+
+
+def in_worker(runner: Any, name: str, *args: Any) -> tuple[bool, Any]:
+    """``(True, launch.sweep.<name>(*args))`` computed in the launcher's first worker when the launcher takes calls
+    (``workers``: the code is imported there once for the jobs too, so the driver never imports torch & co.);
+    ``(False, None)`` when it does not or that worker died (the caller computes it here)."""
+    if getattr(runner, "call", None) is None:
+        return False, None
+    try:
+        return True, runner.call(f"launch.sweep:{name}", *args)
+    except launchers.WorkerLost as err:
+        print(f"note: {err}; the driver plans by itself", file=sys.stderr)
+        return False, None
 
 
 def plan_sweep(module: Any, argv: Optional[Sequence[str]], trainer: Optional[str], evaluate: bool,
@@ -312,6 +358,28 @@ def resolve_plan(module: Any, args: Any, jobs: list[Job], evaluate: bool, planne
     return planner
 
 
+def plan_phases(module: Any, args: Any, eval_args: Any, evaluate: bool) -> list[tuple[bool, Any, list[Job]]]:
+    """The phases ``(evaluate, args, jobs)`` of a driver command, planned and resolved before anything runs: its
+    own, then (``eval_args``: ``--then-eval``) the evaluation; a directory holding another run stops the command
+    before training (SystemExit)."""
+    phases = [(evaluate, args, plan_jobs(module, args, evaluate))]
+    if eval_args is not None:
+        phases.append((True, eval_args, plan_jobs(module, eval_args, True)))
+    planner = None
+    for ev, a, j in phases:
+        planner = resolve_plan(module, a, j, ev, planner)
+    if len(phases) > 1 and not args.dry_run:
+        refuse_changed(phases[1][2], getattr(args, "rerun_changed", False))
+    return phases
+
+
+def plan_phases_of(module_name: str, args: Any, eval_args: Any, evaluate: bool) -> list[tuple[bool, Any, list[Job]]]:
+    """:func:`plan_phases` of the driver module named ``module_name`` (what a worker runs for its driver)."""
+    import importlib
+
+    return plan_phases(importlib.import_module(module_name), args, eval_args, evaluate)
+
+
 def add_launcher_args(p: argparse.ArgumentParser) -> None:
     """The flags every driver shares: the launcher's (:func:`launch.launchers.add_launcher_args`) and
     ``--rerun-changed``."""
@@ -357,16 +425,14 @@ def sweep_main(module: Any, name: str, argv: Optional[Sequence[str]], trainer: O
     try:
         args = parse_driver_args(module, argv, trainer, evaluate)
         eval_args = parse_driver_args(module, argv, trainer, True, then_eval=True) if args.then_eval else None
-        runner = start_launcher(args)  # workers import while the jobs are planned and resolved
+        runner = start_launcher(args)  # the workers import while the command line is checked
         try:
-            phases = [(evaluate, args, plan_jobs(module, args, evaluate))]
-            if eval_args is not None:
-                phases.append((True, eval_args, plan_jobs(module, eval_args, True)))
-            planner = None
-            for ev, a, j in phases:
-                planner = resolve_plan(module, a, j, ev, planner)
-            if len(phases) > 1 and not args.dry_run:  # a directory of another run stops the command before training
-                refuse_changed(phases[1][2], getattr(args, "rerun_changed", False))
+            spec = getattr(module, "__spec__", None)
+            importable = spec is not None and sys.modules.get(spec.name) is module  # a worker imports it by name
+            ran, phases = in_worker(runner, "plan_phases_of", spec.name, args, eval_args, evaluate) if importable \
+                else (False, None)
+            if not ran:
+                phases = plan_phases(module, args, eval_args, evaluate)
             timings.mark("planned")
             codes = [drive(a, j, ev, f"{name}_eval" if ev else f"{name}_train", runner, timings)
                      for ev, a, j in phases]  # in order: training, then evaluation

@@ -44,6 +44,21 @@ class CommandTimings:
         return f"timings: {end - t0:.1f} s since the driver started: " + "; ".join(parts)
 
     def write(self, path: str) -> None:
-        from dassl.utils.tools import atomic_write_json
+        """The marks and phases as JSON, atomically (temp file + rename; the standard library only: a driver that
+        planned in its workers has not imported ``dassl`` and its torch)."""
+        import json
+        import os
+        import tempfile
 
-        atomic_write_json(path, self.as_dict())
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.as_dict(), f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

@@ -1,6 +1,6 @@
 """``CoOp`` trainer (Zhou et al., IJCV 2022) as used as a baseline by the official CRoFT code.
-The prompt machinery it shares with CoCoOp and DPLCLIP lives in :mod:`trainers.prompting` and
-:mod:`trainers.prompt_trainer`.
+The prompt machinery it shares with LoCoOp, CoCoOp and DPLCLIP lives in :mod:`trainers.prompting` and
+:mod:`trainers.prompt_trainer` (:class:`~trainers.prompt_trainer.ContextPromptTrainer`).
 
 CoOp learns ``N_CTX`` context token embeddings ``v_1..v_M`` that replace the words of a prompt: the text encoder
 reads ``[SOS] v_1 ... v_M {classname} . [EOS]`` (class token at the ``end``; ``middle`` and ``front`` are also
@@ -18,29 +18,24 @@ handling (``PREC``): see :mod:`trainers.prompt_trainer`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-import torch
-import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 from dassl.config.validate import PREC, count
 from dassl.engine import TRAINER_REGISTRY
-from dassl.utils.errors import ConfigError
 
-from .prompt_trainer import PromptCLIPTrainer
-from .prompting import CLASS_TOKEN_POSITIONS, PromptLearner, encode_prompt_embeddings
+from .prompt_trainer import ContextPromptTrainer
 
 
 # ----------------------------------------------------------------------------------------------- CoOp
 @TRAINER_REGISTRY.register()
-class CoOp(PromptCLIPTrainer):
+class CoOp(ContextPromptTrainer):
     """Context Optimization: learnable prompt context, frozen CLIP, cross-entropy."""
 
     CFG_RANGES = {"TRAINER.COOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"), "TRAINER.COOP.PREC": PREC}
 
     cfg_node = "COOP"
-    LOCAL_FEATURES = True  # local logits for gl_mcm / l_mcm
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
@@ -51,32 +46,3 @@ class CoOp(PromptCLIPTrainer):
         c.CLASS_TOKEN_POSITION = "end"  # end | middle | front
         c.PREC = "fp16"                 # fp32 | fp16 | amp | bf16 (CPU: always fp32)
         c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
-
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        pos = cfg.TRAINER.COOP.CLASS_TOKEN_POSITION
-        if pos not in CLASS_TOKEN_POSITIONS:
-            raise ConfigError(f"TRAINER.COOP.CLASS_TOKEN_POSITION must be one of {CLASS_TOKEN_POSITIONS}, "
-                              f"got {pos!r}")
-
-    def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
-        c = self.cfg.TRAINER.COOP
-        self.prompt_learner = PromptLearner(clip_model, self.context_length, classnames, int(c.N_CTX),
-                                            c.CTX_INIT, bool(c.CSC), c.CLASS_TOKEN_POSITION)
-        return self.prompt_learner
-
-    def text_features(self) -> torch.Tensor:
-        """Normalised class text features ``[C, D]`` of the current context."""
-        pl = self.prompt_learner
-        tf = encode_prompt_embeddings(self.text_encoder, pl(), pl.tokenized_prompts)
-        return tf / tf.norm(dim=-1, keepdim=True)
-
-    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
-                       domains: Optional[torch.Tensor] = None) -> torch.Tensor:
-        tf = self.text_features()
-        return self.logit_scale * feats.to(tf.dtype) @ tf.t()
-
-    def forward_logits_local(self, feats: torch.Tensor, raw: torch.Tensor, local: torch.Tensor,
-                             domains: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        tf = self.text_features()
-        return self.logit_scale * feats.to(tf.dtype) @ tf.t(), self.logit_scale * local.to(tf.dtype) @ tf.t()

@@ -21,7 +21,7 @@ Checkpoint model name ``prompt_learner``; the token buffers are dropped on load 
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,8 +32,8 @@ from dassl.config.validate import PREC, count, nonneg, unit
 from dassl.engine import TRAINER_REGISTRY
 from dassl.utils.errors import ConfigError
 
-from .prompt_trainer import PromptCLIPTrainer
-from .prompting import CLASS_TOKEN_POSITIONS, PromptLearner, encode_prompt_embeddings, upcast
+from .prompt_trainer import ContextPromptTrainer
+from .prompting import upcast
 
 ENTROPY_EPS = 1e-5  # inside the log, as the authors' code
 
@@ -76,11 +76,10 @@ def locoop_loss(logits: torch.Tensor, local_logits: torch.Tensor, labels: torch.
 
 
 @TRAINER_REGISTRY.register()
-class LoCoOp(PromptCLIPTrainer):
+class LoCoOp(ContextPromptTrainer):
     """Local regularized Context Optimization: CoOp + entropy maximisation on non-top-K local regions."""
 
     cfg_node = "LOCOOP"
-    LOCAL_FEATURES = True
     TRAIN_LOCAL = True
     CFG_RANGES = {"TRAINER.LOCOOP.N_CTX": count(0, "ignored with CTX_INIT; >= 1 without it"),
                   "TRAINER.LOCOOP.PREC": PREC,
@@ -101,37 +100,12 @@ class LoCoOp(PromptCLIPTrainer):
         c.TOPK = 0             # absolute K (official --topk 200 on 1000 classes); 0: K from TOPK_RATIO
         c.TOPK_RATIO = 0.2     # K = round(ratio x classes) when TOPK is 0 (200 / 1000 = 0.2)
 
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        pos = cfg.TRAINER.LOCOOP.CLASS_TOKEN_POSITION
-        if pos not in CLASS_TOKEN_POSITIONS:
-            raise ConfigError(f"TRAINER.LOCOOP.CLASS_TOKEN_POSITION must be one of {CLASS_TOKEN_POSITIONS}, "
-                              f"got {pos!r}")
-
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.LOCOOP
         self.top_k = resolve_topk(c.TOPK, c.TOPK_RATIO, len(classnames))
         self.lam = float(c.LAMBDA)
         print(f"LoCoOp: lambda {self.lam}, top-K {self.top_k} of {len(classnames)} classes")
-        self.prompt_learner = PromptLearner(clip_model, self.context_length, classnames, int(c.N_CTX),
-                                            c.CTX_INIT, bool(c.CSC), c.CLASS_TOKEN_POSITION)
-        return self.prompt_learner
-
-    def text_features(self) -> torch.Tensor:
-        """Normalised class text features ``[C, D]`` of the current context."""
-        pl = self.prompt_learner
-        tf = encode_prompt_embeddings(self.text_encoder, pl(), pl.tokenized_prompts)
-        return tf / tf.norm(dim=-1, keepdim=True)
-
-    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
-                       domains: Optional[torch.Tensor] = None) -> torch.Tensor:
-        tf = self.text_features()
-        return self.logit_scale * feats.to(tf.dtype) @ tf.t()
-
-    def forward_logits_local(self, feats: torch.Tensor, raw: torch.Tensor, local: torch.Tensor,
-                             domains: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        tf = self.text_features()
-        return self.logit_scale * feats.to(tf.dtype) @ tf.t(), self.logit_scale * local.to(tf.dtype) @ tf.t()
+        return super().build_prompt_model(clip_model, classnames)
 
     def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
         image, label = self.parse_batch_train(batch)

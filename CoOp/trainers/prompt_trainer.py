@@ -29,7 +29,7 @@ from dassl.utils.torchtools import load_pretrained_weights
 from dassl.engine.inference import InferenceOutput
 
 from .clip_common import attach_local_encoder, freeze, load_clip_to_cpu
-from .prompting import PROMPT_PRECISIONS, upcast
+from .prompting import CLASS_TOKEN_POSITIONS, PROMPT_PRECISIONS, PromptLearner, encode_prompt_embeddings, upcast
 
 class PromptCLIPTrainer(TrainerX):
     """What CoOp, CoCoOp and DPLCLIP share: frozen CLIP in the requested precision, a text encoder over prompt
@@ -172,3 +172,40 @@ class PromptCLIPTrainer(TrainerX):
                 logits = upcast(self.forward_logits(feats, raw, domains))
         feats = upcast(feats)
         return InferenceOutput(logits=logits, features=feats, local_logits=local_logits)
+
+
+class ContextPromptTrainer(PromptCLIPTrainer):
+    """CoOp's prompt model, shared by CoOp and LoCoOp: one :class:`PromptLearner` built from ``TRAINER.<node>``
+    (``N_CTX``, ``CTX_INIT``, ``CSC``, ``CLASS_TOKEN_POSITION``) and ``logits = s * cos(image, text_c)`` for the
+    global and the local image features against the same class text features."""
+
+    LOCAL_FEATURES = True  # local logits for gl_mcm / l_mcm
+
+    def check_cfg(self, cfg: Any) -> None:
+        super().check_cfg(cfg)
+        pos = self.node(cfg).CLASS_TOKEN_POSITION
+        if pos not in CLASS_TOKEN_POSITIONS:
+            raise ConfigError(f"TRAINER.{self.cfg_node}.CLASS_TOKEN_POSITION must be one of "
+                              f"{CLASS_TOKEN_POSITIONS}, got {pos!r}")
+
+    def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
+        c = self.node()
+        self.prompt_learner = PromptLearner(clip_model, self.context_length, classnames, int(c.N_CTX),
+                                            c.CTX_INIT, bool(c.CSC), c.CLASS_TOKEN_POSITION)
+        return self.prompt_learner
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised class text features ``[C, D]`` of the current context."""
+        pl = self.prompt_learner
+        tf = encode_prompt_embeddings(self.text_encoder, pl(), pl.tokenized_prompts)
+        return tf / tf.norm(dim=-1, keepdim=True)
+
+    def forward_logits(self, feats: torch.Tensor, raw: torch.Tensor,
+                       domains: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tf = self.text_features()
+        return self.logit_scale * feats.to(tf.dtype) @ tf.t()
+
+    def forward_logits_local(self, feats: torch.Tensor, raw: torch.Tensor, local: torch.Tensor,
+                             domains: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tf = self.text_features()
+        return self.logit_scale * feats.to(tf.dtype) @ tf.t(), self.logit_scale * local.to(tf.dtype) @ tf.t()

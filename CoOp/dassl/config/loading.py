@@ -25,6 +25,10 @@ def _syntax_error(path: str, what: str, err: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{what} {path}: YAML syntax error{where}: {problem}{started}")
 
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: the same
+# safe tags, about 5x faster (a sweep reads its configs once per run)
+
+
 def read_yaml_config(path: str, what: str = "config") -> CN:
     """The config node in a YAML file; a missing, non-YAML, malformed or non-mapping file is one line."""
     if not os.path.isfile(path):
@@ -34,7 +38,7 @@ def read_yaml_config(path: str, what: str = "config") -> CN:
                           f"(a Python config would be code)")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f.read())
+            data = yaml.load(f.read(), Loader=SAFE_LOADER)
     except yaml.YAMLError as err:
         raise _syntax_error(path, what, err) from None
     except (OSError, UnicodeDecodeError) as err:

@@ -43,6 +43,7 @@ from .feature_store import FeatureStore
 
 FLUSH_ROWS = 4096  # features encoded between two shard writes (a killed extraction keeps what it flushed)
 FILL_LANES = 4     # lanes per store that concurrent fillers take in turn (one lock each)
+ENCODE_BATCH = 64  # images per encoder batch when filling a store; the last one of a lane is padded (pad_batch)
 
 
 def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
@@ -53,7 +54,8 @@ def cache_key(cfg: Any, encoder_dtype: torch.dtype) -> str:
         stat = f"{os.path.abspath(weights)}:{st.st_size}:{int(st.st_mtime)}"
     desc = {"backbone": cfg.MODEL.BACKBONE.NAME, "weights": stat or weights, "size": list(cfg.INPUT.SIZE),
             "interp": cfg.INPUT.INTERPOLATION, "mean": list(cfg.INPUT.PIXEL_MEAN), "std": list(cfg.INPUT.PIXEL_STD),
-            "tfms": list(cfg.INPUT.TRANSFORMS), "rrcrop": list(cfg.INPUT.RRCROP_SCALE), "dtype": str(encoder_dtype)}
+            "tfms": list(cfg.INPUT.TRANSFORMS), "rrcrop": list(cfg.INPUT.RRCROP_SCALE), "dtype": str(encoder_dtype),
+            "encode_batch": ENCODE_BATCH}
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,6 +95,16 @@ def fill_lane(path: str, root: str = "") -> int:
     to the data root: a tree that lies elsewhere is encoded in the same batches, so its features are bit-identical."""
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root)) if root else path
     return zlib.crc32(rel.encode()) % FILL_LANES
+
+
+def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``images`` padded to ``size`` rows with copies of the last one. Every cached feature is then computed in a
+    batch of the same size (``ENCODE_BATCH``, part of the store's key): CPU kernels pick their algorithm (and so
+    their rounding) by batch size, so a short last batch would give an image other bits depending on which run, or
+    which fill lane, encoded it first. A small fixed batch keeps the padding cheap: a lane of a few-shot store holds
+    about a hundred images."""
+    short = size - len(images)
+    return images if short <= 0 else torch.cat([images, images[-1:].expand(short, *images.shape[1:])])
 
 
 def view_seed(view: int, path: str, root: str) -> int:
@@ -207,7 +219,7 @@ class FeatureCache:
         in shards of ``FLUSH_ROWS``."""
         tr = self.trainer
         loader = DataLoader(_SeededViews(todo, transform, view, tr.cfg.DATASET.ROOT),
-                            batch_size=tr.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False, num_workers=0)
+                            batch_size=ENCODE_BATCH, shuffle=False, num_workers=0)
         paths_new: list[str] = []
         feats_new: list[torch.Tensor] = []
         locals_new: list[torch.Tensor] = []
@@ -222,13 +234,14 @@ class FeatureCache:
         # so a run that builds the cache and one that re-uses it train identically
         with torch.random.fork_rng(devices=[]):
             for images, paths in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled(tr.cfg.VERBOSE)):
-                x = images.to(tr.device, dtype=dtype)
+                n = len(images)
+                x = pad_batch(images, loader.batch_size).to(tr.device, dtype=dtype)
                 if local is None:
-                    feats_new.append(tr.image_encoder(x).float().cpu())
+                    feats_new.append(tr.image_encoder(x)[:n].float().cpu())
                 else:
                     glob, loc = tr.local_image_encoder(x)
-                    feats_new.append(glob.float().cpu())
-                    locals_new.append(loc.float().flatten(1).cpu())
+                    feats_new.append(glob[:n].float().cpu())
+                    locals_new.append(loc[:n].float().flatten(1).cpu())
                 tr.encoder_images += len(images)
                 paths_new.extend(paths)
                 if len(paths_new) >= FLUSH_ROWS:

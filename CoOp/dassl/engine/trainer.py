@@ -30,7 +30,7 @@ from .inference import InferenceOutput, as_inference_output, local_reduction
 from ..utils.meters import AverageMeter, MetricMeter
 from ..utils.tools import progress_enabled, mkdir_if_missing, resolve_device
 from ..utils.torchtools import (load_checkpoint, prune_checkpoints, rng_from_tensors, rng_to_tensors, save_checkpoint,
-                                set_latest_checkpoint)
+                                set_latest_checkpoint, sync_checkpoint)
 from . import guards
 from .ragged import cat_padded
 
@@ -119,6 +119,12 @@ class TrainerBase:
             }, os.path.join(directory, name), is_best=is_best, model_name=model_name)
         if not is_best and not model_name and not self.defer_checkpoint_prune:
             self.prune_checkpoints(directory)
+
+    def sync_checkpoints(self, directory: str) -> None:
+        """``fsync`` each model's rolling checkpoint (written every epoch without it: atomic, kill-safe), so that a
+        finished run's checkpoints survive a power loss."""
+        for name in self.get_model_names():
+            sync_checkpoint(os.path.join(directory, name))
 
     def prune_checkpoints(self, directory: str) -> None:
         """Keep the newest ``model.pth.tar-<E>`` of each model (and those ``TRAIN.CHECKPOINT_FREQ`` asks for)."""
@@ -487,6 +493,7 @@ class SimpleTrainer(TrainerBase):
 
     def after_train(self) -> None:
         print("Finished training")
+        self.sync_checkpoints(self.output_dir)
         if not self.cfg.TEST.NO_TEST:
             if self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
                 print("Deploy the model with the best val performance")

@@ -46,16 +46,18 @@ def write_json(obj: Any, fpath: str) -> None:
     atomic_write_text(fpath, json.dumps(obj, indent=4, separators=(",", ": ")))
 
 
-def atomic_write_bytes(fpath: str, data: bytes) -> None:
-    """Write ``data`` to ``fpath`` through a temp file in the same folder and ``os.replace``."""
+def atomic_write_bytes(fpath: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``fpath`` through a temp file in the same folder and ``os.replace`` (a killed process
+    leaves the old file or the new one); ``durable``: ``fsync`` the data first (survives a power loss too)."""
     dirname = os.path.dirname(os.path.abspath(fpath))
     os.makedirs(dirname, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dirname)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, fpath)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,8 +65,8 @@ def atomic_write_bytes(fpath: str, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(fpath: str, text: str) -> None:
-    atomic_write_bytes(fpath, text.encode("utf-8"))
+def atomic_write_text(fpath: str, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(fpath, text.encode("utf-8"), durable)
 
 
 def atomic_write_json(fpath: str, obj: Any) -> None:

@@ -24,7 +24,10 @@ def save_checkpoint(state: dict[str, Any], save_dir: str, is_best: bool = False,
     """Save ``state`` (keys: state_dict, epoch, optimizer, scheduler, ...) atomically.
 
     Writes ``model.pth.tar-<epoch>`` (or ``model_name`` if given) and, if ``is_best``, ``model-best.pth.tar``;
-    a ``checkpoint`` text file names the latest regular checkpoint (used by resume).
+    a ``checkpoint`` text file names the latest regular checkpoint (used by resume). Every write is atomic (a
+    killed process leaves the old file or the new one); ``model-best.pth.tar`` (what evaluation loads) is also
+    ``fsync``'d, the rolling checkpoint and ``checkpoint`` are not: a power loss may lose the newest of them
+    (resume then starts from an older readable checkpoint); :func:`sync_checkpoint` makes them durable.
     """
     os.makedirs(save_dir, exist_ok=True)
     state = dict(state)
@@ -39,9 +42,29 @@ def save_checkpoint(state: dict[str, Any], save_dir: str, is_best: bool = False,
         return fpath
     name = model_name or f"model.pth.tar-{state['epoch']}"
     fpath = os.path.join(save_dir, name)
-    atomic_write_bytes(fpath, data)
-    atomic_write_text(os.path.join(save_dir, "checkpoint"), name + "\n")
+    atomic_write_bytes(fpath, data, durable=False)  # rewritten every epoch: kill-safe, not power-loss-safe
+    atomic_write_text(os.path.join(save_dir, "checkpoint"), name + "\n", durable=False)
     return fpath
+
+
+def sync_checkpoint(save_dir: str) -> list[str]:
+    """``fsync`` the regular checkpoint ``<save_dir>/checkpoint`` names and that file (the end of training: a
+    finished run's checkpoints survive a power loss); returns the paths synced."""
+    pointer = os.path.join(save_dir, "checkpoint")
+    if not os.path.isfile(pointer):
+        return []
+    with open(pointer, encoding="utf-8") as f:
+        paths = [os.path.join(save_dir, f.readline().strip()), pointer]
+    synced = []
+    for path in paths:
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            synced.append(path)
+    return synced
 
 
 def set_latest_checkpoint(save_dir: str, name: str) -> None:
