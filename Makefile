@@ -39,6 +39,7 @@ KERNEL_TESTS ?= tests/test_croft_parity.py tests/test_croft_trainer.py tests/tes
 	tests/test_feature_cache.py::test_views_do_not_depend_on_where_the_data_lies \
 	tests/test_feature_cache.py::test_cache_is_built_once_and_reused \
 	tests/test_feature_cache.py::test_cached_test_features_equal_direct_encoding \
+	tests/test_feature_cache.py::test_a_cached_feature_does_not_depend_on_its_batch \
 	tests/test_stacked.py::test_member_stack_equals_separate_runs
 KERNEL_ENVS ?= "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=COMPATIBLE" "ATEN_CPU_CAPABILITY=default"
 test-kernels: venv system-deps

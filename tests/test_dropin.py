@@ -135,7 +135,8 @@ def test_coop_and_zero_shot_files_train_and_evaluate(tree):
     assert "epoch [2/2]" in proc.stdout and "* accuracy:" in proc.stdout
     assert os.path.isfile(os.path.join(out, "prompt_learner", "model.pth.tar-2"))
     _check_accuracy(out)
-    # the few-shot cache is written in upstream Dassl's Datum layout
+    # the few-shot cache is written in the official CRoFT Datum layout: upstream Dassl's four attributes (what
+    # upstream Dassl reads) plus the official fork's domain name and domain list
     fewshot = os.path.join(tree["data"], "dtd", "split_fewshot", "shot_2-seed_1.pkl")
 
     class _Reader(pickle.Unpickler):
@@ -145,7 +146,8 @@ def test_coop_and_zero_shot_files_train_and_evaluate(tree):
     with open(fewshot, "rb") as f:
         cached = _Reader(io.BytesIO(f.read())).load()
     assert len(cached["train"]) == 2 * len(CLASSES) and len(cached["val"]) == 2 * len(CLASSES)
-    assert set(vars(cached["train"][0])) == {"_impath", "_label", "_domain", "_classname"}
+    assert set(vars(cached["train"][0])) == {"_impath", "_label", "_domain", "_classname", "_domainname",
+                                             "_alldomain"}
     # evaluation of the saved prompt through the family's own load_model
     ev = _run(tree, "--trainer", "CoOp", "--dataset-config-file", f"{cfg}/datasets/dtd.yaml",
               "--config-file", f"{cfg}/trainers/CoOp/rn50_ep50.yaml", "--output-dir", str(tree["base"] / "ev"),

@@ -198,15 +198,15 @@ def test_a_cached_feature_does_not_depend_on_its_batch():
     same bits whichever images share its batch, at whichever position (which run or fill lane encoded it first);
     an unpadded short batch gives other bits on this encoder, which is why the padding exists."""
     from clip_backbone.loader import load_clip
-    from dassl.engine.feature_cache import pad_batch
+    from dassl.engine.feature_cache import ENCODE_BATCH, pad_batch
 
     torch.manual_seed(0)
     enc = load_clip("tinyclip-rn32", "random").model.visual.eval()
     x = torch.randn(12, 3, 32, 32)
     with torch.no_grad():
-        alone = enc(pad_batch(x[:5], 16))[:5]
-        mixed = enc(pad_batch(torch.cat([x[7:10], x[:5]]), 16))[3:8]
-        reversed_ = enc(pad_batch(x[[4, 3, 2, 1, 0]], 16))[[4, 3, 2, 1, 0]]
+        alone = enc(pad_batch(x[:5], ENCODE_BATCH))[:5]
+        mixed = enc(pad_batch(torch.cat([x[7:10], x[:5]]), ENCODE_BATCH))[3:8]
+        reversed_ = enc(pad_batch(x[[4, 3, 2, 1, 0]], ENCODE_BATCH))[[4, 3, 2, 1, 0]]
     assert torch.equal(alone, mixed) and torch.equal(alone, reversed_)
     assert torch.equal(pad_batch(x, 12), x) and len(pad_batch(x[:5], 16)) == 16
     assert torch.equal(pad_batch(x[:3], 5)[3:], x[2:3].expand(2, 3, 32, 32))

@@ -193,6 +193,7 @@ def test_extraction_appends_a_shard_every_flush_rows(tmp_path, monkeypatch):
     cache, trainer, items = _tiny_cache(tmp_path)
     monkeypatch.setattr(fc, "FLUSH_ROWS", 4)
     monkeypatch.setattr(fc, "FILL_LANES", 1)  # one lane: the flushes of one encoding pass
+    monkeypatch.setattr(fc, "ENCODE_BATCH", 2)  # batches of 2: a flush after the second batch
     store = fc.FeatureStore(str(tmp_path / "store"))
     cache._fill(items, transforms.ToTensor(), store, None, "t")
     sizes = sorted(len(json.load(open(os.path.join(store.folder, f)))["paths"])
