@@ -38,7 +38,6 @@ from dassl.utils import collect_env_info, set_random_seed
 from dassl.utils.errors import ConfigError, UserError
 from dassl.utils.logger import Logger, open_log, restore_stdout
 from dassl.utils.plugins import load_plugins
-from dassl.utils.safe_load import trusting_pickle
 from dassl.utils.tools import atomic_write_json, atomic_write_text
 
 
@@ -70,9 +69,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerun-changed", action="store_true",
                         help="the output directory holds a finished run or checkpoints of another configuration "
                              "(fingerprint): replace that run (default: refuse, naming the differing keys)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="unpickle checkpoints/weights/caches in full even when they hold more than data "
-                             "(code can run: only for files you trust; also CROFT_TRUST_PICKLE=1)")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="modify config options using the command line (KEY VALUE pairs)")
     return parser
@@ -360,16 +356,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     open-set runs (:mod:`dassl.engine.onepass`).
     """
     args = get_parser().parse_args(argv)
-    with trusting_pickle(args.trust_pickle):  # files are data unless the user trusts them (dassl.utils.safe_load)
-        if args.eval_open_set:
-            from dassl.engine.onepass import evaluate_open_sets
+    if args.eval_open_set:
+        from dassl.engine.onepass import evaluate_open_sets
 
-            return evaluate_open_sets(args, sys.modules[__name__])
-        if args.member:
-            from dassl.engine.stacked import run_stack
+        return evaluate_open_sets(args, sys.modules[__name__])
+    if args.member:
+        from dassl.engine.stacked import run_stack
 
-            return {"stack": run_stack(args, sys.modules[__name__])}
-        return run(args)
+        return {"stack": run_stack(args, sys.modules[__name__])}
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

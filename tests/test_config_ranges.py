@@ -89,6 +89,8 @@ TABLE = {
     "TRAINER.DPLCLIP.MLP_DEPTH": ([2, 3], [1]),
     "TRAINER.DPLCLIP.MLP_WIDTH": ([512, 1], [0]),
     "TRAINER.DPLCLIP.MLP_DROPOUT": ([0.0, 0.1], [1.0, -0.1]),
+    "TRAINER.DPLCLIP.DOMAIN_POOL": (["mean_of_mlp", "mlp_of_mean"], ["mean"]),  # official and the named fix
+    "TRAINER.DPLCLIP.LOGITS": (["concat", "per_group"], ["group"]),
     # Bayes-CAL: loss weights >= 0, initial sigma > 0
     "TRAINER.BCAL.N_CTX": ([16], [-1]),
     "TRAINER.BCAL.PREC": (["amp"], ["fp4"]),
@@ -97,6 +99,8 @@ TABLE = {
     "TRAINER.BCAL.ALPHA3": ([0.01], [-1.0]),
     "TRAINER.BCAL.KL_SCALE": ([1e-8, 0.0], [-1e-8]),
     "TRAINER.BCAL.SIGMA_INIT": ([1e-5], [0.0, -1e-5]),
+    "TRAINER.BCAL.IRM_REDUCTION": (["sum", "mean"], ["max"]),  # official sum, named fix mean
+    "TRAINER.BCAL.KL_PRIOR": (["init", "standard"], ["normal"]),
 }
 
 

@@ -1,6 +1,7 @@
 """Files are data, never code (``dassl/utils/safe_load.py``): checkpoints, CLIP weights and cache entries are read
-weights-only; a pickle payload executes nothing and is one ``error:`` line (exit 2) naming the file, unless the
-user trusts it (``--trust-pickle`` / ``CROFT_TRUST_PICKLE=1``). TorchScript archives go through ``torch.jit.load``.
+weights-only; a pickle payload executes nothing and is one ``error:`` line (exit 2) naming the file and
+``tools/data_only.py``, which keeps a file's data with every other object left inert. TorchScript archives go
+through ``torch.jit.load``.
 
 The payload is an object whose unpickling calls ``open(marker, "w")``: the marker file exists iff code ran.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,7 +78,7 @@ def test_checkpoint_payload_in_model_dir_executes_nothing(root, tmp_path):
     res = run_train_forked(args(root, out, "CLIP_Adapter", flags=["--eval-only", "--model-dir", model_dir]),
                            str(tmp_path))
     line = refused(res, out, f"refusing to unpickle checkpoint {path}")
-    assert "--trust-pickle" in line and "CROFT_TRUST_PICKLE" in line
+    assert "tools/data_only.py" in line and "nothing in it ran" in line
     assert not os.path.exists(marker)
 
 
@@ -142,54 +145,73 @@ def test_feature_store_shard_payload_executes_nothing(tmp_path):
     assert not os.path.exists(marker)
 
 
-# ------------------------------------------------------------------ the trust switch
-def _date_checkpoint(path: str) -> dict:
-    """A checkpoint the weights-only reader refuses though it runs no code (a ``datetime.date`` inside)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    ckpt = {"state_dict": {"w": torch.arange(3.0)}, "epoch": 2, "saved": datetime.date(2024, 7, 1)}
-    torch.save(ckpt, path)
-    return ckpt
+# ------------------------------------------------------------------ tools/data_only.py
+def _data_only(*argv: str) -> subprocess.CompletedProcess:
+    from helpers import COOP
+
+    return subprocess.run([sys.executable, "tools/data_only.py", *argv], cwd=COOP, capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_trust_switch_reads_in_full(tmp_path, monkeypatch):
-    from dassl.utils.safe_load import TRUST_ENV, UnsafeFileError, trusting_pickle
-    from dassl.utils.torchtools import load_checkpoint
+def test_data_only_keeps_the_data_and_builds_nothing(tmp_path):
+    """An upstream-Dassl-like checkpoint (its scheduler state holds a scheduler object), a date and a payload:
+    ``tools/data_only.py`` writes the data (loadable weights-only), drops the rest by name, runs nothing."""
+    from dassl.utils.safe_load import UnsafeFileError, load_torch_file
 
-    path = str(tmp_path / "m" / "model.pth.tar-2")
-    want = _date_checkpoint(path)
-    monkeypatch.delenv(TRUST_ENV, raising=False)
-    with pytest.raises(UnsafeFileError, match=r"unsupported GLOBAL datetime\.date"):
-        load_checkpoint(path)
-    with trusting_pickle():
-        got = load_checkpoint(path)
-    assert got["saved"] == want["saved"] and torch.equal(got["state_dict"]["w"], want["state_dict"]["w"])
-    with pytest.raises(UnsafeFileError):  # the block ended: refused again
-        load_checkpoint(path)
-    monkeypatch.setenv(TRUST_ENV, "1")
-    assert load_checkpoint(path)["saved"] == want["saved"]
-    monkeypatch.setenv(TRUST_ENV, "0")
-    with pytest.raises(UnsafeFileError):
-        load_checkpoint(path)
+    marker = str(tmp_path / "pwned")
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    param.grad = torch.ones(2)
+    opt.step()
+    successor = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    src, dst = str(tmp_path / "upstream.pth.tar"), str(tmp_path / "data.pth.tar")
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "epoch": 7, "optimizer": opt.state_dict(),
+                "scheduler": {"last_epoch": 7, "successor": successor}, "saved": datetime.date(2024, 7, 1),
+                "x": Payload(marker)}, src)
+    with pytest.raises(UnsafeFileError, match="refusing to unpickle checkpoint .*tools/data_only.py"):
+        load_torch_file(src, "checkpoint")
+    res = _data_only(src, dst)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(marker)
+    for name in ("CosineAnnealingLR", "datetime.date", "io.open"):
+        assert name in res.stdout, res.stdout
+    got = load_torch_file(dst, "checkpoint")
+    assert torch.equal(got["state_dict"]["w"], torch.arange(3.0)) and got["epoch"] == 7
+    assert got["scheduler"] == {"last_epoch": 7} and "saved" not in got and "x" not in got
+    assert torch.equal(got["optimizer"]["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
 
 
-def test_trust_pickle_flag_on_the_command_line(root, tmp_path):
-    """``train.py --trust-pickle``: a checkpoint the weights-only reader refuses is read (with a warning line)."""
+def test_data_only_refuses_a_file_without_data(tmp_path):
+    """A whole pickled object (a payload, a pickled module) holds no data: exit 2, one line, nothing written."""
+    marker = str(tmp_path / "pwned")
+    src = _payload_file(str(tmp_path / "p.pt"), marker, wrap=False)
+    res = _data_only(src, str(tmp_path / "out.pt"))
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert "holds no data" in res.stderr and not os.path.exists(tmp_path / "out.pt") and not os.path.exists(marker)
+    res = _data_only(str(tmp_path / "missing.pt"), str(tmp_path / "out.pt"))
+    assert res.returncode == 2 and "cannot read" in res.stderr and "missing.pt" in res.stderr
+
+
+def test_a_converted_upstream_checkpoint_evaluates(root, tmp_path):
+    """``train.py --eval-only --model-dir``: a checkpoint with an object inside is refused (one line naming the
+    tool); its ``tools/data_only.py`` copy evaluates."""
     model_dir = str(tmp_path / "model")
     src = str(tmp_path / "trained")
     res = run_train_forked(args(root, src, "CLIP_Adapter"), str(tmp_path))
     assert res.returncode == 0, res.stderr
-    best = os.path.join(src, "clip_adapter", "model-best.pth.tar")
-    ckpt = torch.load(best, weights_only=True)
+    ckpt = torch.load(os.path.join(src, "clip_adapter", "model-best.pth.tar"), weights_only=True)
     ckpt["saved"] = datetime.date(2024, 7, 1)
-    os.makedirs(os.path.join(model_dir, "clip_adapter"))
-    torch.save(ckpt, os.path.join(model_dir, "clip_adapter", "model-best.pth.tar"))
+    best = os.path.join(model_dir, "clip_adapter", "model-best.pth.tar")
+    os.makedirs(os.path.dirname(best))
+    torch.save(ckpt, best)
     eval_args = args(root, str(tmp_path / "e1"), "CLIP_Adapter", flags=["--eval-only", "--model-dir", model_dir])
-    refused(run_train_forked(eval_args, str(tmp_path)), str(tmp_path / "e1"), "unsupported GLOBAL datetime.date")
-    trusted = args(root, str(tmp_path / "e2"), "CLIP_Adapter",
-                   flags=["--eval-only", "--model-dir", model_dir, "--trust-pickle"])
-    res = run_train_forked(trusted, str(tmp_path))
+    line = refused(run_train_forked(eval_args, str(tmp_path)), str(tmp_path / "e1"),
+                   "unsupported GLOBAL datetime.date")
+    assert "tools/data_only.py" in line
+    assert _data_only(best, best).returncode == 0
+    eval_args = args(root, str(tmp_path / "e2"), "CLIP_Adapter", flags=["--eval-only", "--model-dir", model_dir])
+    res = run_train_forked(eval_args, str(tmp_path))
     assert res.returncode == 0, res.stderr
-    assert "WARNING: unpickling checkpoint" in res.stdout and "model-best.pth.tar in full" in res.stdout
 
 
 # ------------------------------------------------------------------ what the project writes loads weights-only

@@ -96,8 +96,6 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise WeightsError(str(err)) from None
     except Exception as err:
         raise WeightsError(f"cannot read CLIP weights {path}: {(str(err).splitlines() or [''])[0]}") from None
-    if isinstance(obj, nn.Module):  # a pickled module: only with --trust-pickle
-        obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -2,9 +2,8 @@
 so that they are shared both ways with CoOp's and the official CRoFT code's dataset classes.
 
 The file is a pickle (upstream writes it with ``pickle.HIGHEST_PROTOCOL``) of ``{"train": [Datum, ...], "val":
-[Datum, ...]}``. Reading builds nothing but :class:`Datum` objects (files are data, never code): any other
-object is refused with one line naming the file, unless pickles are trusted (``train.py --trust-pickle`` or
-``CROFT_TRUST_PICKLE=1``, :mod:`dassl.utils.safe_load`). Writing pickles :class:`Datum` as it always pickles: the
+[Datum, ...]}``. Reading builds nothing but :class:`Datum` objects (files are data, never code): a file holding
+any other object is refused with one line naming it (nothing in it runs; delete it to draw again). Writing pickles :class:`Datum` as it always pickles: the
 official layout, the instance dict ``_impath``, ``_label``, ``_domain``, ``_classname``, ``_domainname``,
 ``_alldomain`` (the official DataManager reads ``domainname`` of every item; upstream Dassl ignores the two extra
 attributes).
@@ -18,7 +17,7 @@ from typing import Any
 from dassl.data.datasets import Datum
 from dassl.data.datasets.checks import check_files_exist
 from dassl.utils.errors import DataError
-from dassl.utils.safe_load import TRUST_ENV, UnsafeFileError, pickle_trusted
+from dassl.utils.safe_load import UnsafeFileError
 from dassl.utils.tools import atomic_write_bytes
 
 CACHE_DIR = "split_fewshot"
@@ -51,17 +50,8 @@ def _unpickle(path: str) -> Any:
     except Exception as err:  # truncated or not a pickle
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise DataError(f"cannot read the few-shot cache {path}: {first} (delete it to draw again)") from None
-    if not pickle_trusted():
-        raise UnsafeFileError(f"refusing to unpickle the few-shot cache {path}: it holds objects other than Datum "
-                              f"({reason}); if you trust this file, pass --trust-pickle or set {TRUST_ENV}=1")
-    print(f"WARNING: unpickling the few-shot cache {path} in full (trusted by --trust-pickle / {TRUST_ENV}): "
-          f"{reason}")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise DataError(f"cannot read the few-shot cache {path}: {first} (delete it to draw again)") from None
+    raise UnsafeFileError(f"refusing to unpickle the few-shot cache {path}: it holds objects other than Datum "
+                          f"({reason}); nothing in it ran; delete it to draw again")
 
 
 def read_cache(path: str, image_dir: str = "") -> tuple[list[Datum], list[Datum]]:

@@ -25,7 +25,7 @@ shared both ways with CoOp's and the official code's dataset classes: read when 
 lists are used as they are, as officially, e.g. all Caltech101 classes when CoOp's ``Caltech101`` wrote it: a
 warning names the excluded classes it holds), else drawn and written (atomically; a folder that cannot be
 written is a note, the draw is used). Reading builds nothing but ``Datum`` objects (files are data; another
-object is refused with one line naming the file unless ``--trust-pickle``); writing uses upstream's layout
+object is refused with one line naming the file; nothing in it runs); writing uses upstream's layout
 (``{"train": [Datum], "val": [Datum]}``, every attribute of the official ``Datum``, domain 0).
 
 Caps below 1 mean "no cap". Sampling uses python's global ``random`` (seeded by the run through

@@ -153,14 +153,6 @@ class BCAL(PromptCLIPTrainer):
 
     unsupported_keys = {"CTX_INIT": "", "CSC": False, "CLASS_TOKEN_POSITION": "end"}
 
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        c = cfg.TRAINER.BCAL
-        if c.IRM_REDUCTION not in IRM_REDUCTIONS:
-            raise ConfigError(f"TRAINER.BCAL.IRM_REDUCTION must be one of {IRM_REDUCTIONS}, got {c.IRM_REDUCTION!r}")
-        if c.KL_PRIOR not in KL_PRIORS:
-            raise ConfigError(f"TRAINER.BCAL.KL_PRIOR must be one of {KL_PRIORS}, got {c.KL_PRIOR!r}")
-
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.BCAL
         self.domain_names = domain_names_of(self.cfg, self.dm.dataset)

@@ -48,7 +48,6 @@ from yacs.config import CfgNode as CN
 
 from dassl.config.validate import PREC, Range, count
 from dassl.engine import TRAINER_REGISTRY
-from dassl.utils.errors import ConfigError
 
 from .prompt_trainer import PromptCLIPTrainer
 from .prompting import PromptTokens, assemble_prompts, clip_embed_dim, encode_prompt_embeddings
@@ -127,7 +126,9 @@ class DPLCLIP(PromptCLIPTrainer):
 
     CFG_RANGES = {"TRAINER.DPLCLIP.N_CTX": count(1), "TRAINER.DPLCLIP.PREC": PREC,
                   "TRAINER.DPLCLIP.MLP_DEPTH": count(2, "input and output layer"), "TRAINER.DPLCLIP.MLP_WIDTH": count(1),
-                  "TRAINER.DPLCLIP.MLP_DROPOUT": Range(0.0, 1.0, hi_open=True)}
+                  "TRAINER.DPLCLIP.MLP_DROPOUT": Range(0.0, 1.0, hi_open=True),
+                  "TRAINER.DPLCLIP.DOMAIN_POOL": Range(choices=DOMAIN_POOLS),
+                  "TRAINER.DPLCLIP.LOGITS": Range(choices=LOGIT_MODES)}
 
     cfg_node = "DPLCLIP"
     model_name = "DPL"
@@ -149,14 +150,6 @@ class DPLCLIP(PromptCLIPTrainer):
         c.CTX_INIT = ""
         c.CSC = False
         c.CLASS_TOKEN_POSITION = "end"
-
-    def check_cfg(self, cfg: Any) -> None:
-        super().check_cfg(cfg)
-        c = cfg.TRAINER.DPLCLIP
-        if c.DOMAIN_POOL not in DOMAIN_POOLS:
-            raise ConfigError(f"TRAINER.DPLCLIP.DOMAIN_POOL must be one of {DOMAIN_POOLS}, got {c.DOMAIN_POOL!r}")
-        if c.LOGITS not in LOGIT_MODES:
-            raise ConfigError(f"TRAINER.DPLCLIP.LOGITS must be one of {LOGIT_MODES}, got {c.LOGITS!r}")
 
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
         c = self.cfg.TRAINER.DPLCLIP

@@ -5,43 +5,24 @@ The weights-only unpickler accepts tensors, numbers, strings, ``None`` and plain
 extra types this project itself has written: numpy arrays (numpy's legacy RNG state inside the checkpoints'
 ``rng_state``). OpenAI's TorchScript archives are recognised from their zip listing (a ``constants.pkl``
 record; nothing is unpickled to tell) and read only through ``torch.jit.load``. Anything else is refused with
-one line naming the file, unless the user trusts it explicitly: ``train.py --trust-pickle`` or the environment
-variable ``CROFT_TRUST_PICKLE=1`` (then the file is unpickled in full, with a warning line naming it).
+one line naming the file. Nothing here unpickles a file in full: a file that holds other objects as well (e.g.
+an upstream Dassl checkpoint, whose scheduler state holds the successor scheduler object) is read by
+:func:`read_data_only`, where each such object is left as an inert placeholder and nothing of it runs;
+``python tools/data_only.py IN OUT`` writes the data of such a file as a file this module reads.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
 import pickle
 import re
 import warnings
 import zipfile
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UserError
-
-TRUST_ENV = "CROFT_TRUST_PICKLE"
-_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("croft_trust_pickle", default=False)
 
 
 class UnsafeFileError(UserError):
     """A file that would run code (or build objects other than data) when unpickled."""
-
-
-def pickle_trusted() -> bool:
-    """True inside :func:`trusting_pickle` or when ``CROFT_TRUST_PICKLE`` is set to a non-empty value but 0."""
-    return _TRUSTED.get() or os.environ.get(TRUST_ENV, "").strip() not in ("", "0")
-
-
-@contextlib.contextmanager
-def trusting_pickle(trust: bool = True) -> Iterator[None]:
-    """Within the block, files refused by the weights-only reader are unpickled in full when ``trust``."""
-    token = _TRUSTED.set(bool(trust) or _TRUSTED.get())
-    try:
-        yield
-    finally:
-        _TRUSTED.reset(token)
 
 
 def _numpy_globals() -> list[Any]:
@@ -76,8 +57,8 @@ def _refusal(message: str) -> str:
 
 def load_torch_file(path: str, what: str = "file", map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` (see the module docstring). A refused file is an
-    :class:`UnsafeFileError` naming it (or, when trusted, a full unpickle with a warning line); a file that
-    cannot be read at all is a :class:`UserError` naming it."""
+    :class:`UnsafeFileError` naming it and how to keep its data (:func:`read_data_only`); a file that cannot be
+    read at all is a :class:`UserError` naming it."""
     import torch
 
     if is_torchscript_archive(path):
@@ -93,17 +74,72 @@ def load_torch_file(path: str, what: str = "file", map_location: Any = "cpu") ->
     except Exception as err:  # truncated / corrupt file
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read {what} {path}: {first}") from None
-    if not pickle_trusted():
-        raise UnsafeFileError(f"refusing to unpickle {what} {path}: it holds code or objects other than data "
-                              f"({reason}); if you trust this file, pass --trust-pickle or set {TRUST_ENV}=1")
-    print(f"WARNING: unpickling {what} {path} in full (trusted by --trust-pickle / {TRUST_ENV}): {reason}")
+    raise UnsafeFileError(f"refusing to unpickle {what} {path}: it holds code or objects other than data "
+                          f"({reason}); nothing in it ran. `python tools/data_only.py {path} OUT` writes its data "
+                          f"only (tensors, numbers, strings, containers) to OUT")
+
+
+class Inert:
+    """What :func:`read_data_only` leaves in place of an object that is not data: the global's name, the
+    arguments and state the file gave it (never called, never built)."""
+
+    __slots__ = ("args", "state")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Inert":
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<not built: {getattr(type(self), 'GLOBAL', '?')}>"
+
+
+# containers that pickles build through a global: rebuilt as the plain containers they hold
+_DATA_GLOBALS = {"builtins.dict": dict, "builtins.set": set, "builtins.frozenset": frozenset,
+                 "builtins.list": list, "builtins.tuple": tuple, "collections.defaultdict": lambda *_: {}}
+
+
+def _placeholder(name: str) -> Any:
+    if name in _DATA_GLOBALS:
+        return _DATA_GLOBALS[name]
+    return type(f"Inert[{name}]", (Inert,), {"__slots__": (), "GLOBAL": name})
+
+
+def read_data_only(path: str, map_location: Any = "cpu") -> tuple[Any, list[str]]:
+    """``(object, globals left inert)`` of a ``torch.save`` file, read by the weights-only unpickler with every
+    global it would refuse mapped to an :class:`Inert` placeholder (plain containers rebuilt as such): nothing in
+    the file runs. A file that cannot be read is a :class:`UserError` naming it."""
+    import torch
+
+    if is_torchscript_archive(path):
+        raise UnsafeFileError(f"{path} is a TorchScript archive, not a file written by torch.save")
     try:
-        with warnings.catch_warnings():
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with warnings.catch_warnings(), torch.serialization.safe_globals(
+                _numpy_globals() + [(_placeholder(n), n) for n in names]):
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # e.g. a truncated pickle
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # not a torch.save file, truncated, corrupt
         first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read {what} {path}: {first}") from None
+        raise UserError(f"cannot read {path}: {first}") from None
+    return obj, [n for n in names if n not in _DATA_GLOBALS]
+
+
+def data_of(obj: Any) -> Any:
+    """``obj`` without its :class:`Inert` placeholders (dropped from containers); None when ``obj`` is one."""
+    if isinstance(obj, Inert):
+        return None
+    if isinstance(obj, dict):
+        return type(obj)((k, data_of(v)) for k, v in obj.items() if not isinstance(v, Inert))
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(data_of(v) for v in obj if not isinstance(v, Inert))
+    return obj
 
 
 def load_torchscript_state_dict(path: str) -> dict[str, Any]:
