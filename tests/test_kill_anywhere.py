@@ -1,4 +1,5 @@
-"""kill -9 at random points, then the same command again: results equal an uninterrupted run, nothing lost or doubled.
+"""kill -9 at progress markers (start-up, checkpoints, a cache lane's fill), then the same command again: results
+equal an uninterrupted run, nothing lost or doubled.
 
 (a) training (5 kills, CRoFT), (b) a sweep of several runs through the real Setup-II driver, (c) a feature-cache
 fill, (d) an open-set evaluation. The killed process is the forked child doing the work (:mod:`procs`), never a
@@ -6,6 +7,7 @@ wrapper shell. All marked ``slow``; the fast representative is in ``test_faults.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from helpers import TINY
-from procs import kill_when, run_until_done, start_forked, train_starter, wait_forked
+from procs import kill_when, start_forked, train_starter, wait_forked
 from synthetic import write_lodo_tree
 from synthetic_openset import write_all_openset
 
@@ -69,12 +71,12 @@ def same_result(a: str, b: str, checkpoints: bool = True) -> None:
 
 
 def kill_at_markers(start, marks) -> tuple[int, object]:
-    """Start, SIGKILL ``delay`` s after each ``(path, delay)`` marker appears (one start per marker), then run to
-    the end: (kills that hit a live process, the final run's result)."""
+    """Start, SIGKILL ``delay`` s after each ``(path, delay)`` marker appears (one start per marker; ``path`` may be
+    a glob pattern), then run to the end: (kills that hit a live process, the final run's result)."""
     hits = 0
     for path, delay in marks:
         pid, o, e = start()
-        hits += kill_when(pid, lambda m=path: os.path.exists(m), delay)
+        hits += kill_when(pid, lambda m=path: bool(glob.glob(m)), delay)
         wait_forked(pid, o, e)
     return hits, wait_forked(*start())
 
@@ -163,7 +165,9 @@ def test_c_feature_cache_fill(root, tmp_path):
     uninterrupted(argv(root, ref, extra=cache + ["FEATURE_CACHE.DIR", str(tmp_path / "cache_ref")]), str(tmp_path))
     start = train_starter(argv(root, out, extra=cache + ["FEATURE_CACHE.DIR", str(tmp_path / "cache_k")]),
                           str(tmp_path))
-    hits, res = run_until_done(start, kills=3, max_delay=4.0, seed=3)
+    fill = str(tmp_path / "cache_k" / "*" / "{}" / ".fill.lock*")  # a lane's lock: its fill has begun
+    hits, res = kill_at_markers(start, [(fill.format("train_v0"), 0.0), (fill.format("train_v1"), 0.05),
+                                        (fill.format("test"), 0.0)])
     assert res.returncode == 0, res.stderr
     assert hits >= 1
     same_result(ref, out)
@@ -203,8 +207,9 @@ def test_d_open_set_evaluation(root, tmp_path):
     ev = ["--eval-only", "--model-dir", model]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     uninterrupted(argv(root, ref, "PACS_DTD", ev), str(tmp_path))
-    hits, res = run_until_done(train_starter(argv(root, out, "PACS_DTD", ev), str(tmp_path)), kills=3,
-                               max_delay=3.0, seed=11)
+    log = os.path.join(out, "log.txt")  # killed at progress markers, not wall-clock guesses (runs get faster)
+    hits, res = kill_at_markers(train_starter(argv(root, out, "PACS_DTD", ev), str(tmp_path)),
+                                [(log, 0.05), (log, 0.4), (log, 0.8)])
     assert res.returncode == 0, res.stderr
     assert hits >= 1
     same_result(ref, out, checkpoints=False)
