@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from yacs.config import CfgNode as CN
-
 from dassl.config.validate import PREC, count
 from dassl.engine import TRAINER_REGISTRY
 
@@ -39,10 +37,4 @@ class CoOp(ContextPromptTrainer):
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
-        c = cfg.TRAINER.COOP = CN()
-        c.N_CTX = 16                    # number of context tokens (ignored when CTX_INIT is set)
-        c.CTX_INIT = ""                 # e.g. "a photo of a": initialise from these word embeddings
-        c.CSC = False                   # class-specific context
-        c.CLASS_TOKEN_POSITION = "end"  # end | middle | front
-        c.PREC = "fp16"                 # fp32 | fp16 | amp | bf16 (CPU: always fp32)
-        c.FP32_PARAMS = False  # named fix: fp32 learnable parameters under fp16/bf16 (official: CLIP dtype)
+        cfg.TRAINER.COOP = ContextPromptTrainer.context_cfg()

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from yacs.config import CfgNode as CN
 
 from dassl.config.validate import PREC, count, nonneg, unit
 from dassl.engine import TRAINER_REGISTRY
@@ -89,13 +88,7 @@ class LoCoOp(ContextPromptTrainer):
 
     @staticmethod
     def extend_cfg(cfg: Any) -> None:
-        c = cfg.TRAINER.LOCOOP = CN()
-        c.N_CTX = 16                    # number of context tokens (ignored when CTX_INIT is set)
-        c.CTX_INIT = ""                 # e.g. "a photo of a": initialise from these word embeddings
-        c.CSC = False                   # class-specific context
-        c.CLASS_TOKEN_POSITION = "end"  # end | middle | front
-        c.PREC = "fp16"                 # fp32 | fp16 | amp | bf16 (official fp16; CPU: always fp32)
-        c.FP32_PARAMS = False  # named fix: fp32 learnable context under fp16/bf16 (official: CLIP dtype)
+        c = cfg.TRAINER.LOCOOP = ContextPromptTrainer.context_cfg()
         c.LAMBDA = 0.25        # weight of the entropy term (official --lambda_value 0.25)
         c.TOPK = 0             # absolute K (official --topk 200 on 1000 classes); 0: K from TOPK_RATIO
         c.TOPK_RATIO = 0.2     # K = round(ratio x classes) when TOPK is 0 (200 / 1000 = 0.2)

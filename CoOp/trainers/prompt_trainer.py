@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from yacs.config import CfgNode as CN
 
 from clip_backbone import TextEncoder
 from dassl.engine import TrainerX
@@ -180,6 +181,19 @@ class ContextPromptTrainer(PromptCLIPTrainer):
     global and the local image features against the same class text features."""
 
     LOCAL_FEATURES = True  # local logits for gl_mcm / l_mcm
+
+    @staticmethod
+    def context_cfg() -> CN:
+        """The prompt keys of ``TRAINER.<node>`` with CoOp's official defaults (a subclass's ``extend_cfg`` adds
+        its own)."""
+        c = CN()
+        c.N_CTX = 16                    # number of context tokens (ignored when CTX_INIT is set)
+        c.CTX_INIT = ""                 # e.g. "a photo of a": initialise from these word embeddings
+        c.CSC = False                   # class-specific context
+        c.CLASS_TOKEN_POSITION = "end"  # end | middle | front
+        c.PREC = "fp16"                 # fp32 | fp16 | amp | bf16 (official fp16; CPU: always fp32)
+        c.FP32_PARAMS = False  # named fix: fp32 learnable context under fp16/bf16 (official: CLIP dtype)
+        return c
 
     def check_cfg(self, cfg: Any) -> None:
         super().check_cfg(cfg)
