@@ -170,3 +170,23 @@ def test_a_driver_plans_in_its_worker_and_never_imports_torch(data, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
     assert "leaked semaphore" not in proc.stderr and "Traceback" not in proc.stderr
     assert "runs planned" in proc.stdout and len(_comparable(tmp_path / "eval")) == 2
+
+
+def test_scoring_keys_given_to_the_evaluation_alone_name_the_trained_model(data, tmp_path, capsys):
+    """``--eval -- TEST.OOD_SCORES ...`` after a training command without it: the evaluations name the trained
+    model (``launch.runid.evaluated_model``), so once run they are done; a key the weights depend on (here the
+    epochs) still makes the evaluations another configuration, the model's key named."""
+    from launch import setup2
+
+    flags = _flags(data, tmp_path, "inprocess")
+    scores = ["TEST.OOD_SCORES", "['energy', 'mcm']"]
+    assert setup2.main(flags + TINY, trainer="CRoFT") == 0
+    assert setup2.main(flags + TINY + scores, trainer="CRoFT", evaluate=True) == 0
+    capsys.readouterr()
+    assert setup2.main(flags + ["--dry-run"] + TINY + scores, trainer="CRoFT", evaluate=True) == 0
+    out = capsys.readouterr().out
+    assert "2 runs planned, 2 already done, 0 to run" in out and "[changed" not in out
+    epochs = [a if a != "1" or flags[i - 1] != "--epochs" else "2" for i, a in enumerate(flags)]
+    assert setup2.main(epochs + ["--dry-run"] + TINY + scores, trainer="CRoFT", evaluate=True) == 0
+    out = capsys.readouterr().out
+    assert "model.OPTIM.MAX_EPOCH: 1 -> 2" in out

@@ -121,8 +121,9 @@ def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tupl
              planner: Any = None) -> list:
     """Setup-II jobs of every selected method (training, or open-set evaluation), each run with its planned
     fingerprint (a directory holding a run of another configuration is not done; ``planner``: a
-    ``launch.runid.Planner`` shared by calls, whose configs are memoised). Both phases get the same options, so
-    that an evaluation's planned model is the training run as planned. Training starts with the
+    ``launch.runid.Planner`` shared by calls, whose configs are memoised). Evaluations of the models with local
+    features also score GL-MCM (``TEST.OOD_SCORES``: a scoring key, so the model they name is the trained run,
+    ``launch.runid.evaluated_model``). Training starts with the
     methods that train on local features (LoCoOp): their runs fill each feature-cache entry with its local
     features in the same encoder pass, where a plain run first would leave them to a second pass."""
     from launch import setup2
@@ -137,7 +138,7 @@ def plan_all(args: argparse.Namespace, data_root: str, weights: str, roots: tupl
                 *m.flags, *(["--domains", *args.domains] if args.domains else []),
                 *(["--epochs", str(args.epochs)] if args.epochs else []),
                 "--", "FEATURE_CACHE.DIR", os.path.join(args.cache, "features"), *RUN_OPTS,
-                *(["TEST.OOD_SCORES", str(M.local_scores())] if m.local else [])]
+                *(["TEST.OOD_SCORES", str(M.local_scores())] if evaluate and m.local else [])]
         driver_args, planned = setup2.plan(argv, evaluate=evaluate)
         planner = resolve_plan(setup2, driver_args, planned, evaluate, planner)
         jobs.extend(planned)
@@ -164,6 +165,9 @@ def run_all(args: argparse.Namespace, data_root: str, weights: str, roots: tuple
     stages.note("training", f"{encoder_passes(ran):,} encoder passes filling the feature cache")
     with stages.stage("evaluation"):
         print("== 4/4 open-set evaluation")
+        # planned again now that the models exist: an evaluation names the trained model (runid.evaluated_model)
+        evals = plan_all(args, data_root, weights, roots, evaluate=True, planner=planner)
+        mark_replacements(evals, args.rerun_changed)
         write_manifest(roots[1], "demo_eval", evals)
         evals = runnable(evals, True)
         note_machine(os.path.dirname(roots[0]), evals)

@@ -102,6 +102,27 @@ def changed_runs(jobs: list[Any]) -> list[tuple[Any, str, list[str]]]:
     return out
 
 
+# TEST keys a trained model's weights depend on (the others set how a run is tested and scored)
+WEIGHT_TEST_KEYS = ("TEST.FINAL_MODEL",)
+
+
+def evaluated_model(model_dir: str, planned: dict[str, Any]) -> dict[str, Any]:
+    """The identity of the model an evaluation of ``model_dir`` will record: the finished training run's own when
+    it differs from the ``planned`` one only in how runs are tested and scored (``TEST.*``, e.g. open-set score
+    keys given to the evaluation command alone), else the planned one (a model of another configuration)."""
+    from dassl.config.checks import differing_keys
+    from dassl.engine.records import is_done
+    from yacs.config import CfgNode as CN
+
+    stored = stored_identity(model_dir) if is_done(model_dir) else None
+    if stored is None or stored.get("fingerprint") == planned.get("fingerprint") or \
+            stored.get("mode") != planned.get("mode"):
+        return planned
+    keys = differing_keys(CN(stored.get("fingerprinted", {})), CN(planned.get("fingerprinted", {})))
+    scoring_only = keys and all(k.startswith("TEST.") and k not in WEIGHT_TEST_KEYS for k in keys)
+    return stored if scoring_only else planned
+
+
 def model_fingerprint(job: Any) -> Optional[str]:
     """The planned fingerprint of the training run an evaluation job evaluates (None: not known)."""
     for ident in getattr(job, "identities", {}).values():

@@ -349,7 +349,7 @@ def resolve_plan(module: Any, args: Any, jobs: list[Job], evaluate: bool, planne
         wanted = {os.path.abspath(j.labels["train_dir"]) for j in jobs if "train_dir" in j.labels and
                   (not args.dry_run or any(os.path.isdir(d) for d in j.run_dirs()))}
         runid.attach([j for j in train if os.path.abspath(j.output_dir) in wanted], planner)
-        models = {d: i for j in train for d, i in getattr(j, "identities", {}).items()}
+        models = {d: runid.evaluated_model(d, i) for j in train for d, i in getattr(j, "identities", {}).items()}
     runid.attach(jobs, planner, models, only_existing=args.dry_run)
     if not args.dry_run:
         reference = runid.preset_identities(module, args, evaluate, planner)
